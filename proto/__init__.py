@@ -1,0 +1,1 @@
+"""Messages and names shared by every zapbus service over NATS JetStream."""

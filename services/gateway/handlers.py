@@ -1,0 +1,131 @@
+"""The ``/v1/connections`` routes. None of them waits for the Baileys server."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+from aiohttp import web
+
+from services.gateway.auth import tenant_key
+from services.gateway.models import ConnectionList, History, create_decoder
+from services.gateway.outbox_key import relay_key
+from services.gateway.store import (
+    IdempotencyConflict,
+    create_connection,
+    get_connection,
+    history,
+    list_connections,
+)
+from zapbus.httpkit import ProblemError, json_response
+from zapbus.runtime import pool_key, settings_key
+
+MAX_IDEMPOTENCY_KEY = 200
+
+
+def _connection_id(request: web.Request) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.match_info["id"])
+    except ValueError:
+        raise _not_found() from None
+
+
+def _not_found() -> ProblemError:
+    # The same answer for "does not exist" and "belongs to another tenant".
+    return ProblemError(404, "connection-not-found", "Connection not found")
+
+
+async def create(request: web.Request) -> web.Response:
+    body = await request.read()
+    try:
+        req = create_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ProblemError(422, "invalid-body", "Invalid request body", str(exc)) from None
+    except msgspec.DecodeError:
+        raise ProblemError(
+            400, "malformed-json", "Malformed JSON", 'send a JSON object like {"name": "sales"}'
+        ) from None
+    name = req.name.strip()
+    if not name or not name.isprintable():
+        raise ProblemError(
+            422,
+            "invalid-body",
+            "Invalid request body",
+            "name must contain printable characters",
+            field="name",
+        )
+    idem = request.headers.get("Idempotency-Key")
+    if idem is not None and not (0 < len(idem) <= MAX_IDEMPOTENCY_KEY and idem.isprintable()):
+        raise ProblemError(
+            400,
+            "invalid-idempotency-key",
+            "Invalid Idempotency-Key",
+            f"1 to {MAX_IDEMPOTENCY_KEY} printable characters",
+        )
+    tenant = request[tenant_key]
+    try:
+        connection, created = await create_connection(
+            request.app[pool_key], request.app[settings_key].names, tenant.id, name, idem
+        )
+    except IdempotencyConflict:
+        raise ProblemError(
+            422,
+            "idempotency-key-reused",
+            "Idempotency-Key reused",
+            "this key was used with a different request body",
+        ) from None
+    if created:
+        request.app[relay_key].kick()
+    location = f"/v1/connections/{connection.id}"
+    return json_response(connection, status=202, headers={"Location": location})
+
+
+async def get_one(request: web.Request) -> web.Response:
+    connection = await get_connection(
+        request.app[pool_key], request[tenant_key].id, _connection_id(request)
+    )
+    if connection is None:
+        raise _not_found()
+    return json_response(connection)
+
+
+async def get_many(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "50"))
+        if not 1 <= limit <= 200:
+            raise ValueError
+    except ValueError:
+        raise ProblemError(
+            400,
+            "invalid-query",
+            "Invalid query",
+            "limit must be an integer from 1 to 200",
+            field="limit",
+        ) from None
+    try:
+        items, cursor = await list_connections(
+            request.app[pool_key], request[tenant_key].id, limit, request.query.get("cursor")
+        )
+    except ValueError:
+        raise ProblemError(
+            400,
+            "invalid-query",
+            "Invalid query",
+            "cursor is not one this API handed out",
+            field="cursor",
+        ) from None
+    return json_response(ConnectionList(items=items, next_cursor=cursor))
+
+
+async def get_history(request: web.Request) -> web.Response:
+    entries = await history(request.app[pool_key], request[tenant_key].id, _connection_id(request))
+    if entries is None:
+        raise _not_found()
+    return json_response(History(items=entries))
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/connections", create)
+    app.router.add_get("/v1/connections", get_many)
+    app.router.add_get("/v1/connections/{id}", get_one)
+    app.router.add_get("/v1/connections/{id}/history", get_history)

@@ -1,0 +1,151 @@
+"""The outbox relay: moves committed commands from Postgres to JetStream.
+
+A request's connection row and its command are committed together; the relay then publishes
+the command with ``Nats-Msg-Id`` = command id and deletes the outbox row once JetStream has
+acknowledged it. If NATS is down the rows wait; if the relay dies between publish and delete,
+the next run publishes again and JetStream's duplicate window drops the copy. Rows are claimed
+with ``FOR UPDATE SKIP LOCKED``, so several gateway replicas can relay side by side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+import nats.errors
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from proto import headers
+from zapbus.httpkit import LATENCY_BUCKETS
+from zapbus.logs import fields
+
+log = logging.getLogger("zapbus.outbox")
+
+_BATCH = 200
+_PUBLISH_TIMEOUT_SECONDS = 3.0
+
+
+class OutboxMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "zapbus_outbox_published_total",
+            "Commands relayed from the outbox to JetStream.",
+            registry=registry,
+        )
+        self.failures = Counter(
+            "zapbus_outbox_publish_failures_total",
+            "Outbox publishes that JetStream did not acknowledge (retried later).",
+            registry=registry,
+        )
+        self.lag = Histogram(
+            "zapbus_outbox_relay_lag_seconds",
+            "Time from a command's commit to JetStream's acknowledgement of it.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.backlog = Gauge(
+            "zapbus_outbox_backlog",
+            "Commands committed but not yet relayed (as of the relay's last pass).",
+            registry=registry,
+        )
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        metrics: OutboxMetrics,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.js = js
+        self.metrics = metrics
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    def kick(self) -> None:
+        """A command was committed: relay now rather than at the next poll."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def run(self) -> None:
+        failures = 0
+        while not self._stopping:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_seconds * (2 ** min(failures, 4))):
+                    await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.relay_all()
+                failures = 0
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError,
+                    nats.errors.Error, TimeoutError) as exc:  # fmt: skip
+                failures += 1
+                log.warning("outbox relay pass failed (%d in a row): %s", failures, exc)
+
+    async def relay_all(self) -> int:
+        """Relay until the outbox is empty; return how many commands were published."""
+        total = 0
+        while True:
+            sent, more = await self._relay_batch()
+            total += sent
+            if not more:
+                break
+        self.metrics.backlog.set(await self.pool.fetchval("SELECT count(*) FROM outbox"))
+        return total
+
+    async def _relay_batch(self) -> tuple[int, bool]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT id, msg_id, subject, payload, headers, created_at FROM outbox"
+                " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                _BATCH,
+            )
+            if not rows:
+                return 0, False
+            results = await asyncio.gather(
+                *(self._publish(r) for r in rows), return_exceptions=True
+            )
+            done = [r["id"] for r, ok in zip(rows, results, strict=True) if ok is True]
+            failed = [r["id"] for r, ok in zip(rows, results, strict=True) if ok is not True]
+            if done:
+                await conn.execute("DELETE FROM outbox WHERE id = ANY($1::bigint[])", done)
+            if failed:
+                await conn.execute(
+                    "UPDATE outbox SET attempts = attempts + 1 WHERE id = ANY($1::bigint[])",
+                    failed,
+                )
+        if failed:
+            self.metrics.failures.inc(len(failed))
+            raise TimeoutError(f"{len(failed)} of {len(rows)} outbox publishes not acknowledged")
+        return len(done), len(rows) == _BATCH
+
+    async def _publish(self, row: asyncpg.Record) -> bool:
+        hdrs: dict[str, str] = msgspec.json.decode(row["headers"])
+        hdrs[headers.MSG_ID] = row["msg_id"]
+        await self.js.publish(
+            row["subject"], bytes(row["payload"]), timeout=_PUBLISH_TIMEOUT_SECONDS, headers=hdrs
+        )
+        self.metrics.published.inc()
+        lag = (datetime.now(UTC) - row["created_at"]).total_seconds()
+        self.metrics.lag.observe(max(0.0, lag))
+        log.info(
+            "command relayed",
+            extra=fields(
+                command_id=row["msg_id"],
+                subject=row["subject"],
+                connection_id=hdrs.get(headers.CONNECTION_ID),
+                lag_ms=round(lag * 1000, 1),
+            ),
+        )
+        return True

@@ -1,0 +1,120 @@
+"""The projector's loop: fetch a batch of events, fold it into Postgres in one transaction, ack."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+import asyncpg
+import msgspec
+from nats.aio.msg import Msg
+
+from proto.events import Event, event_decoder, event_type
+from services.projector.metrics import ProjectorMetrics
+from services.projector.store import project
+from services.projector.transitions import QrPolicy
+from zapbus.consumer import DurableConsumer
+from zapbus.logs import fields
+
+log = logging.getLogger("zapbus.projector")
+
+_RETRY_DELAY_SECONDS = 2.0
+
+
+class Projector:
+    """Consumes SESSION_EVENTS and keeps ``connections`` and ``connection_events`` current."""
+
+    def __init__(
+        self,
+        consumer: DurableConsumer,
+        pool: asyncpg.Pool,
+        metrics: ProjectorMetrics,
+        policy: QrPolicy,
+        batch: int = 256,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.consumer = consumer
+        self.pool = pool
+        self.metrics = metrics
+        self.policy = policy
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Finish the batch in hand, then return from ``run``."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
+            if msgs:
+                await self.handle_batch(msgs)
+
+    async def run_until_idle(self) -> int:
+        """Project until a fetch comes back empty; return how many messages were handled."""
+        handled = 0
+        while msgs := await self.consumer.fetch(self.batch, 0.2):
+            await self.handle_batch(msgs)
+            handled += len(msgs)
+        return handled
+
+    async def handle_batch(self, msgs: list[Msg]) -> None:
+        start = time.perf_counter()
+        events: list[Event] = []
+        good: list[Msg] = []
+        for msg in msgs:
+            try:
+                events.append(event_decoder.decode(msg.data))
+                good.append(msg)
+            except msgspec.DecodeError as exc:
+                self.metrics.events.labels("unknown", "undecodable").inc()
+                log.error(
+                    "undecodable event terminated",
+                    extra=fields(
+                        subject=msg.subject, seq=msg.metadata.sequence.stream, error=str(exc)
+                    ),
+                )
+                await msg.term()
+        if not events:
+            return
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                results = await project(conn, events, self.policy)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            log.warning("projection failed, will retry: %s", exc, extra=fields(batch=len(good)))
+            self.metrics.batch_failures.inc()
+            for msg in good:
+                await msg.nak(delay=_RETRY_DELAY_SECONDS)
+            return
+        for msg in good:
+            await msg.ack()
+        now = datetime.now(UTC)
+        elapsed_ms = (time.perf_counter() - start) * 1000
+        self.metrics.batch_size.observe(len(msgs))
+        for msg, result in zip(good, results, strict=True):
+            ev = result.event
+            if result.outcome is None:
+                outcome = "duplicate" if result.duplicate else "orphan"
+            else:
+                outcome = "applied" if result.outcome.applied else "ignored"
+            self.metrics.events.labels(event_type(ev), outcome).inc()
+            self.metrics.lag.observe(max(0.0, (now - ev.occurred_at).total_seconds()))
+            log.info(
+                "event %s",
+                outcome,
+                extra=fields(
+                    connection_id=str(ev.connection_id),
+                    generation=ev.generation,
+                    command_id=str(ev.command_id) if ev.command_id else None,
+                    event=event_type(ev),
+                    subject=msg.subject,
+                    seq=msg.metadata.sequence.stream,
+                    delivered=msg.metadata.num_delivered,
+                    from_status=result.from_status,
+                    to_status=result.outcome.row.status if result.outcome else None,
+                    ms=round(elapsed_ms, 2),
+                ),
+            )

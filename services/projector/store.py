@@ -1,0 +1,118 @@
+"""Postgres side of the projector: fold a batch of events into rows in one transaction."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+import msgspec
+
+from proto.events import Event, event_type
+from proto.states import Status
+from services.projector.transitions import Outcome, QrPolicy, Row, apply
+
+
+class Applied(msgspec.Struct, frozen=True, kw_only=True):
+    """What happened to one event of a batch."""
+
+    event: Event
+    outcome: Outcome | None  # None: already projected (redelivery) or unknown connection
+    from_status: Status | None = None
+    duplicate: bool = False
+
+
+_LOAD = """
+SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts
+FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+"""
+
+_UPDATE = """
+UPDATE connections SET status = $2, status_reason = $3, qr = $4, qr_seq = $5,
+    qr_expires_at = $6, attempts = $7, last_event_at = $8, updated_at = now(),
+    status_changed_at = CASE WHEN status <> $2 THEN now() ELSE status_changed_at END
+WHERE id = $1
+"""
+
+_HISTORY = """
+INSERT INTO connection_events (event_id, connection_id, generation, event_type, from_status,
+    to_status, applied, code, reason, command_id, occurred_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+ON CONFLICT (event_id) DO NOTHING
+"""
+
+
+async def project(
+    conn: asyncpg.Connection, events: Sequence[Event], policy: QrPolicy
+) -> list[Applied]:
+    """Apply ``events`` in order to their connections; the caller owns the transaction."""
+    ids = sorted({e.connection_id for e in events})
+    rows: dict[uuid.UUID, Row] = {
+        r["id"]: Row(
+            status=Status(r["status"]),
+            generation=r["generation"],
+            status_reason=r["status_reason"],
+            qr=r["qr"],
+            qr_seq=r["qr_seq"],
+            qr_expires_at=r["qr_expires_at"],
+            attempts=r["attempts"],
+        )
+        for r in await conn.fetch(_LOAD, ids)
+    }
+    seen = {
+        r["event_id"]
+        for r in await conn.fetch(
+            "SELECT event_id FROM connection_events WHERE event_id = ANY($1::uuid[])",
+            [e.event_id for e in events],
+        )
+    }
+    results: list[Applied] = []
+    history: list[tuple[object, ...]] = []
+    changed: dict[uuid.UUID, datetime] = {}
+    for event in events:
+        row = rows.get(event.connection_id)
+        if row is None or event.event_id in seen:
+            results.append(Applied(event=event, outcome=None, duplicate=row is not None))
+            continue
+        seen.add(event.event_id)
+        outcome = apply(row, event, policy)
+        results.append(Applied(event=event, outcome=outcome, from_status=row.status))
+        history.append(
+            (
+                event.event_id,
+                event.connection_id,
+                event.generation,
+                event_type(event),
+                row.status.value,
+                outcome.row.status.value,
+                outcome.applied,
+                outcome.code,
+                outcome.reason,
+                event.command_id,
+                event.occurred_at,
+            )
+        )
+        if outcome.applied:
+            rows[event.connection_id] = outcome.row
+            changed[event.connection_id] = event.occurred_at
+    if changed:
+        await conn.executemany(
+            _UPDATE,
+            [
+                (
+                    cid,
+                    rows[cid].status.value,
+                    rows[cid].status_reason,
+                    rows[cid].qr,
+                    rows[cid].qr_seq,
+                    rows[cid].qr_expires_at,
+                    rows[cid].attempts,
+                    at,
+                )
+                for cid, at in changed.items()
+            ],
+        )
+    if history:
+        await conn.executemany(_HISTORY, history)
+    return results

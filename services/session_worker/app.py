@@ -1,0 +1,86 @@
+"""The session worker service: SESSION_CMDS -> Baileys server, with health and metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+from nats.js import api as js_api
+
+from services.session_worker.baileys_client import BaileysClient
+from services.session_worker.consumer import CommandConsumer
+from services.session_worker.handler import CommandHandler
+from services.session_worker.metrics import WorkerMetrics
+from services.session_worker.retry import RetryPolicy
+from zapbus.config import Settings
+from zapbus.consumer import DurableConsumer
+from zapbus.httpkit import base_app, registry_key
+from zapbus.runtime import Runner, js_key, nats_ctx, runner_ctx, settings_key
+
+http_key = web.AppKey("http", aiohttp.ClientSession)
+consumer_key = web.AppKey("command_consumer", Runner)
+
+
+def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
+    names = settings.names
+    return js_api.ConsumerConfig(
+        durable_name=names.worker_consumer,
+        filter_subject=names.commands_subjects,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        # We handle the last attempt ourselves (dead letter + term); this is a safety net for
+        # a worker that dies on every delivery of one message.
+        max_deliver=settings.create_max_attempts + 3,
+        max_ack_pending=settings.worker_concurrency,
+    )
+
+
+async def http_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    limit = aiohttp.TCPConnector(limit=settings.worker_concurrency + 10)
+    async with aiohttp.ClientSession(connector=limit) as http:
+        app[http_key] = http
+        yield
+
+
+def build_consumer(app: web.Application) -> CommandConsumer:
+    settings = app[settings_key]
+    baileys = BaileysClient(
+        app[http_key],
+        settings.baileys_url,
+        settings.baileys_api_key,
+        settings.baileys_timeout_seconds,
+    )
+    handler = CommandHandler(
+        js=app[js_key],
+        names=settings.names,
+        baileys=baileys,
+        retry=RetryPolicy(
+            max_attempts=settings.create_max_attempts,
+            base_seconds=settings.retry_base_seconds,
+            max_seconds=settings.retry_max_seconds,
+        ),
+        metrics=WorkerMetrics(app[registry_key]),
+        webhook_base_url=settings.webhook_public_url,
+        webhook_secret=settings.webhook_secret,
+        heartbeat_seconds=max(0.5, settings.ack_wait_seconds / 3),
+    )
+    consumer = DurableConsumer(
+        app[js_key], settings.names.commands_stream, consumer_config(settings)
+    )
+    return CommandConsumer(
+        consumer,
+        handler,
+        concurrency=settings.worker_concurrency,
+        grace_seconds=settings.shutdown_grace_seconds * 0.8,
+    )
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = base_app("session_worker")
+    app[settings_key] = settings
+    app.cleanup_ctx.append(nats_ctx("session_worker"))
+    app.cleanup_ctx.append(http_ctx)
+    app.cleanup_ctx.append(runner_ctx("command_consumer", consumer_key, build_consumer))
+    return app

@@ -1,0 +1,74 @@
+"""The session worker's loop: fetch commands while there is capacity, one task per command.
+
+Capacity is ``concurrency`` (also the consumer's ``max_ack_pending``), because the work is
+waiting on the Baileys server, not on the CPU. On stop it fetches nothing more, lets in-flight
+commands finish within the grace period, and cancels the rest (a cancelled command ``nak()``s,
+so JetStream redelivers it at once to another worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from services.session_worker.handler import CommandHandler
+from zapbus.consumer import DurableConsumer
+
+log = logging.getLogger("zapbus.session_worker")
+
+
+class CommandConsumer:
+    def __init__(
+        self,
+        consumer: DurableConsumer,
+        handler: CommandHandler,
+        concurrency: int,
+        grace_seconds: float,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.consumer = consumer
+        self.handler = handler
+        self.concurrency = concurrency
+        self.grace_seconds = grace_seconds
+        self.fetch_timeout = fetch_timeout
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                free = self.concurrency - len(self._tasks)
+                if free <= 0:
+                    await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                for msg in await self.consumer.fetch(min(free, 100), self.fetch_timeout):
+                    task = asyncio.create_task(self.handler.handle(msg))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._done)
+        finally:
+            await self._drain()
+            await self.consumer.close()
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # e.g. NATS went away mid-command: the message was not acked, so JetStream
+            # redelivers it after ack_wait.
+            log.warning("command not finished, left for redelivery: %r", exc)
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        log.info("waiting up to %.1f s for %d commands", self.grace_seconds, len(self._tasks))
+        _, pending = await asyncio.wait(set(self._tasks), timeout=self.grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)

@@ -1,0 +1,82 @@
+"""Fixtures: real NATS JetStream and PostgreSQL, one namespace and schema per test.
+
+The suite uses the NATS and Postgres on their default local ports (or ``ZAPBUS_TEST_NATS_URL``
+/ ``ZAPBUS_TEST_DATABASE_URL``), and starts throwaway local ones when none answers. Every test
+gets its own stream namespace and database schema and removes them afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from proto.names import Names
+from zapbus import bus, db
+from zapbus.config import Settings, load_settings
+from zapbus.localinfra import Infra, ensure_infra
+
+from tests.stack import Stack, start_stack
+
+
+@pytest.fixture(scope="session")
+def infra() -> Iterator[Infra]:
+    nats_url = os.environ.get("ZAPBUS_TEST_NATS_URL", "nats://127.0.0.1:4222")
+    db_url = os.environ.get("ZAPBUS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    data_dir = Path(tempfile.mkdtemp(prefix="zapbus-test-infra-"))
+    found = asyncio.run(ensure_infra(nats_url, db_url, data_dir))
+    yield found
+    asyncio.run(found.close())
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+async def settings(infra: Infra, namespace: str) -> AsyncIterator[Settings]:
+    """Settings of one test: its own namespace and schema, migrated; both removed after."""
+    s = load_settings(
+        {},
+        nats_url=infra.nats_url,
+        database_url=infra.database_url,
+        namespace=namespace,
+        db_schema=namespace,
+        log_format="text",
+        shutdown_grace_seconds=3.0,
+    )
+    await db.migrate(s.database_url, s.db_schema)
+    try:
+        yield s
+    finally:
+        nc = await bus.connect(s.nats_url, "zapbus-test-cleanup")
+        try:
+            await bus.delete_streams(nc.jetstream(), Names(namespace=namespace))
+        finally:
+            await nc.close()
+        conn = await asyncpg.connect(s.database_url)
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{namespace}" CASCADE')
+        finally:
+            await conn.close()
+
+
+@pytest.fixture
+async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    p = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+async def stack(settings: Settings) -> AsyncIterator[Stack]:
+    """Simulator, webhook, projector, session worker and gateway, in this process."""
+    async with start_stack(settings) as s:
+        yield s

@@ -1,0 +1,149 @@
+"""The whole zapbus flow in one event loop, on real loopback ports, for end-to-end tests.
+
+Every service is built by its production ``create_app`` and served by aiohttp's ``AppRunner``;
+only the Baileys server is the project's simulator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import asyncpg
+import msgspec
+from aiohttp import web
+
+from services.baileys_sim.app import create_app as create_sim
+from services.baileys_sim.config import SimConfig
+from services.gateway.app import create_app as create_gateway
+from services.projector.app import create_app as create_projector
+from services.session_worker.app import create_app as create_worker
+from services.webhook.app import create_app as create_webhook
+from zapbus import db
+from zapbus.config import Settings
+from zapbus.localinfra import free_port
+from zapbus.tenants import create_tenant
+
+T = TypeVar("T")
+
+FAST_SIM = SimConfig(port=0, create_delay=(0.02, 0.1), qr_first_seconds=60, qr_next_seconds=20)
+
+
+async def wait_for(
+    what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0, every: float = 0.02
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+        await asyncio.sleep(every)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    gateway_url: str
+    webhook_url: str
+    sim_url: str
+    api_key: str
+    tenant_id: uuid.UUID
+    http: aiohttp.ClientSession
+    pool: asyncpg.Pool
+    apps: dict[str, web.Application]
+
+    def auth(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.api_key}"}
+
+    async def create(self, name: str = "sales", **kw: Any) -> dict[str, Any]:
+        async with self.http.post(
+            f"{self.gateway_url}/v1/connections", json={"name": name}, headers=self.auth(), **kw
+        ) as r:
+            assert r.status == 202, await r.text()
+            body: dict[str, Any] = await r.json()
+            return body
+
+    async def get(self, connection_id: str, key: str | None = None) -> tuple[int, Any]:
+        async with self.http.get(
+            f"{self.gateway_url}/v1/connections/{connection_id}", headers=self.auth(key)
+        ) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def wait_status(self, connection_id: str, *statuses: str, timeout: float = 15.0) -> Any:
+        async def probe() -> Any:
+            status, body = await self.get(connection_id)
+            return body if status == 200 and body["status"] in statuses else None
+
+        return await wait_for(f"connection {connection_id} in {statuses}", probe, timeout)
+
+    async def sim(self, method: str, path: str, **kw: Any) -> Any:
+        async with self.http.request(method, f"{self.sim_url}{path}", **kw) as r:
+            assert r.status < 300, f"{method} {path}: {r.status} {await r.text()}"
+            return await r.json(content_type=None)
+
+
+async def _serve(app: web.Application, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, shutdown_timeout=2.0)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@contextlib.asynccontextmanager
+async def start_stack(
+    settings: Settings, sim: SimConfig = FAST_SIM, **overrides: Any
+) -> AsyncIterator[Stack]:
+    ports = {name: free_port() for name in ("sim", "webhook", "gateway", "worker", "projector")}
+    settings = msgspec.structs.replace(
+        settings,
+        webhook_port=ports["webhook"],
+        webhook_public_url=f"http://127.0.0.1:{ports['webhook']}",
+        baileys_url=f"http://127.0.0.1:{ports['sim']}",
+        baileys_api_key=sim.api_key,
+        baileys_timeout_seconds=overrides.pop("baileys_timeout_seconds", 3.0),
+        retry_base_seconds=overrides.pop("retry_base_seconds", 0.1),
+        retry_max_seconds=overrides.pop("retry_max_seconds", 0.5),
+        ack_wait_seconds=overrides.pop("ack_wait_seconds", 5.0),
+        outbox_poll_seconds=0.2,
+        **overrides,
+    )
+    apps = {
+        "sim": create_sim(msgspec.structs.replace(sim, port=ports["sim"])),
+        "webhook": create_webhook(settings),
+        "projector": create_projector(settings),
+        "worker": create_worker(settings),
+        "gateway": create_gateway(settings),
+    }
+    runners: list[web.AppRunner] = []
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
+    http = aiohttp.ClientSession()
+    try:
+        for name, app in apps.items():
+            runners.append(await _serve(app, ports[name]))
+        _, key = await create_tenant(pool, f"tenant-{uuid.uuid4().hex[:6]}")
+        tenant_id = await pool.fetchval("SELECT id FROM tenants ORDER BY created_at DESC LIMIT 1")
+        yield Stack(
+            settings=settings,
+            gateway_url=f"http://127.0.0.1:{ports['gateway']}",
+            webhook_url=f"http://127.0.0.1:{ports['webhook']}",
+            sim_url=f"http://127.0.0.1:{ports['sim']}",
+            api_key=key,
+            tenant_id=tenant_id,
+            http=http,
+            pool=pool,
+            apps=apps,
+        )
+    finally:
+        await http.close()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await pool.close()

@@ -1,0 +1,95 @@
+"""Configuration, read once from ``ZAPBUS_*`` environment variables into a frozen Struct.
+
+Nothing else in zapbus touches ``os.environ``. A malformed variable fails at start with its name.
+Every service reads the same Settings and uses the part it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+
+from proto.names import Names
+
+
+class ConfigError(Exception):
+    """A ``ZAPBUS_*`` variable is missing or malformed."""
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    nats_url: str = "nats://127.0.0.1:4222"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
+    # Postgres schema holding zapbus's tables (tests use one per test).
+    db_schema: str = "public"
+    namespace: str = "zapbus"
+    log_format: str = "auto"  # auto | json | text
+    log_level: str = "INFO"
+
+    # gateway
+    gateway_host: str = "127.0.0.1"
+    gateway_port: int = 8080
+    outbox_poll_seconds: float = 1.0
+    public_gateway_url: str = "http://127.0.0.1:8080"
+
+    # webhook
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = 8081
+    # Base URL the Baileys server uses to reach the webhook service.
+    webhook_public_url: str = "http://127.0.0.1:8081"
+    webhook_secret: str = "dev-webhook-secret-change-me"
+    webhook_max_body_bytes: int = 256 * 1024
+
+    # session worker
+    worker_host: str = "127.0.0.1"
+    worker_port: int = 9102
+    baileys_url: str = "http://127.0.0.1:3100"
+    baileys_api_key: str = "dev-baileys-key"
+    baileys_timeout_seconds: float = 55.0
+    create_max_attempts: int = 5
+    retry_base_seconds: float = 2.0
+    retry_max_seconds: float = 60.0
+    worker_concurrency: int = 100
+    ack_wait_seconds: float = 30.0
+
+    # projector
+    projector_host: str = "127.0.0.1"
+    projector_port: int = 9103
+    projector_batch: int = 256
+    qr_first_ttl_seconds: float = 60.0
+    qr_next_ttl_seconds: float = 20.0
+    qr_max_refreshes: int = 6
+
+    # shutdown: how long in-flight work may take after SIGTERM
+    shutdown_grace_seconds: float = 10.0
+
+    # make run: the API key of the "dev" tenant (a random one when empty)
+    dev_api_key: str = ""
+
+    @property
+    def names(self) -> Names:
+        return Names(namespace=self.namespace)
+
+
+_FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read Settings from ``env`` (default: the process environment), then apply overrides."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    for name in _FIELDS:
+        var = f"ZAPBUS_{name.upper()}"
+        if var in env:
+            raw[name] = env[var]
+    raw.update(overrides)
+    try:
+        settings = msgspec.convert(raw, Settings, strict=False)
+        Names(namespace=settings.namespace)  # validates the namespace
+    except (msgspec.ValidationError, ValueError) as exc:
+        field = str(exc).split("`$.", 1)[-1].split("`", 1)[0] if "`$." in str(exc) else ""
+        var = f"ZAPBUS_{field.upper()}" if field else "ZAPBUS_NAMESPACE"
+        raise ConfigError(f"bad configuration in {var}: {exc}") from exc
+    return settings

@@ -1,0 +1,87 @@
+"""A durable pull consumer that survives its own deletion and stops cleanly.
+
+``fetch`` swallows the empty-fetch timeout, and after a few empty fetches in a row asks the
+server whether the consumer still exists (a deleted consumer only shows up as endless timeouts),
+re-creating it when it is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import NotFoundError
+
+from zapbus.bus import ensure_consumer
+
+log = logging.getLogger("zapbus.consumer")
+
+_EMPTY_FETCHES_BEFORE_CHECK = 5
+
+
+class DurableConsumer:
+    """One durable pull consumer on one stream, declared and bound on ``open``."""
+
+    def __init__(self, js: JetStreamContext, stream: str, config: js_api.ConsumerConfig) -> None:
+        self.js = js
+        self.stream = stream
+        self.config = config
+        self._psub: JetStreamContext.PullSubscription | None = None
+        self._empty = 0
+
+    @property
+    def name(self) -> str:
+        assert self.config.durable_name
+        return self.config.durable_name
+
+    async def open(self) -> None:
+        self._psub = await ensure_consumer(self.js, self.stream, self.config)
+
+    async def fetch(self, batch: int, timeout: float) -> list[Msg]:
+        """Up to ``batch`` messages, or an empty list once ``timeout`` passed with none."""
+        if self._psub is None:
+            await self.open()
+        assert self._psub is not None
+        try:
+            msgs = await self._psub.fetch(batch=batch, timeout=timeout)
+        except nats.errors.TimeoutError:
+            msgs = []
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+            await asyncio.sleep(timeout)  # the client is reconnecting; try again shortly
+            msgs = []
+        if msgs:
+            self._empty = 0
+            return msgs
+        self._empty += 1
+        if self._empty >= _EMPTY_FETCHES_BEFORE_CHECK:
+            self._empty = 0
+            await self._recreate_if_missing()
+        return []
+
+    async def _recreate_if_missing(self) -> None:
+        try:
+            await self.js.consumer_info(self.stream, self.name)
+        except NotFoundError:
+            log.warning("consumer %s on %s is gone; re-creating it", self.name, self.stream)
+            await self.close()
+            await self.open()
+        except Exception as exc:  # the server is unreachable: the next fetch will tell
+            log.debug("consumer_info failed: %s", exc)
+
+    async def pending(self) -> tuple[int, int]:
+        """(messages not yet delivered, delivered but not acked) for the metrics."""
+        info = await self.js.consumer_info(self.stream, self.name)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def close(self) -> None:
+        """Unsubscribe (without it, ``drain`` after an empty fetch hangs for 30 s)."""
+        if self._psub is not None:
+            try:
+                await self._psub.unsubscribe()
+            except Exception as exc:
+                log.debug("unsubscribe failed: %s", exc)
+            self._psub = None

@@ -1,0 +1,83 @@
+"""Postgres access shared by the services: the pool and the schema migrations.
+
+Migrations are numbered SQL files in ``zapbus/migrations``; each runs once, in its own
+transaction, recorded in ``schema_migrations``. Running them twice does nothing; two processes
+migrating at once serialise on an advisory lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from typing import Any
+
+import asyncpg
+
+log = logging.getLogger("zapbus.db")
+
+_MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+_SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_LOCK_ID = 0x7A617062  # "zapb"
+
+
+def _check_schema(schema: str) -> str:
+    if not _SCHEMA.match(schema):
+        raise ValueError(f"bad schema name {schema!r}")
+    return schema
+
+
+async def create_pool(dsn: str, schema: str = "public", **kwargs: Any) -> asyncpg.Pool:
+    """A pool whose connections resolve zapbus's tables in ``schema``."""
+    kwargs.setdefault("min_size", 1)
+    kwargs.setdefault("max_size", 10)
+    pool = await asyncpg.create_pool(
+        dsn, server_settings={"search_path": _check_schema(schema)}, **kwargs
+    )
+    assert pool is not None
+    return pool
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every migration shipped with zapbus, in order."""
+    found = []
+    for entry in resources.files("zapbus.migrations").iterdir():
+        m = _MIGRATION.match(entry.name)
+        if m:
+            found.append((int(m.group(1)), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+async def migrate(dsn: str, schema: str = "public") -> list[str]:
+    """Apply the migrations not yet applied to ``schema``; return the names applied."""
+    schema = _check_schema(schema)
+    conn = await asyncpg.connect(dsn)
+    applied: list[str] = []
+    try:
+        await conn.execute(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')
+        await conn.execute(f'SET search_path TO "{schema}"')
+        await conn.execute("SELECT pg_advisory_lock($1)", _LOCK_ID)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version integer PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+            for version, name, sql in migrations():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        version,
+                        name,
+                    )
+                log.info("applied migration %s to schema %s", name, schema)
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+    finally:
+        await conn.close()
+    return applied

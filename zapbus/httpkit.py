@@ -1,0 +1,176 @@
+"""What every zapbus HTTP app shares: problem+json errors, health, readiness, metrics.
+
+Every service (the consumers too) is an aiohttp app built by ``base_app``, so each has
+``/healthz`` (the process runs), ``/readyz`` (its dependencies answer) and ``/metrics``
+(Prometheus text from the app's own registry, so tests can run several apps in one process).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger("zapbus.http")
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_BASE = "https://zapbus.dev/problems/"
+
+# Buckets that fit both millisecond handlers and 10-30 s Baileys calls.
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 45.0, 60.0, 120.0,
+)  # fmt: skip
+
+ReadyCheck = Callable[[], Awaitable[bool] | bool]
+
+registry_key = web.AppKey("registry", CollectorRegistry)
+ready_checks_key = web.AppKey("ready_checks", dict[str, ReadyCheck])
+service_name_key = web.AppKey("service_name", str)
+
+_json = msgspec.json.Encoder()
+
+
+def json_response(
+    body: Any, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        body=_json.encode(body), status=status, content_type="application/json", headers=headers
+    )
+
+
+def problem(
+    status: int, slug: str, title: str, detail: str | None = None, **extra: Any
+) -> web.Response:
+    """An RFC 9457 problem+json answer with a stable ``type``."""
+    body: dict[str, Any] = {"type": PROBLEM_BASE + slug, "title": title, "status": status}
+    if detail:
+        body["detail"] = detail
+    body.update(extra)
+    return web.Response(body=_json.encode(body), status=status, content_type=PROBLEM_JSON)
+
+
+class ProblemError(Exception):
+    """Raised by handlers to answer with a problem+json."""
+
+    def __init__(self, status: int, slug: str, title: str, detail: str | None = None, **extra: Any):
+        super().__init__(detail or title)
+        self.response = problem(status, slug, title, detail, **extra)
+
+
+_HTTP_SLUGS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    413: ("payload-too-large", "Payload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+}
+
+
+def _route_label(request: web.Request) -> str:
+    info = request.match_info.route.resource
+    return info.canonical if info is not None else "unmatched"
+
+
+def _make_middleware(app: web.Application) -> Any:
+    registry = app[registry_key]
+    requests = Counter(
+        "zapbus_http_requests_total",
+        "HTTP requests handled, by route template, method and status code.",
+        ["route", "method", "status"],
+        registry=registry,
+    )
+    latency = Histogram(
+        "zapbus_http_request_duration_seconds",
+        "Time to handle an HTTP request, by route template.",
+        ["route", "method"],
+        buckets=LATENCY_BUCKETS,
+        registry=registry,
+    )
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        start = time.perf_counter()
+        route = _route_label(request)
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ProblemError as exc:
+            status = exc.response.status
+            return exc.response
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status < 400 or exc.status not in _HTTP_SLUGS:
+                raise
+            slug, title = _HTTP_SLUGS[exc.status]
+            detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
+            resp = problem(exc.status, slug, title, detail)
+            resp.headers.update({k: v for k, v in exc.headers.items() if k == "Allow"})
+            return resp
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, route)
+            return problem(500, "internal", "Internal error", "the error was logged")
+        finally:
+            requests.labels(route, request.method, str(status)).inc()
+            latency.labels(route, request.method).observe(time.perf_counter() - start)
+
+    return middleware
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok", "service": request.app[service_name_key]})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    results: dict[str, bool] = {}
+    for name, check in request.app[ready_checks_key].items():
+        try:
+            outcome = check()
+            results[name] = bool(await outcome if not isinstance(outcome, bool) else outcome)
+        except Exception:
+            results[name] = False
+    ok = all(results.values())
+    return json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[registry_key])
+    resp = web.Response(body=body)
+    resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return resp
+
+
+def base_app(service: str, client_max_size: int = 1024**2) -> web.Application:
+    """An app with the shared middleware and the health, readiness and metrics routes."""
+    app = web.Application(client_max_size=client_max_size)
+    app[service_name_key] = service
+    app[registry_key] = CollectorRegistry()
+    app[ready_checks_key] = {}
+    app.middlewares.append(_make_middleware(app))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+def run(app: web.Application, host: str, port: int, grace_seconds: float) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly within ``grace_seconds``."""
+    web.run_app(
+        app, host=host, port=port, shutdown_timeout=grace_seconds, print=None, access_log=None
+    )

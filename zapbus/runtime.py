@@ -1,0 +1,113 @@
+"""Resources every zapbus service opens, as aiohttp ``cleanup_ctx`` generators.
+
+Each opens one resource, stores it under a typed ``web.AppKey``, registers a readiness check,
+yields, then closes it. aiohttp runs the teardown in reverse order on SIGTERM, so a consumer
+stops (and finishes or hands back its in-flight work) before the NATS connection drains and
+before the Postgres pool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
+
+import asyncpg
+from aiohttp import web
+from nats.aio.client import Client as NATS
+from nats.js import JetStreamContext
+from prometheus_client import Gauge
+
+from zapbus import bus, db
+from zapbus.config import Settings
+from zapbus.httpkit import ready_checks_key, registry_key
+
+log = logging.getLogger("zapbus.runtime")
+
+settings_key = web.AppKey("settings", Settings)
+nats_key = web.AppKey("nats", NATS)
+js_key = web.AppKey("js", JetStreamContext)
+pool_key = web.AppKey("pool", asyncpg.Pool)
+
+CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
+
+
+class Runner(Protocol):
+    """A long-running loop (a consumer, a relay) that can be asked to stop."""
+
+    async def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def nats_ctx(service: str) -> CleanupCtx:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        settings = app[settings_key]
+        nc = await bus.connect(settings.nats_url, name=f"zapbus-{service}")
+        js = nc.jetstream()
+        await bus.ensure_streams(js, settings.names)
+        app[nats_key] = nc
+        app[js_key] = js
+        app[ready_checks_key]["nats"] = lambda: nc.is_connected
+        gauge = Gauge(
+            "zapbus_nats_connected",
+            "1 while the service's NATS connection is up, else 0.",
+            registry=app[registry_key],
+        )
+        gauge.set_function(lambda: 1.0 if nc.is_connected else 0.0)
+        yield
+        try:
+            await asyncio.wait_for(nc.drain(), timeout=settings.shutdown_grace_seconds)
+        except Exception as exc:
+            log.warning("nats drain did not finish cleanly: %s", exc)
+            await nc.close()
+
+    return ctx
+
+
+async def _db_ready(pool: asyncpg.Pool) -> bool:
+    try:
+        async with asyncio.timeout(1.0):
+            return bool(await pool.fetchval("SELECT 1") == 1)
+    except Exception:
+        return False
+
+
+async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    pool = await db.create_pool(settings.database_url, settings.db_schema)
+    app[pool_key] = pool
+    app[ready_checks_key]["postgres"] = lambda: _db_ready(pool)
+    yield
+    try:
+        await asyncio.wait_for(pool.close(), timeout=settings.shutdown_grace_seconds)
+    except TimeoutError:
+        pool.terminate()
+
+
+def runner_ctx(
+    name: str, key: web.AppKey[Runner], build: Callable[[web.Application], Runner]
+) -> CleanupCtx:
+    """Run ``build(app).run()`` as a task; on shutdown ``stop()`` it and wait out the grace."""
+
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        runner = build(app)
+        app[key] = runner
+        task = asyncio.create_task(runner.run(), name=f"zapbus-{name}")
+        app[ready_checks_key][name] = lambda: not task.done()
+        yield
+        runner.stop()
+        grace = app[settings_key].shutdown_grace_seconds
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=grace)
+        except TimeoutError:
+            log.warning("%s did not stop within %.1f s; cancelling", name, grace)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        except Exception:
+            log.exception("%s ended with an error", name)
+
+    return ctx

@@ -1,0 +1,45 @@
+"""Webhook URL tokens and Baileys session names, derived without a database.
+
+The token is an HMAC-SHA256 (server secret) over connection id and generation, so the webhook
+service can verify a delivery in constant time from the URL alone, and a URL handed out for one
+generation is useless for another.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import secrets
+import uuid
+
+
+def webhook_token(secret: str, connection_id: uuid.UUID, generation: int) -> str:
+    mac = hmac.new(secret.encode(), f"{connection_id}:{generation}".encode(), hashlib.sha256)
+    return base64.urlsafe_b64encode(mac.digest()[:24]).decode().rstrip("=")
+
+
+def verify_webhook_token(
+    secret: str, connection_id: uuid.UUID, generation: int, token: str
+) -> bool:
+    expected = webhook_token(secret, connection_id, generation)
+    return hmac.compare_digest(expected.encode(), token.encode())
+
+
+def webhook_url(base: str, secret: str, connection_id: uuid.UUID, generation: int) -> str:
+    """The URL given to the Baileys server for one generation of a connection."""
+    token = webhook_token(secret, connection_id, generation)
+    return f"{base.rstrip('/')}/webhooks/baileys/{connection_id}/{generation}/{token}"
+
+
+def session_name(connection_id: uuid.UUID, generation: int) -> str:
+    """Baileys session name of one generation: unique, stable, ``[a-z0-9_]`` only."""
+    return f"zb_{connection_id.hex}_g{generation}"
+
+
+def new_api_key() -> str:
+    return "zb_" + secrets.token_urlsafe(32)
+
+
+def hash_api_key(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
