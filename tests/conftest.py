@@ -18,11 +18,10 @@ import asyncpg
 import pytest
 
 from proto.names import Names
+from tests.stack import Stack, start_stack
 from zapbus import bus, db
 from zapbus.config import Settings, load_settings
 from zapbus.localinfra import Infra, ensure_infra
-
-from tests.stack import Stack, start_stack
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tests.stack import Stack, wait_for
+from tests.stack import Stack
 
 
 async def test_create_reaches_qr_ready_then_connected_after_scan(stack: Stack) -> None:

@@ -1,0 +1,244 @@
+"""aiohttp app simulating the external Baileys HTTP server (sessions API + webhooks).
+
+``/sessions...`` is the API the session worker talks to (``X-API-Key`` required). ``/_sim/...``
+lets tests drive the simulated phone (scan, logout), replay webhooks and change behaviour.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import AsyncIterator
+from typing import Any, Literal, TypeGuard
+
+import aiohttp
+import msgspec
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
+
+from .config import SimConfig
+from .metrics import SimMetrics
+from .sessions import SessionRegistry
+
+__all__ = ["CONFIG_KEY", "HTTP_KEY", "METRICS_KEY", "REGISTRY_KEY", "create_app"]
+
+CONFIG_KEY = web.AppKey("config", SimConfig)
+METRICS_KEY = web.AppKey("metrics", SimMetrics)
+HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
+REGISTRY_KEY = web.AppKey("registry", SessionRegistry)
+
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
+
+
+class _ReplayBody(msgspec.Struct):
+    mode: Literal["duplicate", "reverse"]
+
+
+class _ConfigPatch(msgspec.Struct, forbid_unknown_fields=True):
+    fail_rate: float | None = None
+    timeout_rate: float | None = None
+    create_delay: tuple[float, float] | None = None
+    hang_seconds: float | None = None
+    qr_first_seconds: float | None = None
+    qr_next_seconds: float | None = None
+    qr_max: int | None = None
+    webhook_duplicate_rate: float | None = None
+
+
+def _fail(status: int, error: str) -> web.Response:
+    return web.json_response({"success": False, "error": error}, status=status)
+
+
+def _ok(data: Any = None, status: int = 200) -> web.Response:
+    body: dict[str, Any] = {"success": True}
+    if data is not None:
+        body["data"] = data
+    return web.json_response(body, status=status)
+
+
+def _registry(request: web.Request) -> SessionRegistry:
+    return request.app[REGISTRY_KEY]
+
+
+@web.middleware
+async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Reject ``/sessions...`` requests whose ``X-API-Key`` is not the configured key."""
+    if request.path == "/sessions" or request.path.startswith("/sessions/"):
+        given = request.headers.get("X-API-Key", "").encode()
+        if not hmac.compare_digest(given, request.app[CONFIG_KEY].api_key.encode()):
+            return _fail(401, "invalid api key")
+    return await handler(request)
+
+
+def _valid_webhook_url(value: object) -> TypeGuard[str]:
+    if not isinstance(value, str):
+        return False
+    try:
+        url = URL(value)
+    except (TypeError, ValueError):
+        return False
+    return url.scheme in ("http", "https") and bool(url.host)
+
+
+async def create_session(request: web.Request) -> web.Response:
+    """``POST /sessions``: reserve the name, wait the create delay, then create (or fail)."""
+    registry = _registry(request)
+    try:
+        body = msgspec.json.decode(await request.read(), type=dict[str, Any])
+    except msgspec.MsgspecError:
+        return _fail(400, "invalid json body")
+    name = body.get("name")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        return _fail(400, "invalid session name")
+    webhook_url = body.get("webhookUrl")
+    if not _valid_webhook_url(webhook_url):
+        return _fail(400, "invalid webhookUrl")
+    if not registry.reserve(name):
+        request.app[METRICS_KEY].create_requests.labels("conflict").inc()
+        return _fail(409, "session already exists")
+    config, rng = registry.config, registry.rng
+    fail = rng.random() < config.fail_rate
+    hang = rng.random() < config.timeout_rate
+    created = False
+    try:
+        if await registry.pause(rng.uniform(*config.create_delay)):
+            return _fail(503, "shutting down")
+        if fail:
+            request.app[METRICS_KEY].create_requests.labels("failed").inc()
+            return _fail(500, "internal error")
+        registry.create(name, webhook_url)
+        created = True
+    finally:
+        if not created:
+            registry.release(name)
+    if hang:
+        request.app[METRICS_KEY].create_requests.labels("hung").inc()
+        await registry.pause(config.hang_seconds)
+    else:
+        request.app[METRICS_KEY].create_requests.labels("created").inc()
+    return _ok({"name": name, "status": "connecting"}, status=201)
+
+
+async def get_session(request: web.Request) -> web.Response:
+    """``GET /sessions/{name}``."""
+    session = _registry(request).live.get(request.match_info["name"])
+    if session is None:
+        return _fail(404, "session not found")
+    return _ok(session.snapshot())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    """``DELETE /sessions/{name}``: stop and remove the session."""
+    if not _registry(request).delete(request.match_info["name"]):
+        return _fail(404, "session not found")
+    return _ok()
+
+
+async def sim_scan(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/scan``: the phone scans the current QR code."""
+    result = _registry(request).scan(request.match_info["name"])
+    if result == "missing":
+        return _fail(404, "session not found")
+    if result == "not_showing_qr":
+        return _fail(409, "session is not showing a qr code")
+    return _ok()
+
+
+async def sim_logout(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/logout``: the phone logs the session out."""
+    if not _registry(request).logout(request.match_info["name"]):
+        return _fail(404, "session not found")
+    return _ok()
+
+
+async def sim_replay(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/replay``: re-send recorded webhooks (duplicate|reverse)."""
+    try:
+        body = msgspec.json.decode(await request.read(), type=_ReplayBody)
+    except msgspec.MsgspecError as exc:
+        return _fail(400, f"invalid body: {exc}")
+    resent = _registry(request).replay(request.match_info["name"], body.mode)
+    if resent is None:
+        return _fail(404, "session not found")
+    return _ok({"resent": resent})
+
+
+async def sim_stats(request: web.Request) -> web.Response:
+    """``GET /_sim/stats``: creation counts, live names, webhook counters."""
+    return web.json_response(_registry(request).stats())
+
+
+async def sim_patch_config(request: web.Request) -> web.Response:
+    """``PATCH /_sim/config``: change failure rates and timings at runtime."""
+    registry = _registry(request)
+    try:
+        patch = msgspec.json.decode(await request.read(), type=_ConfigPatch)
+        changes = {k: v for k, v in msgspec.structs.asdict(patch).items() if v is not None}
+        registry.config = SimConfig(**{**msgspec.structs.asdict(registry.config), **changes})
+    except (msgspec.MsgspecError, ValueError) as exc:
+        return _fail(400, f"invalid config: {exc}")
+    public = msgspec.structs.asdict(registry.config)
+    public.pop("api_key")
+    return _ok(public)
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /health``: liveness plus the number of live sessions."""
+    return web.json_response({"status": "ok", "sessions": len(_registry(request).live)})
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: plain liveness."""
+    return web.Response(text="ok")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """``GET /metrics``: Prometheus text from this app's own registry."""
+    body = request.app[METRICS_KEY].render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    async with aiohttp.ClientSession() as http:
+        app[HTTP_KEY] = http
+        yield
+
+
+async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
+    registry = SessionRegistry(app[CONFIG_KEY], app[HTTP_KEY], app[METRICS_KEY])
+    app[REGISTRY_KEY] = registry
+    yield
+    await registry.close()
+
+
+async def _on_shutdown(app: web.Application) -> None:
+    app[REGISTRY_KEY].begin_shutdown()
+
+
+def create_app(config: SimConfig) -> web.Application:
+    """Build the simulator app; sessions and the webhook client live in ``cleanup_ctx``."""
+    app = web.Application(middlewares=[api_key_middleware])
+    app[CONFIG_KEY] = config
+    app[METRICS_KEY] = SimMetrics()
+    # Registry after the HTTP client: cleanup runs in reverse, so tasks stop before it closes.
+    app.cleanup_ctx.append(_http_ctx)
+    app.cleanup_ctx.append(_registry_ctx)
+    app.on_shutdown.append(_on_shutdown)
+    app.router.add_routes(
+        [
+            web.get("/health", health),
+            web.get("/healthz", healthz),
+            web.get("/metrics", metrics),
+            web.post("/sessions", create_session),
+            web.get("/sessions/{name}", get_session),
+            web.delete("/sessions/{name}", delete_session),
+            web.post("/_sim/sessions/{name}/scan", sim_scan),
+            web.post("/_sim/sessions/{name}/logout", sim_logout),
+            web.post("/_sim/sessions/{name}/replay", sim_replay),
+            web.get("/_sim/stats", sim_stats),
+            web.patch("/_sim/config", sim_patch_config),
+        ]
+    )
+    return app

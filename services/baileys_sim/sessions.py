@@ -1,0 +1,240 @@
+"""In-memory sessions of the simulator and the background tasks that send their webhooks.
+
+Each live session owns two tasks: a *lifecycle* task that rotates QR codes (and ends the session
+with a 408 close when nobody scans), and a *sender* task (``webhooks.WebhookSender.run``) that POSTs
+the session's webhooks one at a time, in order, from a queue. Every webhook body is recorded on
+the session for ``/replay``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import random
+from collections import Counter
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+import msgspec
+
+from .config import SimConfig
+from .metrics import SimMetrics
+from .webhooks import Outgoing, OutQueue, WebhookSender
+
+__all__ = ["ReplayMode", "ScanResult", "SessionRegistry", "SimSession", "make_qr"]
+
+SCAN_CONNECT_DELAY = 0.05  # between the 515 restart close and "connected"
+
+Status = Literal["connecting", "qr", "connected"]
+ReplayMode = Literal["duplicate", "reverse"]
+ScanResult = Literal["ok", "missing", "not_showing_qr"]
+
+
+@dataclass(eq=False)
+class SimSession:
+    """One simulated Baileys session."""
+
+    name: str
+    webhook_url: str
+    status: Status = "connecting"
+    qr_count: int = 0
+    sent: list[bytes] = field(default_factory=list)
+    queue: OutQueue = field(default_factory=asyncio.Queue)
+    lifecycle: asyncio.Task[None] | None = None
+    sender: asyncio.Task[None] | None = None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The JSON ``data`` of ``GET /sessions/{name}``."""
+        return {"name": self.name, "status": self.status, "qrCount": self.qr_count}
+
+
+def make_qr(rng: random.Random) -> str:
+    """A QR payload shaped like Baileys': ``2@ref,noiseKey,identityKey,advSecret`` (base64)."""
+    ref = base64.b64encode(rng.randbytes(75)).decode()  # 100 characters
+    keys = [base64.b64encode(rng.randbytes(32)).decode() for _ in range(3)]
+    return "2@" + ",".join([ref, *keys])
+
+
+def _status(name: str, status: str, **extra: Any) -> dict[str, Any]:
+    return {"event": "session.status", "session": name, "data": {"status": status, **extra}}
+
+
+class SessionRegistry:
+    """Live sessions, name reservations, creation counts and webhook delivery."""
+
+    def __init__(self, config: SimConfig, http: aiohttp.ClientSession, metrics: SimMetrics):
+        self.config = config  # replaced as a whole by PATCH /_sim/config
+        self.rng = random.Random(config.seed)
+        self.live: dict[str, SimSession] = {}
+        self.created_count: Counter[str] = Counter()
+        self._reserved: set[str] = set()
+        self._ended: dict[str, SimSession] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()
+        self._metrics = metrics
+        self.webhooks = WebhookSender(
+            http, metrics, self.rng, lambda: self.config.webhook_duplicate_rate
+        )
+
+    # --- names and creation -------------------------------------------------------------------
+
+    def reserve(self, name: str) -> bool:
+        """Claim ``name`` for a creation in progress; False if live or already claimed."""
+        if name in self.live or name in self._reserved:
+            return False
+        self._reserved.add(name)
+        return True
+
+    def release(self, name: str) -> None:
+        """Give up a reservation (the creation attempt failed)."""
+        self._reserved.discard(name)
+
+    def create(self, name: str, webhook_url: str) -> SimSession:
+        """Create the session, queue its first webhooks and start its tasks."""
+        self._reserved.discard(name)
+        session = SimSession(name=name, webhook_url=webhook_url)
+        self.live[name] = session
+        self.created_count[name] += 1
+        self._metrics.sessions_created.inc()
+        self._metrics.sessions_live.set(len(self.live))
+        self._emit(session, _status(name, "connecting"))
+        self._emit_qr(session)
+        session.sender = self._spawn(self.webhooks.run(webhook_url, session.queue), name)
+        session.lifecycle = self._spawn(self._qr_loop(session, self.config), name)
+        return session
+
+    async def pause(self, seconds: float) -> bool:
+        """Sleep ``seconds``, cut short when the app shuts down; True if it was cut short."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        return self._closing.is_set()
+
+    # --- operations on live sessions ---------------------------------------------------------
+
+    def delete(self, name: str) -> bool:
+        """Stop the session's tasks at once (pending webhooks are dropped) and remove it."""
+        session = self.live.pop(name, None)
+        if session is None:
+            return False
+        for task in (session.lifecycle, session.sender):
+            if task is not None:
+                task.cancel()
+        self._ended[name] = session
+        self._metrics.sessions_live.set(len(self.live))
+        return True
+
+    def scan(self, name: str) -> ScanResult:
+        """The phone scanned the QR: 515 restart close, then ``connected``."""
+        session = self.live.get(name)
+        if session is None:
+            return "missing"
+        if session.status != "qr":
+            return "not_showing_qr"
+        self._stop_lifecycle(session)
+        session.status = "connected"
+        self._emit(session, _status(name, "close", statusReason=515, reason="restartRequired"))
+        self._emit(session, _status(name, "connected"), delay=SCAN_CONNECT_DELAY)
+        return "ok"
+
+    def logout(self, name: str) -> bool:
+        """The phone logged out: 401 close, then the session is gone."""
+        session = self.live.get(name)
+        if session is None:
+            return False
+        self._stop_lifecycle(session)
+        self._emit(session, _status(name, "close", statusReason=401, reason="loggedOut"))
+        self._end(session)
+        return True
+
+    def replay(self, name: str, mode: ReplayMode) -> int | None:
+        """Send every recorded webhook of ``name`` again; None if the name is unknown.
+
+        ``duplicate`` re-sends them once more in their original order, ``reverse`` in reverse
+        order. Works on live sessions (after their pending webhooks) and on ended ones.
+        """
+        session = self.live.get(name) or self._ended.get(name)
+        if session is None:
+            return None
+        bodies = list(session.sent) if mode == "duplicate" else session.sent[::-1]
+        if self.live.get(name) is session:
+            queue = session.queue
+        else:
+            queue = asyncio.Queue()
+            self._spawn(self.webhooks.run(session.webhook_url, queue), name)
+        for body in bodies:
+            queue.put_nowait(Outgoing(body, 0.0))
+        if queue is not session.queue:
+            queue.put_nowait(None)
+        return len(bodies)
+
+    def stats(self) -> dict[str, Any]:
+        """The JSON of ``GET /_sim/stats``."""
+        return {
+            "created": dict(self.created_count),
+            "live": sorted(self.live),
+            "webhooks_sent": self.webhooks.sent,
+            "webhooks_failed": self.webhooks.failed,
+        }
+
+    # --- shutdown ----------------------------------------------------------------------------
+
+    def begin_shutdown(self) -> None:
+        """Cut short every pending creation delay or hang (app shutdown)."""
+        self._closing.set()
+
+    async def close(self) -> None:
+        """Cancel every background task and wait for them to finish."""
+        self._closing.set()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.live.clear()
+        self._metrics.sessions_live.set(0)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"baileys-sim:{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _stop_lifecycle(self, session: SimSession) -> None:
+        task = session.lifecycle
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def _end(self, session: SimSession) -> None:
+        """Remove a session but let its sender deliver what is already queued."""
+        if self.live.get(session.name) is session:
+            del self.live[session.name]
+        self._ended[session.name] = session
+        session.queue.put_nowait(None)
+        self._metrics.sessions_live.set(len(self.live))
+
+    def _emit(self, session: SimSession, event: dict[str, Any], delay: float = 0.0) -> None:
+        body = msgspec.json.encode(event)
+        session.sent.append(body)
+        session.queue.put_nowait(Outgoing(body, delay))
+
+    def _emit_qr(self, session: SimSession) -> None:
+        session.qr_count += 1
+        session.status = "qr"
+        qr = make_qr(self.rng)
+        self._emit(session, {"event": "qr.update", "session": session.name, "data": {"qr": qr}})
+
+    async def _qr_loop(self, session: SimSession, config: SimConfig) -> None:
+        wait = config.qr_first_seconds
+        while True:
+            await asyncio.sleep(wait)
+            if session.qr_count >= config.qr_max:
+                break
+            self._emit_qr(session)
+            wait = config.qr_next_seconds
+        reason = "QR refs attempts ended"
+        self._emit(session, _status(session.name, "close", statusReason=408, reason=reason))
+        self._end(session)
