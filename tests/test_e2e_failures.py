@@ -53,8 +53,9 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
         nc = await nats.connect(settings.nats_url)
         try:
             js = nc.jetstream()
-            msg = await js.get_last_msg(settings.names.dead_letter_stream,
-                                        settings.names.dead_letter_subject)
+            msg = await js.get_last_msg(
+                settings.names.dead_letter_stream, settings.names.dead_letter_subject
+            )
             letter = dead_letter_decoder.decode(msg.data)
         finally:
             await nc.close()
@@ -125,6 +126,8 @@ async def test_bad_create_bodies_get_clear_4xx(stack: Stack) -> None:
 
 async def test_sim_config_is_usable_from_tests() -> None:
     # Guards the fixtures above: FAST_SIM must really be fast and never fail.
-    assert FAST_SIM.create_delay[1] <= 0.1 and FAST_SIM.fail_rate == 0 and isinstance(
-        FAST_SIM, SimConfig
+    assert (
+        FAST_SIM.create_delay[1] <= 0.1
+        and FAST_SIM.fail_rate == 0
+        and isinstance(FAST_SIM, SimConfig)
     )

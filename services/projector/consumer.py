@@ -48,10 +48,13 @@ class Projector:
         self._stopping.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
-            if msgs:
-                await self.handle_batch(msgs)
+        try:
+            while not self._stopping.is_set():
+                msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
+                if msgs:
+                    await self.handle_batch(msgs)
+        finally:
+            await self.consumer.close()
 
     async def run_until_idle(self) -> int:
         """Project until a fetch comes back empty; return how many messages were handled."""
