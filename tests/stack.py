@@ -55,6 +55,9 @@ class Stack:
     gateway_url: str
     webhook_url: str
     sim_url: str
+    sim_port: int
+    worker_url: str
+    projector_url: str
     api_key: str
     tenant_id: uuid.UUID
     http: aiohttp.ClientSession
@@ -65,8 +68,9 @@ class Stack:
         return {"Authorization": f"Bearer {key or self.api_key}"}
 
     async def create(self, name: str = "sales", **kw: Any) -> dict[str, Any]:
+        hdrs = {**self.auth(), **kw.pop("headers", {})}
         async with self.http.post(
-            f"{self.gateway_url}/v1/connections", json={"name": name}, headers=self.auth(), **kw
+            f"{self.gateway_url}/v1/connections", json={"name": name}, headers=hdrs, **kw
         ) as r:
             assert r.status == 202, await r.text()
             body: dict[str, Any] = await r.json()
@@ -100,15 +104,16 @@ async def _serve(app: web.Application, port: int) -> web.AppRunner:
 
 @contextlib.asynccontextmanager
 async def start_stack(
-    settings: Settings, sim: SimConfig = FAST_SIM, **overrides: Any
+    settings: Settings, sim: SimConfig | None = FAST_SIM, **overrides: Any
 ) -> AsyncIterator[Stack]:
+    """Start the stack; with ``sim=None`` no simulator runs on ``stack.sim_url`` (yet)."""
     ports = {name: free_port() for name in ("sim", "webhook", "gateway", "worker", "projector")}
     settings = msgspec.structs.replace(
         settings,
         webhook_port=ports["webhook"],
         webhook_public_url=f"http://127.0.0.1:{ports['webhook']}",
         baileys_url=f"http://127.0.0.1:{ports['sim']}",
-        baileys_api_key=sim.api_key,
+        baileys_api_key=(sim or FAST_SIM).api_key,
         baileys_timeout_seconds=overrides.pop("baileys_timeout_seconds", 3.0),
         retry_base_seconds=overrides.pop("retry_base_seconds", 0.1),
         retry_max_seconds=overrides.pop("retry_max_seconds", 0.5),
@@ -117,12 +122,13 @@ async def start_stack(
         **overrides,
     )
     apps = {
-        "sim": create_sim(msgspec.structs.replace(sim, port=ports["sim"])),
         "webhook": create_webhook(settings),
         "projector": create_projector(settings),
         "worker": create_worker(settings),
         "gateway": create_gateway(settings),
     }
+    if sim is not None:
+        apps["sim"] = create_sim(msgspec.structs.replace(sim, port=ports["sim"]))
     runners: list[web.AppRunner] = []
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
     http = aiohttp.ClientSession()
@@ -136,6 +142,9 @@ async def start_stack(
             gateway_url=f"http://127.0.0.1:{ports['gateway']}",
             webhook_url=f"http://127.0.0.1:{ports['webhook']}",
             sim_url=f"http://127.0.0.1:{ports['sim']}",
+            sim_port=ports["sim"],
+            worker_url=f"http://127.0.0.1:{ports['worker']}",
+            projector_url=f"http://127.0.0.1:{ports['projector']}",
             api_key=key,
             tenant_id=tenant_id,
             http=http,

@@ -52,6 +52,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 60.0
     worker_concurrency: int = 100
+    # At most this many POST /sessions in flight against the Baileys server at once.
+    baileys_max_concurrent_creates: int = 50
+    # The breaker opens after this many consecutive "server down" errors and then lets
+    # commands wait (not fail) until GET /health answers again.
+    breaker_threshold: int = 5
+    breaker_probe_seconds: float = 2.0
     ack_wait_seconds: float = 30.0
 
     # projector
@@ -61,6 +67,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     qr_first_ttl_seconds: float = 60.0
     qr_next_ttl_seconds: float = 20.0
     qr_max_refreshes: int = 6
+    # watchdog: a connection in pending/creating longer than this is re-driven (its create
+    # command re-published with the same id), up to watchdog_max_redrives times, then failed
+    # with reason "timeout"; awaiting_qr past the deadline fails with "timeout" at once.
+    watchdog_deadline_seconds: float = 180.0
+    watchdog_interval_seconds: float = 15.0
+    watchdog_max_redrives: int = 2
 
     # shutdown: how long in-flight work may take after SIGTERM
     shutdown_grace_seconds: float = 10.0

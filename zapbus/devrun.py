@@ -33,15 +33,25 @@ def _services(settings: Settings, env: dict[str, str], simulate: bool) -> list[S
             )
         )
     procs += [
-        ServiceProcess("webhook", "services.webhook", env,
-                       url(settings.webhook_host, settings.webhook_port)),
-        ServiceProcess("projector", "services.projector", env,
-                       url(settings.projector_host, settings.projector_port)),
-        ServiceProcess("session_worker", "services.session_worker", env,
-                       url(settings.worker_host, settings.worker_port)),
-        ServiceProcess("gateway", "services.gateway", env,
-                       url(settings.gateway_host, settings.gateway_port)),
-    ]  # fmt: skip
+        ServiceProcess(
+            "webhook", "services.webhook", env, url(settings.webhook_host, settings.webhook_port)
+        ),
+        ServiceProcess(
+            "projector",
+            "services.projector",
+            env,
+            url(settings.projector_host, settings.projector_port),
+        ),
+        ServiceProcess(
+            "session_worker",
+            "services.session_worker",
+            env,
+            url(settings.worker_host, settings.worker_port),
+        ),
+        ServiceProcess(
+            "gateway", "services.gateway", env, url(settings.gateway_host, settings.gateway_port)
+        ),
+    ]
     return procs
 
 
@@ -83,10 +93,10 @@ async def run_dev(data_dir: Path) -> int:
             + f"  NATS {infra.nats_url}   Postgres {infra.database_url}\n"
             f"  dev tenant API key       {api_key}\n\n"
             f"  try: curl -s -X POST {g}/v1/connections -H 'Authorization: Bearer {api_key}'"
-            " -d '{\"name\": \"demo\"}'\n"
+            ' -d \'{"name": "demo"}\'\n'
             "Ctrl-C stops everything.\n",
             flush=True,
-        )  # fmt: skip
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

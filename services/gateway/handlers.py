@@ -11,11 +11,14 @@ from services.gateway.auth import tenant_key
 from services.gateway.models import ConnectionList, History, create_decoder
 from services.gateway.outbox_key import relay_key
 from services.gateway.store import (
+    ConnectionDeleted,
     IdempotencyConflict,
     create_connection,
+    delete_connection,
     get_connection,
     history,
     list_connections,
+    recreate_connection,
 )
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
@@ -124,8 +127,46 @@ async def get_history(request: web.Request) -> web.Response:
     return json_response(History(items=entries))
 
 
+async def recreate(request: web.Request) -> web.Response:
+    try:
+        connection = await recreate_connection(
+            request.app[pool_key],
+            request.app[settings_key].names,
+            request[tenant_key].id,
+            _connection_id(request),
+        )
+    except ConnectionDeleted:
+        raise ProblemError(
+            409,
+            "connection-deleted",
+            "Connection deleted",
+            "a deleted connection cannot be recreated; create a new one",
+        ) from None
+    if connection is None:
+        raise _not_found()
+    request.app[relay_key].kick()
+    return json_response(
+        connection, status=202, headers={"Location": f"/v1/connections/{connection.id}"}
+    )
+
+
+async def delete(request: web.Request) -> web.Response:
+    connection = await delete_connection(
+        request.app[pool_key],
+        request.app[settings_key].names,
+        request[tenant_key].id,
+        _connection_id(request),
+    )
+    if connection is None:
+        raise _not_found()
+    request.app[relay_key].kick()
+    return json_response(connection, status=202)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/connections", create)
     app.router.add_get("/v1/connections", get_many)
     app.router.add_get("/v1/connections/{id}", get_one)
+    app.router.add_delete("/v1/connections/{id}", delete)
+    app.router.add_post("/v1/connections/{id}/recreate", recreate)
     app.router.add_get("/v1/connections/{id}/history", get_history)

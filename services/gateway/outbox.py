@@ -88,8 +88,13 @@ class OutboxRelay:
             try:
                 await self.relay_all()
                 failures = 0
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError,
-                    nats.errors.Error, TimeoutError) as exc:  # fmt: skip
+            except (
+                asyncpg.PostgresError,
+                OSError,
+                asyncpg.InterfaceError,
+                nats.errors.Error,
+                TimeoutError,
+            ) as exc:
                 failures += 1
                 log.warning("outbox relay pass failed (%d in a row): %s", failures, exc)
 

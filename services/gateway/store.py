@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 
-from proto import headers
-from proto.commands import CreateSession, command_encoder
+from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
 from services.gateway.models import Connection, HistoryEntry
+from zapbus.outbox import insert_outbox
 from zapbus.tokens import session_name
 
 _COLUMNS = (
@@ -35,18 +35,6 @@ def request_hash(name: str) -> bytes:
     return hashlib.sha256(msgspec.json.encode({"name": name})).digest()
 
 
-async def insert_outbox(conn: asyncpg.Connection, names: Names, cmd: CreateSession) -> None:
-    await conn.execute(
-        "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
-        str(cmd.command_id),
-        names.command_subject(cmd.kind),
-        command_encoder.encode(cmd),
-        msgspec.json.encode(
-            {headers.COMMAND_ID: str(cmd.command_id), headers.CONNECTION_ID: str(cmd.connection_id)}
-        ).decode(),
-    )
-
-
 async def create_connection(
     pool: asyncpg.Pool,
     names: Names,
@@ -60,22 +48,31 @@ async def create_connection(
     earlier identical request, whose connection is returned instead.
     """
     connection_id = uuid.uuid4()
+    command_id = uuid.uuid4()
     digest = request_hash(name)
     now = datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             f"INSERT INTO connections (id, tenant_id, name, generation, session_name, status,"
-            f" idempotency_key, request_hash) VALUES ($1, $2, $3, 1, $4, $5, $6, $7)"
+            f" idempotency_key, request_hash, command_id)"
+            f" VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8)"
             f" ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {_COLUMNS}",
-            connection_id, tenant_id, name, session_name(connection_id, 1),
-            Status.PENDING.value, idempotency_key, digest,
-        )  # fmt: skip
+            connection_id,
+            tenant_id,
+            name,
+            session_name(connection_id, 1),
+            Status.PENDING.value,
+            idempotency_key,
+            digest,
+            command_id,
+        )
         if row is None:
             existing = await conn.fetchrow(
                 f"SELECT {_COLUMNS}, request_hash FROM connections"
                 " WHERE tenant_id = $1 AND idempotency_key = $2",
-                tenant_id, idempotency_key,
-            )  # fmt: skip
+                tenant_id,
+                idempotency_key,
+            )
             assert existing is not None
             if existing["request_hash"] != digest:
                 raise IdempotencyConflict
@@ -83,7 +80,7 @@ async def create_connection(
             record.pop("request_hash")
             return msgspec.convert(record, Connection), False
         cmd = CreateSession(
-            command_id=uuid.uuid4(),
+            command_id=command_id,
             connection_id=connection_id,
             tenant_id=tenant_id,
             generation=1,
@@ -91,13 +88,125 @@ async def create_connection(
             requested_at=now,
         )
         await insert_outbox(conn, names, cmd)
-        await conn.execute(
-            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-            " from_status, to_status, applied, command_id, occurred_at)"
-            " VALUES ($1, $2, 1, 'create.requested', NULL, 'pending', true, $3, $4)",
-            uuid.uuid4(), connection_id, cmd.command_id, now,
-        )  # fmt: skip
+        await _record(conn, cmd, "create.requested", None, Status.PENDING)
         return _to_connection(row), True
+
+
+async def _record(
+    conn: asyncpg.Connection,
+    cmd: CreateSession | DeleteSession,
+    event_type: str,
+    from_status: Status | None,
+    to_status: Status,
+    reason: str | None = None,
+) -> None:
+    """A history row for a change the gateway itself made."""
+    await conn.execute(
+        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
+        " from_status, to_status, applied, reason, command_id, occurred_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, true, $7, $8, $9)",
+        uuid.uuid4(),
+        cmd.connection_id,
+        cmd.generation,
+        event_type,
+        from_status.value if from_status else None,
+        to_status.value,
+        reason,
+        cmd.command_id,
+        cmd.requested_at,
+    )
+
+
+class ConnectionDeleted(Exception):
+    """The connection was deleted; it cannot be recreated."""
+
+
+async def recreate_connection(
+    pool: asyncpg.Pool, names: Names, tenant_id: uuid.UUID, connection_id: uuid.UUID
+) -> Connection | None:
+    """Move to the next generation: a new session name, the old session deleted.
+
+    Commands and events of the old generation are fenced from then on (the worker checks the
+    generation before creating; the projector ignores other generations).
+    """
+    now = datetime.now(UTC)
+    async with pool.acquire() as conn, conn.transaction():
+        old = await conn.fetchrow(
+            "SELECT generation, session_name, status FROM connections"
+            " WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+            connection_id,
+            tenant_id,
+        )
+        if old is None:
+            return None
+        if old["status"] == Status.DELETED:
+            raise ConnectionDeleted
+        generation = old["generation"] + 1
+        create = CreateSession(
+            command_id=uuid.uuid4(),
+            connection_id=connection_id,
+            tenant_id=tenant_id,
+            generation=generation,
+            session_name=session_name(connection_id, generation),
+            requested_at=now,
+        )
+        delete = DeleteSession(
+            command_id=uuid.uuid4(),
+            connection_id=connection_id,
+            tenant_id=tenant_id,
+            generation=old["generation"],
+            session_name=old["session_name"],
+            requested_at=now,
+        )
+        row = await conn.fetchrow(
+            f"UPDATE connections SET generation = $2, session_name = $3, status = $4,"
+            f" status_reason = NULL, qr = NULL, qr_seq = 0, qr_expires_at = NULL, attempts = 0,"
+            f" command_id = $5, redrives = 0, updated_at = now(), status_changed_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            connection_id,
+            generation,
+            create.session_name,
+            Status.PENDING.value,
+            create.command_id,
+        )
+        await insert_outbox(conn, names, delete)
+        await insert_outbox(conn, names, create)
+        await _record(conn, create, "recreate.requested", Status(old["status"]), Status.PENDING)
+        return _to_connection(row)
+
+
+async def delete_connection(
+    pool: asyncpg.Pool, names: Names, tenant_id: uuid.UUID, connection_id: uuid.UUID
+) -> Connection | None:
+    """Mark the connection deleted at once and queue the deletion of its Baileys session."""
+    async with pool.acquire() as conn, conn.transaction():
+        old = await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM connections WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+            connection_id,
+            tenant_id,
+        )
+        if old is None:
+            return None
+        if old["status"] == Status.DELETED:
+            return _to_connection(old)  # deleting twice is fine
+        delete = DeleteSession(
+            command_id=uuid.uuid4(),
+            connection_id=connection_id,
+            tenant_id=tenant_id,
+            generation=old["generation"],
+            session_name=old["session_name"],
+            requested_at=datetime.now(UTC),
+        )
+        row = await conn.fetchrow(
+            f"UPDATE connections SET status = $2, status_reason = 'deleted by the tenant',"
+            f" qr = NULL, qr_expires_at = NULL, updated_at = now(), status_changed_at = now()"
+            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            connection_id,
+            Status.DELETED.value,
+        )
+        await insert_outbox(conn, names, delete)
+        await _record(conn, delete, "delete.requested", Status(old["status"]), Status.DELETED)
+        return _to_connection(row)
 
 
 async def get_connection(
@@ -105,8 +214,9 @@ async def get_connection(
 ) -> Connection | None:
     row = await pool.fetchrow(
         f"SELECT {_COLUMNS} FROM connections WHERE id = $1 AND tenant_id = $2",
-        connection_id, tenant_id,
-    )  # fmt: skip
+        connection_id,
+        tenant_id,
+    )
     return _to_connection(row) if row else None
 
 
@@ -134,14 +244,18 @@ async def list_connections(
         rows = await pool.fetch(
             f"SELECT {_COLUMNS} FROM connections WHERE tenant_id = $1"
             " AND (created_at, id) < ($2, $3) ORDER BY created_at DESC, id DESC LIMIT $4",
-            tenant_id, at, cid, limit + 1,
-        )  # fmt: skip
+            tenant_id,
+            at,
+            cid,
+            limit + 1,
+        )
     else:
         rows = await pool.fetch(
             f"SELECT {_COLUMNS} FROM connections WHERE tenant_id = $1"
             " ORDER BY created_at DESC, id DESC LIMIT $2",
-            tenant_id, limit + 1,
-        )  # fmt: skip
+            tenant_id,
+            limit + 1,
+        )
     items = [_to_connection(r) for r in rows[:limit]]
     more = len(rows) > limit
     return items, encode_cursor(items[-1].created_at, items[-1].id) if more and items else None

@@ -8,12 +8,14 @@ from nats.js import api as js_api
 from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
 from services.projector.transitions import QrPolicy
+from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
 projector_key = web.AppKey("projector", Runner)
+watchdog_key = web.AppKey("watchdog", Runner)
 
 
 def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -46,10 +48,23 @@ def build_projector(app: web.Application) -> Projector:
     )
 
 
+def build_watchdog(app: web.Application) -> Watchdog:
+    settings = app[settings_key]
+    return Watchdog(
+        app[pool_key],
+        settings.names,
+        WatchdogMetrics(app[registry_key]),
+        deadline_seconds=settings.watchdog_deadline_seconds,
+        interval_seconds=settings.watchdog_interval_seconds,
+        max_redrives=settings.watchdog_max_redrives,
+    )
+
+
 def create_app(settings: Settings) -> web.Application:
     app = base_app("projector")
     app[settings_key] = settings
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("projector"))
     app.cleanup_ctx.append(runner_ctx("projector", projector_key, build_projector))
+    app.cleanup_ctx.append(runner_ctx("watchdog", watchdog_key, build_watchdog))
     return app

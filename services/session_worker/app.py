@@ -9,17 +9,20 @@ from aiohttp import web
 from nats.js import api as js_api
 
 from services.session_worker.baileys_client import BaileysClient
+from services.session_worker.breaker import Breaker
 from services.session_worker.consumer import CommandConsumer
+from services.session_worker.fence import Fence
 from services.session_worker.handler import CommandHandler
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
 from zapbus.httpkit import base_app, registry_key
-from zapbus.runtime import Runner, js_key, nats_ctx, runner_ctx, settings_key
+from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
 http_key = web.AppKey("http", aiohttp.ClientSession)
 consumer_key = web.AppKey("command_consumer", Runner)
+breaker_key = web.AppKey("breaker", Breaker)
 
 
 def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -44,6 +47,12 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
+async def breaker_ctx(app: web.Application) -> AsyncIterator[None]:
+    yield
+    if breaker_key in app:
+        await app[breaker_key].close()
+
+
 def build_consumer(app: web.Application) -> CommandConsumer:
     settings = app[settings_key]
     baileys = BaileysClient(
@@ -52,6 +61,14 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         settings.baileys_api_key,
         settings.baileys_timeout_seconds,
     )
+    metrics = WorkerMetrics(app[registry_key])
+    breaker = Breaker(
+        baileys.healthy,
+        threshold=settings.breaker_threshold,
+        probe_seconds=settings.breaker_probe_seconds,
+        gauge=metrics.breaker_open,
+    )
+    app[breaker_key] = breaker
     handler = CommandHandler(
         js=app[js_key],
         names=settings.names,
@@ -61,10 +78,13 @@ def build_consumer(app: web.Application) -> CommandConsumer:
             base_seconds=settings.retry_base_seconds,
             max_seconds=settings.retry_max_seconds,
         ),
-        metrics=WorkerMetrics(app[registry_key]),
+        metrics=metrics,
         webhook_base_url=settings.webhook_public_url,
         webhook_secret=settings.webhook_secret,
         heartbeat_seconds=max(0.5, settings.ack_wait_seconds / 3),
+        fence=Fence(app[pool_key]),
+        breaker=breaker,
+        max_concurrent_creates=settings.baileys_max_concurrent_creates,
     )
     consumer = DurableConsumer(
         app[js_key], settings.names.commands_stream, consumer_config(settings)
@@ -80,7 +100,9 @@ def build_consumer(app: web.Application) -> CommandConsumer:
 def create_app(settings: Settings) -> web.Application:
     app = base_app("session_worker")
     app[settings_key] = settings
+    app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("session_worker"))
     app.cleanup_ctx.append(http_ctx)
+    app.cleanup_ctx.append(breaker_ctx)
     app.cleanup_ctx.append(runner_ctx("command_consumer", consumer_key, build_consumer))
     return app

@@ -41,7 +41,8 @@ class BaileysClient:
         except TimeoutError as exc:
             raise RetryableError(f"timeout after {timeout.total:.0f} s on {method} {path}") from exc
         except aiohttp.ClientError as exc:
-            raise RetryableError(f"{type(exc).__name__}: {exc}"[:300]) from exc
+            down = isinstance(exc, aiohttp.ClientConnectionError)
+            raise RetryableError(f"{type(exc).__name__}: {exc}"[:300], server_down=down) from exc
         except asyncio.CancelledError:
             raise
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 class BaileysError(Exception):
     """A call to the Baileys server did not do what was asked."""
 
-    def __init__(self, reason: str, status: int | None = None) -> None:
+    def __init__(self, reason: str, status: int | None = None, server_down: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        # Connection refused/reset or a gateway error: the server itself is unavailable,
+        # which is what the circuit breaker counts (a slow or flaky answer is not).
+        self.server_down = server_down
 
 
 class RetryableError(BaileysError):
@@ -34,4 +37,4 @@ def classify_status(status: int, detail: str) -> BaileysError:
     reason = f"baileys answered {status}: {detail}"[:300]
     if status in (400, 401, 403, 404, 422):
         return PermanentError(reason, status)
-    return RetryableError(reason, status)
+    return RetryableError(reason, status, server_down=status in (502, 503, 504))

@@ -42,7 +42,9 @@ from proto.events import (
 )
 from proto.names import Names
 from services.session_worker.baileys_client import BaileysClient, CreateSessionRequest
+from services.session_worker.breaker import Breaker
 from services.session_worker.errors import BaileysError, PermanentError, RetryableError
+from services.session_worker.fence import Fence
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
 from zapbus.logs import fields
@@ -70,6 +72,9 @@ class CommandHandler:
         webhook_base_url: str,
         webhook_secret: str,
         heartbeat_seconds: float,
+        fence: Fence,
+        breaker: Breaker,
+        max_concurrent_creates: int,
     ) -> None:
         self.js = js
         self.names = names
@@ -79,6 +84,9 @@ class CommandHandler:
         self.webhook_base_url = webhook_base_url
         self.webhook_secret = webhook_secret
         self.heartbeat_seconds = heartbeat_seconds
+        self.fence = fence
+        self.breaker = breaker
+        self.create_slots = asyncio.Semaphore(max_concurrent_creates)
 
     async def handle(self, msg: Msg) -> None:
         start = time.perf_counter()
@@ -123,13 +131,27 @@ class CommandHandler:
             )
 
     async def _create(self, msg: Msg, cmd: CreateSession, attempt: int) -> str:
+        if await self.fence.is_current(cmd) is False:
+            await msg.ack()  # superseded by a recreate or a delete: nothing to create
+            return "fenced"
         common = self._common(cmd, "create.started", attempt)
         await self._emit(CreateStarted(**common, attempt=attempt))
         try:
             async with self._heartbeat(msg):
-                already = await self._create_once(cmd, attempt)
+                await self.breaker.wait_closed()
+                async with self.create_slots:
+                    already = await self._create_once(cmd, attempt)
         except BaileysError as exc:
+            self.breaker.record(exc.server_down)
             return await self._on_error(msg, cmd, attempt, exc)
+        self.breaker.record(server_down=False)
+        if await self.fence.is_current(cmd) is False:
+            # Recreated or deleted while we were creating: remove what we just made, so the
+            # Baileys server never keeps two sessions for one connection.
+            with contextlib.suppress(BaileysError):
+                await self.baileys.delete_session(cmd.session_name)
+            await msg.ack()
+            return "fenced"
         common = self._common(cmd, "create.succeeded", attempt)
         await self._emit(SessionCreated(**common, attempt=attempt, already_existed=already))
         await msg.ack()
@@ -163,8 +185,10 @@ class CommandHandler:
         start = time.perf_counter()
         try:
             async with self._heartbeat(msg):
+                await self.breaker.wait_closed()
                 await self.baileys.delete_session(cmd.session_name)
         except BaileysError as exc:
+            self.breaker.record(exc.server_down)
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
             )

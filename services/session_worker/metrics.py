@@ -33,6 +33,11 @@ class WorkerMetrics:
             "Commands being worked on right now.",
             registry=registry,
         )
+        self.breaker_open = Gauge(
+            "zapbus_worker_breaker_open",
+            "1 while the circuit breaker in front of the Baileys server is open.",
+            registry=registry,
+        )
         self.dead_letters = Counter(
             "zapbus_worker_dead_letters_total",
             "Commands published to the dead-letter stream.",

@@ -1,0 +1,225 @@
+"""The watchdog: no connection stays pending, creating or awaiting its QR forever.
+
+Postgres, not the bus, holds the truth. Every ``interval`` one watchdog (an advisory lock keeps
+replicas from doubling up) looks for connections whose state has not moved for ``deadline``:
+
+* pending / creating: the create command is re-driven (re-published through the outbox with
+  the same command id, under a fresh ``Nats-Msg-Id``) up to ``max_redrives`` times; this
+  repairs a command that JetStream lost or that exhausted its deliveries without an answer;
+  after that the connection fails with reason ``timeout``.
+* awaiting_qr: the Baileys server accepted the session but no QR ever arrived: ``timeout``.
+
+It also refreshes the ``zapbus_connections`` gauge (connections by state).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import msgspec
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proto.commands import CreateSession
+from proto.names import Names
+from proto.states import Status
+from zapbus.logs import fields
+from zapbus.outbox import insert_outbox
+
+log = logging.getLogger("zapbus.watchdog")
+
+_LOCK_ID = 0x7A627764  # "zbwd"
+_STUCK = (Status.PENDING, Status.CREATING, Status.AWAITING_QR)
+
+
+class SweepResult(msgspec.Struct, frozen=True, kw_only=True):
+    redriven: int = 0
+    failed: int = 0
+    skipped: bool = False  # another replica holds the lock
+
+
+class WatchdogMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.actions = Counter(
+            "zapbus_watchdog_actions_total",
+            "Stuck connections handled by the watchdog, by action (redriven, timed_out).",
+            ["action"],
+            registry=registry,
+        )
+        self.connections = Gauge(
+            "zapbus_connections",
+            "Connections by state (refreshed by the watchdog on every sweep).",
+            ["status"],
+            registry=registry,
+        )
+        self.stuck = Gauge(
+            "zapbus_connections_stuck",
+            "Connections in pending/creating/awaiting_qr past the watchdog deadline.",
+            ["status"],
+            registry=registry,
+        )
+
+
+class Watchdog:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        names: Names,
+        metrics: WatchdogMetrics,
+        deadline_seconds: float,
+        interval_seconds: float,
+        max_redrives: int,
+    ) -> None:
+        self.pool = pool
+        self.names = names
+        self.metrics = metrics
+        self.deadline = timedelta(seconds=deadline_seconds)
+        self.interval = interval_seconds
+        self.max_redrives = max_redrives
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.sweep()
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+                log.warning("watchdog sweep failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._stopping.wait()
+
+    async def sweep(self) -> SweepResult:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK_ID):
+                return SweepResult(skipped=True)
+            await self._refresh_gauges(conn)
+            rows = await conn.fetch(
+                "SELECT id, tenant_id, generation, session_name, status, command_id, redrives"
+                " FROM connections WHERE status = ANY($1::text[])"
+                " AND greatest(status_changed_at, last_event_at) < $2"
+                " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
+                [s.value for s in _STUCK],
+                datetime.now(UTC) - self.deadline,
+            )
+            redriven = failed = 0
+            for row in rows:
+                status = Status(row["status"])
+                if status != Status.AWAITING_QR and row["redrives"] < self.max_redrives:
+                    await self._redrive(conn, row)
+                    redriven += 1
+                else:
+                    await self._time_out(conn, row, status)
+                    failed += 1
+        self.metrics.actions.labels("redriven").inc(redriven)
+        self.metrics.actions.labels("timed_out").inc(failed)
+        return SweepResult(redriven=redriven, failed=failed)
+
+    async def _redrive(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
+        attempt = row["redrives"] + 1
+        command_id = row["command_id"] or uuid.uuid4()
+        cmd = CreateSession(
+            command_id=command_id,
+            connection_id=row["id"],
+            tenant_id=row["tenant_id"],
+            generation=row["generation"],
+            session_name=row["session_name"],
+            requested_at=datetime.now(UTC),
+        )
+        await insert_outbox(conn, self.names, cmd, msg_id=f"{command_id}:redrive:{attempt}")
+        await conn.execute(
+            "UPDATE connections SET redrives = $2, command_id = $3, status_changed_at = now()"
+            " WHERE id = $1",
+            row["id"],
+            attempt,
+            command_id,
+        )
+        await self._history(
+            conn,
+            row,
+            "watchdog.redriven",
+            row["status"],
+            False,
+            f"no progress for {self.deadline.total_seconds():.0f} s;"
+            f" create re-driven ({attempt}/{self.max_redrives})",
+        )
+        log.warning(
+            "stuck connection re-driven",
+            extra=fields(
+                connection_id=str(row["id"]),
+                generation=row["generation"],
+                command_id=str(command_id),
+                status=row["status"],
+                redrive=attempt,
+            ),
+        )
+
+    async def _time_out(
+        self, conn: asyncpg.Connection, row: asyncpg.Record, status: Status
+    ) -> None:
+        reason = f"timeout: no progress in {status.value} for {self.deadline.total_seconds():.0f} s"
+        await conn.execute(
+            "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
+            " qr_expires_at = NULL, updated_at = now(), status_changed_at = now() WHERE id = $1",
+            row["id"],
+            Status.FAILED.value,
+            reason,
+        )
+        await self._history(conn, row, "watchdog.timeout", Status.FAILED.value, True, reason)
+        log.warning(
+            "stuck connection failed",
+            extra=fields(
+                connection_id=str(row["id"]), generation=row["generation"], status=status.value
+            ),
+        )
+
+    async def _history(
+        self,
+        conn: asyncpg.Connection,
+        row: asyncpg.Record,
+        event_type: str,
+        to_status: str,
+        applied: bool,
+        reason: str,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
+            " from_status, to_status, applied, reason, command_id, occurred_at)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+            uuid.uuid4(),
+            row["id"],
+            row["generation"],
+            event_type,
+            row["status"],
+            to_status,
+            applied,
+            reason,
+            row["command_id"],
+        )
+
+    async def _refresh_gauges(self, conn: asyncpg.Connection) -> None:
+        counts = {
+            r["status"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT status, count(*) AS n FROM connections GROUP BY status"
+            )
+        }
+        for status in Status:
+            self.metrics.connections.labels(status.value).set(counts.get(status.value, 0))
+        stuck = {
+            r["status"]: r["n"]
+            for r in await conn.fetch(
+                "SELECT status, count(*) AS n FROM connections WHERE status = ANY($1::text[])"
+                " AND greatest(status_changed_at, last_event_at) < $2 GROUP BY status",
+                [s.value for s in _STUCK],
+                datetime.now(UTC) - self.deadline,
+            )
+        }
+        for status in _STUCK:
+            self.metrics.stuck.labels(status.value).set(stuck.get(status.value, 0))

@@ -1,0 +1,203 @@
+"""Idempotency, recreate and delete with generation fencing, the watchdog, the breaker."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from proto import headers
+from proto.commands import CreateSession, command_encoder
+from services.baileys_sim.app import create_app as create_sim
+from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from zapbus import bus
+from zapbus.config import Settings
+from zapbus.tokens import session_name, webhook_token
+
+
+async def _post(stack: Stack, path: str, **kw: Any) -> tuple[int, Any]:
+    hdrs = {**stack.auth(), **kw.pop("headers", {})}
+    async with stack.http.post(f"{stack.gateway_url}{path}", headers=hdrs, **kw) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _commands_settled(stack: Stack) -> bool:
+    """True once the worker's consumer has nothing pending or unacknowledged."""
+    nc = await bus.connect(stack.settings.nats_url, "zapbus-test-probe")
+    try:
+        info = await nc.jetstream().consumer_info(
+            stack.settings.names.commands_stream, stack.settings.names.worker_consumer
+        )
+    finally:
+        await nc.close()
+    outbox = await stack.pool.fetchval("SELECT count(*) FROM outbox")
+    return info.num_pending == 0 and info.num_ack_pending == 0 and outbox == 0
+
+
+async def test_same_idempotency_key_gives_one_connection(stack: Stack) -> None:
+    key = {"Idempotency-Key": "order-42"}
+    first = await stack.create("sales", headers=key)
+    second = await stack.create("sales", headers=key)
+    assert first["id"] == second["id"]
+    status, body = await _post(
+        stack, "/v1/connections", json={"name": "other"}, headers={**stack.auth(), **key}
+    )
+    assert status == 422 and body["type"].endswith("/idempotency-key-reused")
+    assert await stack.pool.fetchval("SELECT count(*) FROM connections") == 1
+    await stack.wait_status(first["id"], "qr_ready")
+    assert (
+        await stack.pool.fetchval(
+            "SELECT count(*) FROM connection_events WHERE event_type = 'create.started'"
+        )
+        == 1
+    )
+
+
+async def test_recreate_fences_old_generation_commands_and_webhooks(stack: Stack) -> None:
+    created = await stack.create("fenced")
+    cid = uuid.UUID(created["id"])
+    gen1 = created["session_name"]
+    await stack.wait_status(created["id"], "qr_ready")
+
+    status, recreated = await _post(stack, f"/v1/connections/{cid}/recreate")
+    assert status == 202
+    assert recreated["generation"] == 2 and recreated["status"] == "pending"
+    gen2 = recreated["session_name"]
+    assert gen2 == session_name(cid, 2) != gen1
+    ready = await stack.wait_status(created["id"], "qr_ready")
+    assert ready["generation"] == 2
+
+    async def gen1_gone() -> bool:
+        return gen1 not in (await stack.sim("GET", "/_sim/stats"))["live"]
+
+    await wait_for("generation 1's Baileys session to be deleted", gen1_gone)
+
+    # A late create command of generation 1 must not create its session again.
+    late = CreateSession(
+        command_id=uuid.uuid4(),
+        connection_id=cid,
+        tenant_id=stack.tenant_id,
+        generation=1,
+        session_name=gen1,
+        requested_at=datetime.now(UTC),
+    )
+    nc = await bus.connect(stack.settings.nats_url, "zapbus-test")
+    try:
+        await nc.jetstream().publish(
+            stack.settings.names.command_subject("create"),
+            command_encoder.encode(late),
+            headers={headers.MSG_ID: str(late.command_id)},
+        )
+    finally:
+        await nc.close()
+    await wait_for("the late command to be handled", lambda: _commands_settled(stack))
+
+    # A late webhook of generation 1 (valid token for generation 1) must not change the row.
+    before = await stack.get(created["id"])
+    token = webhook_token(stack.settings.webhook_secret, cid, 1)
+    async with stack.http.post(
+        f"{stack.webhook_url}/webhooks/baileys/{cid}/1/{token}",
+        json={"event": "session.status", "session": gen1, "data": {"status": "connected"}},
+    ) as r:
+        assert r.status == 202
+
+    async def late_webhook_recorded() -> bool:
+        return bool(
+            await stack.pool.fetchval(
+                "SELECT count(*) FROM connection_events WHERE connection_id = $1 AND generation = 1"
+                " AND event_type = 'status.reported' AND NOT applied",
+                cid,
+            )
+        )
+
+    await wait_for("the late webhook in history, not applied", late_webhook_recorded)
+    assert await stack.get(created["id"]) == before
+    stats = await stack.sim("GET", "/_sim/stats")
+    assert stats["created"] == {gen1: 1, gen2: 1}
+    assert stats["live"] == [gen2]
+
+
+async def test_delete_removes_the_baileys_session(stack: Stack) -> None:
+    created = await stack.create("bye")
+    await stack.wait_status(created["id"], "qr_ready")
+    async with stack.http.delete(
+        f"{stack.gateway_url}/v1/connections/{created['id']}", headers=stack.auth()
+    ) as r:
+        assert r.status == 202
+        assert (await r.json())["status"] == "deleted"
+
+    async def gone() -> bool:
+        return created["session_name"] not in (await stack.sim("GET", "/_sim/stats"))["live"]
+
+    await wait_for("the Baileys session to be deleted", gone)
+    status, body = await _post(stack, f"/v1/connections/{created['id']}/recreate")
+    assert status == 409 and body["type"].endswith("/connection-deleted")
+    assert (await stack.get(created["id"]))[1]["status"] == "deleted"
+
+
+async def test_watchdog_redrives_a_command_the_bus_lost(settings: Settings) -> None:
+    fast = {"watchdog_deadline_seconds": 0.5, "watchdog_interval_seconds": 0.2}
+    async with start_stack(settings, FAST_SIM, **fast) as stack:
+        # A connection whose create command was committed but never reached JetStream:
+        # written straight to Postgres with no outbox row, as after a host crash.
+        cid, command_id = uuid.uuid4(), uuid.uuid4()
+        await stack.pool.execute(
+            "INSERT INTO connections (id, tenant_id, name, session_name, status, command_id,"
+            " status_changed_at) VALUES ($1, $2, 'lost', $3, 'pending', $4, $5)",
+            cid,
+            stack.tenant_id,
+            session_name(cid, 1),
+            command_id,
+            datetime.now(UTC) - timedelta(minutes=5),
+        )
+        ready = await stack.wait_status(str(cid), "qr_ready")
+        assert ready["attempts"] == 1
+        events = await stack.pool.fetch(
+            "SELECT event_type, command_id FROM connection_events WHERE connection_id = $1"
+            " ORDER BY seq",
+            cid,
+        )
+        assert events[0]["event_type"] == "watchdog.redriven"
+        assert {e["command_id"] for e in events if e["command_id"]} == {command_id}
+
+
+async def test_watchdog_fails_a_connection_stuck_awaiting_qr(settings: Settings) -> None:
+    fast = {"watchdog_deadline_seconds": 0.5, "watchdog_interval_seconds": 0.2}
+    async with start_stack(settings, FAST_SIM, **fast) as stack:
+        cid = uuid.uuid4()
+        await stack.pool.execute(
+            "INSERT INTO connections (id, tenant_id, name, session_name, status,"
+            " status_changed_at) VALUES ($1, $2, 'silent', $3, 'awaiting_qr', $4)",
+            cid,
+            stack.tenant_id,
+            session_name(cid, 1),
+            datetime.now(UTC) - timedelta(minutes=5),
+        )
+        failed = await stack.wait_status(str(cid), "failed")
+        assert failed["status_reason"].startswith("timeout: no progress in awaiting_qr")
+
+
+async def test_breaker_makes_commands_wait_for_a_down_server(settings: Settings) -> None:
+    """With 2 attempts and the server down, a create would fail; with the breaker it waits."""
+    async with start_stack(
+        settings, None, create_max_attempts=2, breaker_threshold=1, breaker_probe_seconds=0.2
+    ) as stack:
+        created = await stack.create("patient")
+
+        async def breaker_open() -> bool:
+            async with stack.http.get(f"{stack.worker_url}/metrics") as r:
+                return "zapbus_worker_breaker_open 1.0" in await r.text()
+
+        await wait_for("the breaker to open", breaker_open)
+        sim = msgspec.structs.replace(FAST_SIM, port=stack.sim_port)
+        runner = web.AppRunner(create_sim(sim))
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", stack.sim_port).start()
+            ready = await stack.wait_status(created["id"], "qr_ready", timeout=20)
+            assert ready["attempts"] == 2
+        finally:
+            await runner.cleanup()

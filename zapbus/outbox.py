@@ -1,0 +1,32 @@
+"""Writing a command to the transactional outbox (relayed to JetStream by the gateway)."""
+
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+
+from proto import headers
+from proto.commands import Command, command_encoder
+from proto.names import Names
+
+
+async def insert_outbox(
+    conn: asyncpg.Connection, names: Names, cmd: Command, msg_id: str | None = None
+) -> bool:
+    """Queue ``cmd`` in the caller's transaction; False if that message id is queued already.
+
+    ``msg_id`` becomes the JetStream ``Nats-Msg-Id``; it defaults to the command id. The
+    watchdog passes a fresh one when it re-drives a command, so JetStream's duplicate window
+    cannot swallow the re-drive, while the command itself keeps its id.
+    """
+    done = await conn.execute(
+        "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
+        " ON CONFLICT (msg_id) DO NOTHING",
+        msg_id or str(cmd.command_id),
+        names.command_subject(cmd.kind),
+        command_encoder.encode(cmd),
+        msgspec.json.encode(
+            {headers.COMMAND_ID: str(cmd.command_id), headers.CONNECTION_ID: str(cmd.connection_id)}
+        ).decode(),
+    )
+    return bool(done.endswith(" 1"))
