@@ -21,6 +21,7 @@ from zapbus.bus import ensure_consumer
 log = logging.getLogger("zapbus.consumer")
 
 _EMPTY_FETCHES_BEFORE_CHECK = 5
+_FETCH_GRACE_SECONDS = 2.0
 
 
 class DurableConsumer:
@@ -47,8 +48,20 @@ class DurableConsumer:
             await self.open()
         assert self._psub is not None
         try:
-            msgs = await self._psub.fetch(batch=batch, timeout=timeout)
+            # The outer bound guards against a fetch that does not return (seen here with
+            # nats-py 2.16 a few times in a hundred runs; an orphaned pull request takes the
+            # messages, cf. nats-io/nats.py#933 and #986). Re-binding with a new inbox cures it.
+            msgs = await asyncio.wait_for(
+                self._psub.fetch(batch=batch, timeout=timeout), timeout + _FETCH_GRACE_SECONDS
+            )
         except nats.errors.TimeoutError:
+            msgs = []
+        except TimeoutError:
+            log.warning(
+                "fetch on %s hung for %.0f s; re-binding", self.name, timeout + _FETCH_GRACE_SECONDS
+            )
+            await self.close()
+            await self.open()
             msgs = []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(timeout)  # the client is reconnecting; try again shortly

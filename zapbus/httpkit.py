@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import asyncpg
 import msgspec
 from aiohttp import web
 from prometheus_client import (
@@ -48,6 +49,18 @@ LATENCY_BUCKETS = (
     45.0,
     60.0,
     120.0,
+)
+
+# A dependency that is down (Postgres restarting, a dropped connection): answer 503 and let the
+# client retry (with its Idempotency-Key), rather than a 500 that looks like a bug.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ConnectionDoesNotExistError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.ConnectionFailureError,
 )
 
 ReadyCheck = Callable[[], Awaitable[bool] | bool]
@@ -139,6 +152,17 @@ def _make_middleware(app: web.Application) -> Any:
             detail = exc.text if exc.text and not exc.text.startswith(f"{exc.status}:") else None
             resp = problem(exc.status, slug, title, detail)
             resp.headers.update({k: v for k, v in exc.headers.items() if k == "Allow"})
+            return resp
+        except UNAVAILABLE as exc:
+            status = 503
+            log.warning("dependency unavailable on %s %s: %r", request.method, route, exc)
+            resp = problem(
+                503,
+                "unavailable",
+                "Service unavailable",
+                "a dependency (database or message bus) is unavailable; retry",
+            )
+            resp.headers["Retry-After"] = "1"
             return resp
         except Exception:
             log.exception("unhandled error on %s %s", request.method, route)

@@ -1,0 +1,206 @@
+"""Nothing accepted is lost: worker SIGKILLs, NATS and Postgres restarts, a gateway killed
+right after its 202, NATS down when a request arrives. Throwaway servers only."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from services.baileys_sim.config import SimConfig
+from tests.faults import ProcessStack, process_stack
+from tests.stack import wait_for
+
+FINAL = ("qr_ready", "failed")
+WORKER_ENV = {
+    "ZAPBUS_BAILEYS_TIMEOUT_SECONDS": "1",
+    "ZAPBUS_CREATE_MAX_ATTEMPTS": "8",
+    "ZAPBUS_RETRY_BASE_SECONDS": "0.2",
+    "ZAPBUS_RETRY_MAX_SECONDS": "1",
+    "ZAPBUS_ACK_WAIT_SECONDS": "3",
+    "ZAPBUS_OUTBOX_POLL_SECONDS": "0.2",
+    "ZAPBUS_WATCHDOG_DEADLINE_SECONDS": "8",
+    "ZAPBUS_WATCHDOG_INTERVAL_SECONDS": "1",
+}
+
+
+async def _accept(
+    stack: ProcessStack,
+    name: str,
+    refused: collections.Counter[str] | None = None,
+    deadline: float = 60.0,
+) -> str:
+    """POST until a 202 (same Idempotency-Key every time), as a careful client does."""
+    key = {"Idempotency-Key": f"chaos-{name}", **stack.auth()}
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while True:
+        try:
+            async with stack.http.post(
+                f"{stack.gateway_url}/v1/connections", json={"name": name}, headers=key
+            ) as r:
+                if r.status == 202:
+                    return str((await r.json())["id"])
+                assert r.status in (502, 503), f"{r.status}: {await r.text()}"
+                if refused is not None:
+                    refused[str(r.status)] += 1
+        except (TimeoutError, OSError):  # the gateway is restarting
+            if refused is not None:
+                refused["connection error"] += 1
+        assert loop.time() < end, f"{name} never accepted"
+        await asyncio.sleep(0.1)
+
+
+async def _statuses(stack: ProcessStack) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(stack.postgres.dsn)
+    try:
+        rows = await conn.fetch("SELECT id, status, status_reason, session_name FROM connections")
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+async def _count(stack: ProcessStack) -> int:
+    try:
+        return len(await _statuses(stack))
+    except (OSError, asyncpg.PostgresError):
+        return -1
+
+
+async def _sim_stats(stack: ProcessStack) -> dict[str, Any]:
+    async with stack.http.get(f"{stack.sim_url}/_sim/stats") as r:
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def test_chaos_every_accepted_create_ends_final_and_one_session_each(tmp_path: Path) -> None:
+    sim = SimConfig(
+        port=0,
+        create_delay=(0.05, 0.3),
+        fail_rate=0.1,
+        timeout_rate=0.05,
+        hang_seconds=3.0,
+        qr_first_seconds=600,
+        qr_next_seconds=600,
+    )
+    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+        names = [f"c{i:03d}" for i in range(200)]
+        refused: collections.Counter[str] = collections.Counter()
+
+        async def creates() -> list[str]:
+            ids: list[str] = []
+            for i in range(0, len(names), 10):
+                ids += await asyncio.gather(
+                    *(_accept(stack, n, refused) for n in names[i : i + 10])
+                )
+                await asyncio.sleep(0.4)  # ~8 s of arrivals, so every fault hits traffic
+            return ids
+
+        async def faults() -> list[str]:
+            done: list[str] = []
+            steps = [
+                ("worker SIGKILL", lambda: stack.restart("session_worker")),
+                ("NATS restart", stack.nats.arestart),
+                ("worker SIGKILL", lambda: stack.restart("session_worker")),
+                ("Postgres restart (immediate)", lambda: stack.postgres.arestart(mode="immediate")),
+                ("worker SIGKILL", lambda: stack.restart("session_worker")),
+            ]
+            for what, act in steps:
+                await asyncio.sleep(1.0)
+                accepted = await _count(stack)
+                await act()
+                done.append(f"{what} (after {accepted} accepted)")
+            return done
+
+        ids, inflicted = await asyncio.gather(creates(), faults())
+        assert len(set(ids)) == 200
+
+        async def all_final() -> list[dict[str, Any]] | None:
+            rows = await _statuses(stack)
+            return rows if all(r["status"] in FINAL for r in rows) else None
+
+        try:
+            rows = await wait_for(
+                "every connection qr_ready or failed", all_final, timeout=120, every=0.5
+            )
+        except AssertionError:
+            counts = collections.Counter(r["status"] for r in await _statuses(stack))
+            raise AssertionError(f"not final: {dict(counts)}\n{stack.all_logs()[-5000:]}") from None
+        stats = await _sim_stats(stack)
+        counts = collections.Counter(r["status"] for r in rows)
+        reasons = collections.Counter(
+            str(r["status_reason"]).split(":")[0] for r in rows if r["status"] == "failed"
+        )
+        per_session = collections.Counter(stats["created"].values())
+        print(f"\nfaults: {', '.join(inflicted)}")
+        print(f"create answers retried by the client: {dict(refused) or 'none'}")
+        print(f"connections: {len(rows)} {dict(counts)}; failed reasons: {dict(reasons)}")
+        print(f"simulator sessions created per name: {dict(per_session)}")
+        logs = stack.all_logs()
+        felt = {
+            m: logs.count(m)
+            for m in (
+                "nats disconnected",
+                "projection failed",
+                "dependency unavailable",
+                "outbox relay pass failed",
+                "command not finished",
+                "fence check skipped",
+            )
+        }
+        print(f"what the services logged about the faults: {felt}")
+        assert len(rows) == 200
+        assert all(r["status_reason"] for r in rows if r["status"] == "failed")
+        assert max(stats["created"].values()) <= 1
+        assert set(stats["created"]) <= {r["session_name"] for r in rows}
+
+
+async def test_gateway_killed_right_after_202_loses_nothing(tmp_path: Path) -> None:
+    sim = SimConfig(port=0, create_delay=(0.05, 0.1), qr_first_seconds=600)
+    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+        ids = []
+        for i in range(5):
+            async with stack.http.post(
+                f"{stack.gateway_url}/v1/connections", json={"name": f"k{i}"}, headers=stack.auth()
+            ) as r:
+                assert r.status == 202
+                ids.append((await r.json())["id"])
+            stack.procs["gateway"].kill()  # the instant after the 202
+            stack.procs["gateway"].start()
+            await stack.procs["gateway"].wait_healthy()
+
+        async def all_ready() -> bool:
+            rows = await _statuses(stack)
+            return sorted(str(r["id"]) for r in rows if r["status"] == "qr_ready") == sorted(ids)
+
+        try:
+            await wait_for("all five connections qr_ready", all_ready, timeout=60, every=0.2)
+        except AssertionError:
+            rows = await _statuses(stack)
+            raise AssertionError(f"{rows}\n{stack.all_logs()[-6000:]}") from None
+
+
+async def test_nats_down_when_create_arrives_still_202_then_created(tmp_path: Path) -> None:
+    sim = SimConfig(port=0, create_delay=(0.05, 0.1), qr_first_seconds=600)
+    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+        await stack.nats.astop()
+        async with stack.http.post(
+            f"{stack.gateway_url}/v1/connections", json={"name": "offline"}, headers=stack.auth()
+        ) as r:
+            assert r.status == 202, await r.text()
+            connection_id = uuid.UUID((await r.json())["id"])
+        rows = await _statuses(stack)
+        assert [r["status"] for r in rows] == ["pending"]
+        await stack.nats.astart()
+
+        async def ready() -> bool:
+            return [r["status"] for r in await _statuses(stack)] == ["qr_ready"]
+
+        await wait_for("the connection to reach qr_ready once NATS is back", ready, timeout=60)
+        stats = await _sim_stats(stack)
+        assert list(stats["created"].values()) == [1]
+        assert rows[0]["id"] == connection_id
