@@ -10,6 +10,7 @@ import nats
 from proto.commands import dead_letter_decoder
 from services.baileys_sim.config import SimConfig
 from tests.stack import FAST_SIM, Stack, start_stack
+from zapbus import dlq
 from zapbus.config import Settings
 from zapbus.tenants import create_tenant
 from zapbus.tokens import webhook_token
@@ -62,6 +63,19 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
         assert letter.reason == "exhausted"
         assert letter.deliveries == 3
         assert letter.command is not None and str(letter.command.connection_id) == created["id"]
+
+        # The operator fixes the server and replays the dead letter: the connection recovers.
+        await stack.sim("PATCH", "/_sim/config", json={"fail_rate": 0.0})
+        nc = await nats.connect(settings.nats_url)
+        try:
+            letters = await dlq.list_letters(nc.jetstream(), settings.names)
+            assert [item.letter.command for item in letters] == [letter.command]
+            await dlq.replay(nc.jetstream(), stack.pool, settings.names, letters[0].seq)
+            assert await dlq.list_letters(nc.jetstream(), settings.names) == []
+        finally:
+            await nc.close()
+        ready = await stack.wait_status(created["id"], "qr_ready", timeout=20)
+        assert ready["generation"] == 1
 
 
 async def test_missing_or_wrong_api_key_is_401(stack: Stack) -> None:

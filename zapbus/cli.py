@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from zapbus import db
+from zapbus import bus, db, dlq
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.tenants import create_tenant, list_tenants, rotate_key
 
@@ -52,6 +52,40 @@ async def _key_rotate(settings: Settings, name: str) -> int:
     return 0
 
 
+async def _dlq_list(settings: Settings) -> None:
+    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    try:
+        await bus.ensure_streams(nc.jetstream(), settings.names)
+        letters = await dlq.list_letters(nc.jetstream(), settings.names)
+    finally:
+        await nc.close()
+    if not letters:
+        print("no dead letters")
+    for item in letters:
+        d = item.letter
+        target = f"{d.command.connection_id} gen {d.command.generation}" if d.command else "-"
+        print(
+            f"{item.seq}\t{d.failed_at:%Y-%m-%d %H:%M:%S}\t{d.reason}\t{target}"
+            f"\t{d.deliveries} deliveries\t{d.error}"
+        )
+
+
+async def _dlq_replay(settings: Settings, seq: int) -> int:
+    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    try:
+        letter = await dlq.replay(nc.jetstream(), pool, settings.names, seq)
+    except dlq.ReplayError as exc:
+        print(f"cannot replay {seq}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await pool.close()
+        await nc.close()
+    assert letter.command is not None
+    print(f"replayed {letter.command.kind} for connection {letter.command.connection_id}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zapbus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     tenant.add_parser("list", help="list tenants")
     key = sub.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
     key.add_parser("rotate", help="give a tenant a new API key").add_argument("name")
+    letters = sub.add_parser("dlq", help="dead letters").add_subparsers(
+        dest="action", required=True
+    )
+    letters.add_parser("list", help="list dead letters")
+    letters.add_parser("replay", help="queue a dead letter's command again").add_argument(
+        "seq", type=int, help="the dead letter's sequence, as `dlq list` shows it"
+    )
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -83,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_tenant_list(settings))
         case "key", "rotate":
             return asyncio.run(_key_rotate(settings, args.name))
+        case "dlq", "list":
+            asyncio.run(_dlq_list(settings))
+        case "dlq", "replay":
+            return asyncio.run(_dlq_replay(settings, args.seq))
     return 0
 
 

@@ -1,0 +1,63 @@
+"""The ``zapbus`` command as an operator runs it: migrate, tenants, keys, dead letters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+
+from zapbus.config import Settings
+from zapbus.tenants import tenant_for_key
+
+ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
+
+
+def run(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "ZAPBUS_DATABASE_URL": settings.database_url,
+        "ZAPBUS_DB_SCHEMA": settings.db_schema,
+        "ZAPBUS_NATS_URL": settings.nats_url,
+        "ZAPBUS_NAMESPACE": settings.namespace,
+    }
+    return subprocess.run([ZAPBUS, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+async def test_migrate_twice_is_a_no_op(settings: Settings) -> None:
+    out = run(settings, "migrate")
+    assert out.returncode == 0, out.stderr
+    assert "up to date" in out.stdout
+
+
+async def test_tenant_create_list_and_key_rotation(settings: Settings, pool: asyncpg.Pool) -> None:
+    created = run(settings, "tenant", "create", "acme")
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.split("api key (shown once): ")[1].strip()
+    assert await tenant_for_key(pool, key) is not None
+    listed = run(settings, "tenant", "list")
+    assert listed.stdout.startswith("acme\t")
+    rotated = run(settings, "key", "rotate", "acme")
+    new_key = rotated.stdout.rsplit(": ", 1)[1].strip()
+    assert new_key != key
+    assert await tenant_for_key(pool, key) is None
+    assert await tenant_for_key(pool, new_key) is not None
+    missing = run(settings, "key", "rotate", "nobody")
+    assert missing.returncode == 1 and "no tenant named" in missing.stderr
+
+
+async def test_dlq_list_when_empty_and_replay_of_unknown(settings: Settings) -> None:
+    listed = run(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.strip() == "no dead letters"
+    replayed = run(settings, "dlq", "replay", "999")
+    assert replayed.returncode == 1 and "no dead letter with sequence 999" in replayed.stderr
+
+
+def test_bad_configuration_names_the_variable() -> None:
+    env = {**os.environ, "ZAPBUS_GATEWAY_PORT": "eighty"}
+    out = subprocess.run([ZAPBUS, "migrate"], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "ZAPBUS_GATEWAY_PORT" in out.stderr
