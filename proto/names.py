@@ -68,6 +68,24 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
     def dead_letter_subject(self) -> str:
         return f"{self.namespace}.dlq.session"
 
+    # -- changes: a snapshot per applied transition, for live updates (SSE) --
+    @property
+    def changes_stream(self) -> str:
+        return f"{self.namespace.upper()}_CONNECTION_CHANGES"
+
+    @property
+    def changes_subjects(self) -> str:
+        return f"{self.namespace}.chg.>"
+
+    def change_subject(self, connection_id: object) -> str:
+        """Subject of one connection's changes, e.g. ``zapbus.chg.<uuid>``."""
+        return f"{self.namespace}.chg.{connection_id}"
+
     @property
     def all_streams(self) -> tuple[str, ...]:
-        return (self.commands_stream, self.events_stream, self.dead_letter_stream)
+        return (
+            self.commands_stream,
+            self.events_stream,
+            self.dead_letter_stream,
+            self.changes_stream,
+        )

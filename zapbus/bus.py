@@ -71,6 +71,14 @@ def stream_configs(names: Names) -> list[js_api.StreamConfig]:
             max_age=30 * 24 * 3600.0,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
         ),
+        js_api.StreamConfig(
+            name=names.changes_stream,
+            subjects=[names.changes_subjects],
+            retention=js_api.RetentionPolicy.LIMITS,
+            storage=js_api.StorageType.FILE,
+            max_age=24 * 3600.0,  # how far back an SSE client can resume
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        ),
     ]
 
 

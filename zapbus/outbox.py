@@ -1,11 +1,14 @@
-"""Writing a command to the transactional outbox (relayed to JetStream by the gateway)."""
+"""Writing to the transactional outbox (relayed to JetStream by the gateway's relay)."""
 
 from __future__ import annotations
+
+import uuid
 
 import asyncpg
 import msgspec
 
 from proto import headers
+from proto.changes import ConnectionChanged, change_encoder
 from proto.commands import Command, command_encoder
 from proto.names import Names
 
@@ -30,3 +33,14 @@ async def insert_outbox(
         ).decode(),
     )
     return bool(done.endswith(" 1"))
+
+
+async def queue_change(conn: asyncpg.Connection, names: Names, change: ConnectionChanged) -> None:
+    """Queue a connection-change snapshot (for live updates) in the caller's transaction."""
+    await conn.execute(
+        "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
+        f"chg:{uuid.uuid4()}",
+        names.change_subject(change.connection_id),
+        change_encoder.encode(change),
+        msgspec.json.encode({headers.CONNECTION_ID: str(change.connection_id)}).decode(),
+    )

@@ -1,17 +1,23 @@
-"""The gateway: the frontend's HTTP API, and the outbox relay that feeds SESSION_CMDS."""
+"""The gateway: the frontend's HTTP API, the web page, and the outbox relay."""
 
 from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 from aiohttp import web
 
 from services.gateway.auth import auth_middleware
 from services.gateway.handlers import add_routes
+from services.gateway.keys import hub_key, relay_key
+from services.gateway.live import ChangeHub
+from services.gateway.openapi import openapi_handler
 from services.gateway.outbox import OutboxMetrics, OutboxRelay
-from services.gateway.outbox_key import relay_key
 from zapbus.config import Settings
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
+STATIC = Path(__file__).with_name("static")
 _runner_key = web.AppKey("outbox_runner", Runner)
 
 
@@ -26,12 +32,45 @@ def _build_relay(app: web.Application) -> OutboxRelay:
     return relay
 
 
+async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
+    hub = ChangeHub(app[js_key], app[settings_key].names)
+    await hub.start()
+    app[hub_key] = hub
+
+    async def end_streams(_: web.Application) -> None:
+        await hub.close()  # open SSE streams end, so shutdown does not wait for them
+
+    app.on_shutdown.append(end_streams)
+    yield
+    await hub.close()
+
+
+@web.middleware
+async def no_store(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """API answers carry QR codes and tenant data: never cache them."""
+    response = await handler(request)
+    if request.path.startswith("/v1/") and not response.prepared:
+        response.headers.setdefault("Cache-Control", "no-store")
+    return response
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+
 def create_app(settings: Settings) -> web.Application:
     app = base_app("gateway", client_max_size=64 * 1024)
     app[settings_key] = settings
+    app.middlewares.append(no_store)
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("gateway"))
+    app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(runner_ctx("outbox_relay", _runner_key, _build_relay))
     add_routes(app)
+    app.router.add_get("/openapi.json", openapi_handler)
+    app.router.add_get("/", index)
+    app.router.add_static("/static/", STATIC)
     return app

@@ -7,12 +7,15 @@ import uuid
 import msgspec
 from aiohttp import web
 
+from proto.changes import ConnectionChanged
+from services.gateway import qr, sse
 from services.gateway.auth import tenant_key
-from services.gateway.models import ConnectionList, History, create_decoder
-from services.gateway.outbox_key import relay_key
+from services.gateway.keys import hub_key, relay_key
+from services.gateway.models import ConnectionList, History, QrCode, create_decoder
 from services.gateway.store import (
     ConnectionDeleted,
     IdempotencyConflict,
+    change_of,
     create_connection,
     delete_connection,
     get_connection,
@@ -163,6 +166,49 @@ async def delete(request: web.Request) -> web.Response:
     return json_response(connection, status=202)
 
 
+async def get_qr(request: web.Request) -> web.Response:
+    connection = await get_connection(
+        request.app[pool_key], request[tenant_key].id, _connection_id(request)
+    )
+    if connection is None:
+        raise _not_found()
+    media = qr.negotiate(request.headers.get("Accept", ""))
+    if media is None:
+        raise ProblemError(
+            406, "not-acceptable", "Not acceptable", f"offered: {', '.join(qr.OFFERED)}"
+        )
+    if connection.status != "qr_ready" or not connection.qr:
+        raise ProblemError(
+            409,
+            "qr-not-ready",
+            "QR code not ready",
+            f"the connection is {connection.status}",
+            status_now=connection.status,
+        )
+    headers = {"Cache-Control": "no-store", "Vary": "Accept"}
+    if media == qr.JSON:
+        body = QrCode(
+            qr=connection.qr, qr_seq=connection.qr_seq, expires_at=connection.qr_expires_at
+        )
+        return json_response(body, headers=headers)
+    return web.Response(body=qr.render(connection.qr, media), content_type=media, headers=headers)
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    pool, tenant_id = request.app[pool_key], request[tenant_key].id
+    connection_id = _connection_id(request)
+    if await get_connection(pool, tenant_id, connection_id) is None:
+        raise _not_found()
+
+    async def load() -> ConnectionChanged:
+        current = await get_connection(pool, tenant_id, connection_id)
+        if current is None:
+            raise _not_found()
+        return change_of(current, "snapshot")
+
+    return await sse.stream(request, request.app[hub_key], connection_id, load)
+
+
 def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/connections", create)
     app.router.add_get("/v1/connections", get_many)
@@ -170,3 +216,5 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/v1/connections/{id}", delete)
     app.router.add_post("/v1/connections/{id}/recreate", recreate)
     app.router.add_get("/v1/connections/{id}/history", get_history)
+    app.router.add_get("/v1/connections/{id}/qr", get_qr)
+    app.router.add_get("/v1/connections/{id}/events", get_events)

@@ -35,6 +35,14 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     status_changed_at: datetime
 
 
+class QrCode(msgspec.Struct, frozen=True, kw_only=True):
+    """The current QR code; show it to the phone before ``expires_at``."""
+
+    qr: str
+    qr_seq: int
+    expires_at: datetime | None
+
+
 class ConnectionList(msgspec.Struct, frozen=True, kw_only=True):
     items: list[Connection]
     next_cursor: str | None
@@ -58,3 +66,14 @@ class History(msgspec.Struct, frozen=True, kw_only=True):
 
 
 create_decoder = msgspec.json.Decoder(CreateConnection)
+
+
+class Problem(msgspec.Struct, frozen=True, kw_only=True):
+    """An RFC 9457 problem: ``type`` is stable and names the kind of error."""
+
+    type: str
+    title: str
+    status: int
+    detail: str | None = None
+    field: str | None = None
+    status_now: str | None = None

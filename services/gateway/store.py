@@ -10,11 +10,12 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 
+from proto.changes import ConnectionChanged
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
 from services.gateway.models import Connection, HistoryEntry
-from zapbus.outbox import insert_outbox
+from zapbus.outbox import insert_outbox, queue_change
 from zapbus.tokens import session_name
 
 _COLUMNS = (
@@ -29,6 +30,20 @@ class IdempotencyConflict(Exception):
 
 def _to_connection(row: asyncpg.Record) -> Connection:
     return msgspec.convert(dict(row), Connection)
+
+
+def change_of(c: Connection, cause: str) -> ConnectionChanged:
+    return ConnectionChanged(
+        connection_id=c.id,
+        generation=c.generation,
+        status=c.status,
+        status_reason=c.status_reason,
+        qr=c.qr,
+        qr_seq=c.qr_seq,
+        qr_expires_at=c.qr_expires_at,
+        cause=cause,
+        changed_at=c.updated_at,
+    )
 
 
 def request_hash(name: str) -> bytes:
@@ -89,7 +104,9 @@ async def create_connection(
         )
         await insert_outbox(conn, names, cmd)
         await _record(conn, cmd, "create.requested", None, Status.PENDING)
-        return _to_connection(row), True
+        connection = _to_connection(row)
+        await queue_change(conn, names, change_of(connection, "create.requested"))
+        return connection, True
 
 
 async def _record(
@@ -172,7 +189,9 @@ async def recreate_connection(
         await insert_outbox(conn, names, delete)
         await insert_outbox(conn, names, create)
         await _record(conn, create, "recreate.requested", Status(old["status"]), Status.PENDING)
-        return _to_connection(row)
+        connection = _to_connection(row)
+        await queue_change(conn, names, change_of(connection, "recreate.requested"))
+        return connection
 
 
 async def delete_connection(
@@ -206,7 +225,9 @@ async def delete_connection(
         )
         await insert_outbox(conn, names, delete)
         await _record(conn, delete, "delete.requested", Status(old["status"]), Status.DELETED)
-        return _to_connection(row)
+        connection = _to_connection(row)
+        await queue_change(conn, names, change_of(connection, "delete.requested"))
+        return connection
 
 
 async def get_connection(

@@ -38,6 +38,8 @@ def build_projector(app: web.Application) -> Projector:
             app[js_key], settings.names.events_stream, consumer_config(settings)
         ),
         pool=app[pool_key],
+        js=app[js_key],
+        names=settings.names,
         metrics=ProjectorMetrics(app[registry_key]),
         policy=QrPolicy(
             first_ttl_seconds=settings.qr_first_ttl_seconds,

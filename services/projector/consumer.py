@@ -1,8 +1,12 @@
-"""The projector's loop: fetch a batch of events, fold it into Postgres in one transaction, ack."""
+"""The projector's loop: fetch a batch of events, fold it into Postgres in one transaction, ack.
+
+Beside the loop, a task keeps the consumer's pending / ack-pending gauges current.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -10,10 +14,14 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
+from proto import headers
+from proto.changes import ConnectionChanged, change_encoder
 from proto.events import Event, event_decoder, event_type
+from proto.names import Names
 from services.projector.metrics import ProjectorMetrics
-from services.projector.store import project
+from services.projector.store import Applied, project
 from services.projector.transitions import QrPolicy
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
@@ -30,6 +38,8 @@ class Projector:
         self,
         consumer: DurableConsumer,
         pool: asyncpg.Pool,
+        js: JetStreamContext,
+        names: Names,
         metrics: ProjectorMetrics,
         policy: QrPolicy,
         batch: int = 256,
@@ -37,6 +47,8 @@ class Projector:
     ) -> None:
         self.consumer = consumer
         self.pool = pool
+        self.js = js
+        self.names = names
         self.metrics = metrics
         self.policy = policy
         self.batch = batch
@@ -48,12 +60,17 @@ class Projector:
         self._stopping.set()
 
     async def run(self) -> None:
+        await self.consumer.open()
+        reporter = asyncio.create_task(self.consumer.report_pending(self.metrics.consumer))
         try:
             while not self._stopping.is_set():
                 msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
                 if msgs:
                     await self.handle_batch(msgs)
         finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
             await self.consumer.close()
 
     async def run_until_idle(self) -> int:
@@ -63,6 +80,39 @@ class Projector:
             await self.handle_batch(msgs)
             handled += len(msgs)
         return handled
+
+    async def _publish_changes(self, results: list[Applied]) -> None:
+        """Tell live listeners (SSE) about every applied transition, after the commit.
+
+        Best effort: the rows are committed already, and a client that missed a change
+        re-reads the row when it reconnects. The id makes a redelivered batch harmless.
+        """
+        now = datetime.now(UTC)
+        publishes = [
+            self.js.publish(
+                self.names.change_subject(r.event.connection_id),
+                change_encoder.encode(
+                    ConnectionChanged(
+                        connection_id=r.event.connection_id,
+                        generation=r.outcome.row.generation,
+                        status=r.outcome.row.status.value,
+                        status_reason=r.outcome.row.status_reason,
+                        qr=r.outcome.row.qr,
+                        qr_seq=r.outcome.row.qr_seq,
+                        qr_expires_at=r.outcome.row.qr_expires_at,
+                        cause=event_type(r.event),
+                        changed_at=now,
+                    )
+                ),
+                headers={headers.MSG_ID: f"chg:{r.event.event_id}"},
+            )
+            for r in results
+            if r.outcome is not None and r.outcome.applied
+        ]
+        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
+        failed = [o for o in outcomes if isinstance(o, BaseException)]
+        if failed:
+            log.warning("%d change notifications not published: %r", len(failed), failed[0])
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         start = time.perf_counter()
@@ -94,6 +144,7 @@ class Projector:
             return
         for msg in good:
             await msg.ack()
+        await self._publish_changes(results)
         now = datetime.now(UTC)
         elapsed_ms = (time.perf_counter() - start) * 1000
         self.metrics.batch_size.observe(len(msgs))

@@ -24,11 +24,12 @@ import asyncpg
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.names import Names
 from proto.states import Status
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox
+from zapbus.outbox import insert_outbox, queue_change
 
 log = logging.getLogger("zapbus.watchdog")
 
@@ -172,6 +173,18 @@ class Watchdog:
             reason,
         )
         await self._history(conn, row, "watchdog.timeout", Status.FAILED.value, True, reason)
+        change = ConnectionChanged(
+            connection_id=row["id"],
+            generation=row["generation"],
+            status=Status.FAILED.value,
+            status_reason=reason,
+            qr=None,
+            qr_seq=0,
+            qr_expires_at=None,
+            cause="watchdog.timeout",
+            changed_at=datetime.now(UTC),
+        )
+        await queue_change(conn, self.names, change)
         log.warning(
             "stuck connection failed",
             extra=fields(

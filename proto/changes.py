@@ -1,0 +1,31 @@
+"""Connection changes: a snapshot of a connection after each applied transition.
+
+Published on the CONNECTION_CHANGES stream, one subject per connection
+(``<ns>.chg.<connection id>``), by whoever changed the row (the projector after its commit;
+the gateway and the watchdog through the outbox). The gateway streams them to browsers as
+Server-Sent Events; the stream sequence is the SSE event id, so a client resumes with
+``Last-Event-ID`` from any gateway replica.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import msgspec
+
+
+class ConnectionChanged(msgspec.Struct, frozen=True, kw_only=True):
+    connection_id: uuid.UUID
+    generation: int
+    status: str
+    status_reason: str | None
+    qr: str | None
+    qr_seq: int
+    qr_expires_at: datetime | None
+    cause: str  # the event type that caused it, e.g. "qr.updated"
+    changed_at: datetime
+
+
+change_encoder = msgspec.json.Encoder()
+change_decoder = msgspec.json.Decoder(ConnectionChanged)

@@ -1,0 +1,199 @@
+"""The OpenAPI 3.1 document of the gateway, built from the msgspec types it answers with."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from services.gateway.models import (
+    Connection,
+    ConnectionList,
+    CreateConnection,
+    History,
+    Problem,
+    QrCode,
+)
+from services.gateway.sse import LiveEvent
+from zapbus.httpkit import json_response
+
+_REF = "#/components/schemas/{name}"
+PROBLEM = "application/problem+json"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF.format(name=name)}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM: {"schema": _ref("Problem")}}}
+
+
+def _json(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_ID = {
+    "name": "id",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+}
+_AUTH = {"401": _problem("missing or unknown API key"), "503": _problem("dependency down; retry")}
+_FOUND = {**_AUTH, "404": _problem("no such connection for this tenant")}
+_LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the connection's URL"}}
+
+
+def build() -> dict[str, Any]:
+    _, components = msgspec.json.schema_components(
+        [CreateConnection, Connection, ConnectionList, History, QrCode, Problem, LiveEvent],
+        ref_template=_REF,
+    )
+    idem = {
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+        "description": "same key and body: the same connection, never a second one",
+    }
+    paths: dict[str, Any] = {
+        "/v1/connections": {
+            "post": {
+                "summary": "Create a connection; answers at once, the session follows",
+                "operationId": "createConnection",
+                "parameters": [idem],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("CreateConnection")}},
+                },
+                "responses": {
+                    "202": _json("accepted", "Connection", _LOCATION),
+                    "400": _problem("malformed JSON or Idempotency-Key"),
+                    "413": _problem("body too large"),
+                    "422": _problem("invalid body, or Idempotency-Key reused with another body"),
+                    **_AUTH,
+                },
+            },
+            "get": {
+                "summary": "List connections, newest first",
+                "operationId": "listConnections",
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200},
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json("a page", "ConnectionList"),
+                    "400": _problem("bad limit or cursor"),
+                    **_AUTH,
+                },
+            },
+        },
+        "/v1/connections/{id}": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "One connection",
+                "operationId": "getConnection",
+                "responses": {"200": _json("the connection", "Connection"), **_FOUND},
+            },
+            "delete": {
+                "summary": "Delete the connection and its Baileys session",
+                "operationId": "deleteConnection",
+                "responses": {"202": _json("marked deleted", "Connection"), **_FOUND},
+            },
+        },
+        "/v1/connections/{id}/recreate": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Start the next generation with a new session",
+                "operationId": "recreateConnection",
+                "responses": {
+                    "202": _json("next generation pending", "Connection", _LOCATION),
+                    "409": _problem("the connection was deleted"),
+                    **_FOUND,
+                },
+            },
+        },
+        "/v1/connections/{id}/history": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "Every event and transition, oldest first",
+                "operationId": "getHistory",
+                "responses": {"200": _json("the history", "History"), **_FOUND},
+            },
+        },
+        "/v1/connections/{id}/qr": {
+            "parameters": [_ID],
+            "get": {
+                "summary": "The current QR code as JSON, SVG or PNG (by Accept)",
+                "operationId": "getQr",
+                "responses": {
+                    "200": {
+                        "description": "the QR code",
+                        "content": {
+                            "application/json": {"schema": _ref("QrCode")},
+                            "image/svg+xml": {"schema": {"type": "string"}},
+                            "image/png": {"schema": {"type": "string", "format": "binary"}},
+                        },
+                    },
+                    "406": _problem("none of JSON, SVG, PNG is acceptable"),
+                    "409": _problem("no QR code now (status_now says why)"),
+                    **_FOUND,
+                },
+            },
+        },
+        "/v1/connections/{id}/events": {
+            "parameters": [
+                _ID,
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                },
+            ],
+            "get": {
+                "summary": "Server-Sent Events: `status` and `qr` (data: LiveEvent), resumable",
+                "operationId": "streamEvents",
+                "responses": {
+                    "200": {
+                        "description": "an event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    **_FOUND,
+                },
+            },
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "zapbus gateway",
+            "version": "1",
+            "description": "WhatsApp (Baileys) connections: create, follow, recreate, delete.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+_DOCUMENT = build()
+
+
+async def openapi_handler(request: web.Request) -> web.Response:
+    return json_response(_DOCUMENT)
