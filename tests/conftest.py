@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -32,6 +33,16 @@ def infra() -> Iterator[Infra]:
     found = asyncio.run(ensure_infra(nats_url, db_url, data_dir))
     yield found
     asyncio.run(found.close())
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A folder for throwaway servers, outside pytest's basetemp: a concurrent pytest run
+    may chmod that 0700, and the throwaway PostgreSQL (run as the postgres user) could then
+    not reach its data."""
+    path = Path(tempfile.mkdtemp(prefix="zapbus-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

@@ -77,7 +77,7 @@ async def _sim_stats(stack: ProcessStack) -> dict[str, Any]:
         return body
 
 
-async def test_chaos_every_accepted_create_ends_final_and_one_session_each(tmp_path: Path) -> None:
+async def test_chaos_every_accepted_create_ends_final_and_one_session_each(workdir: Path) -> None:
     sim = SimConfig(
         port=0,
         create_delay=(0.05, 0.3),
@@ -87,7 +87,7 @@ async def test_chaos_every_accepted_create_ends_final_and_one_session_each(tmp_p
         qr_first_seconds=600,
         qr_next_seconds=600,
     )
-    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+    async with process_stack(workdir, sim, WORKER_ENV) as stack:
         names = [f"c{i:03d}" for i in range(200)]
         refused: collections.Counter[str] = collections.Counter()
 
@@ -159,9 +159,9 @@ async def test_chaos_every_accepted_create_ends_final_and_one_session_each(tmp_p
         assert set(stats["created"]) <= {r["session_name"] for r in rows}
 
 
-async def test_gateway_killed_right_after_202_loses_nothing(tmp_path: Path) -> None:
+async def test_gateway_killed_right_after_202_loses_nothing(workdir: Path) -> None:
     sim = SimConfig(port=0, create_delay=(0.05, 0.1), qr_first_seconds=600)
-    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+    async with process_stack(workdir, sim, WORKER_ENV) as stack:
         ids = []
         for i in range(5):
             async with stack.http.post(
@@ -184,9 +184,9 @@ async def test_gateway_killed_right_after_202_loses_nothing(tmp_path: Path) -> N
             raise AssertionError(f"{rows}\n{stack.all_logs()[-6000:]}") from None
 
 
-async def test_nats_down_when_create_arrives_still_202_then_created(tmp_path: Path) -> None:
+async def test_nats_down_when_create_arrives_still_202_then_created(workdir: Path) -> None:
     sim = SimConfig(port=0, create_delay=(0.05, 0.1), qr_first_seconds=600)
-    async with process_stack(tmp_path, sim, WORKER_ENV) as stack:
+    async with process_stack(workdir, sim, WORKER_ENV) as stack:
         await stack.nats.astop()
         async with stack.http.post(
             f"{stack.gateway_url}/v1/connections", json={"name": "offline"}, headers=stack.auth()

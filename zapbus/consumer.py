@@ -2,7 +2,8 @@
 
 ``fetch`` swallows the empty-fetch timeout, and after a few empty fetches in a row asks the
 server whether the consumer still exists (a deleted consumer only shows up as endless timeouts),
-re-creating it when it is gone.
+re-creating it when it is gone. ``report_pending`` keeps the consumer's backlog gauges current
+from a background task, so a scrape never waits on the server.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import NotFoundError
+from prometheus_client import CollectorRegistry, Gauge
 
 from zapbus.bus import ensure_consumer
 
@@ -22,6 +24,25 @@ log = logging.getLogger("zapbus.consumer")
 
 _EMPTY_FETCHES_BEFORE_CHECK = 5
 _FETCH_GRACE_SECONDS = 2.0
+PENDING_REFRESH_SECONDS = 5.0
+
+
+class PendingGauges:
+    """A durable consumer's backlog, labelled by consumer name (a handful of values)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.pending = Gauge(
+            "zapbus_jetstream_consumer_pending_messages",
+            "Messages on the stream not yet delivered to the durable consumer.",
+            ["consumer"],
+            registry=registry,
+        )
+        self.ack_pending = Gauge(
+            "zapbus_jetstream_consumer_ack_pending_messages",
+            "Messages delivered to the durable consumer and not yet acknowledged.",
+            ["consumer"],
+            registry=registry,
+        )
 
 
 class DurableConsumer:
@@ -89,6 +110,25 @@ class DurableConsumer:
         """(messages not yet delivered, delivered but not acked) for the metrics."""
         info = await self.js.consumer_info(self.stream, self.name)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def report_pending(
+        self, gauges: PendingGauges, every: float = PENDING_REFRESH_SECONDS
+    ) -> None:
+        """Refresh ``gauges`` from ``consumer_info`` every ``every`` seconds, until cancelled.
+
+        Run it as a task next to the fetch loop: prometheus-client collectors are synchronous,
+        so asking the server at scrape time is not an option. While the server does not
+        answer, the gauges keep their last values (``zapbus_nats_connected`` tells why).
+        """
+        while True:
+            try:
+                pending, ack_pending = await self.pending()
+            except Exception as exc:  # a metric never stops the service; try again later
+                log.debug("consumer_info for %s failed: %r", self.name, exc)
+            else:
+                gauges.pending.labels(self.name).set(pending)
+                gauges.ack_pending.labels(self.name).set(ack_pending)
+            await asyncio.sleep(every)
 
     async def close(self) -> None:
         """Unsubscribe (without it, ``drain`` after an empty fetch hangs for 30 s)."""

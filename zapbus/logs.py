@@ -1,7 +1,8 @@
 """Logging set-up: JSON lines when not on a terminal, readable text on one.
 
 Log calls pass structured fields with ``extra={"fields": {...}}``; the JSON formatter puts them
-at the top level, so ``grep <connection id>`` finds every line about a connection.
+at the top level, next to the name of the service that wrote the line, so ``grep <connection
+id>`` over every service's logs finds every line about a connection and says where it came from.
 """
 
 from __future__ import annotations
@@ -14,13 +15,21 @@ from typing import Any
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, service, logger, message, then the fields."""
+
+    def __init__(self, service: str | None = None) -> None:
+        super().__init__()
+        self.service = service
+
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
         }
+        if self.service:
+            line["service"] = self.service
+        line["logger"] = record.name
+        line["msg"] = record.getMessage()
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             line.update(fields)
@@ -42,7 +51,7 @@ def setup_logging(service: str, fmt: str = "auto", level: str = "INFO") -> None:
     use_json = fmt == "json" or (fmt == "auto" and not sys.stderr.isatty())
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter()
+        JsonFormatter(service)
         if use_json
         else TextFormatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
     )

@@ -147,7 +147,8 @@ class OutboxRelay:
         log.info(
             "command relayed",
             extra=fields(
-                command_id=row["msg_id"],
+                command_id=hdrs.get(headers.COMMAND_ID),
+                msg_id=row["msg_id"],
                 subject=row["subject"],
                 connection_id=hdrs.get(headers.CONNECTION_ID),
                 lag_ms=round(lag * 1000, 1),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from zapbus.consumer import PendingGauges
 from zapbus.httpkit import LATENCY_BUCKETS
 
 
@@ -33,3 +34,4 @@ class ProjectorMetrics:
             "Batches whose transaction failed and were handed back for redelivery.",
             registry=registry,
         )
+        self.consumer = PendingGauges(registry)

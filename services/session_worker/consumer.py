@@ -3,15 +3,18 @@
 Capacity is ``concurrency`` (also the consumer's ``max_ack_pending``), because the work is
 waiting on the Baileys server, not on the CPU. On stop it fetches nothing more, lets in-flight
 commands finish within the grace period, and cancels the rest (a cancelled command ``nak()``s,
-so JetStream redelivers it at once to another worker).
+so JetStream redelivers it at once to another worker). Beside the loop, a task keeps the
+consumer's pending / ack-pending gauges current.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from services.session_worker.handler import CommandHandler
+from services.session_worker.metrics import command_kind
 from zapbus.consumer import DurableConsumer
 
 log = logging.getLogger("zapbus.session_worker")
@@ -42,6 +45,9 @@ class CommandConsumer:
         return len(self._tasks)
 
     async def run(self) -> None:
+        metrics = self.handler.metrics
+        await self.consumer.open()
+        reporter = asyncio.create_task(self.consumer.report_pending(metrics.consumer))
         try:
             while not self._stopping.is_set():
                 free = self.concurrency - len(self._tasks)
@@ -49,10 +55,14 @@ class CommandConsumer:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
                 for msg in await self.consumer.fetch(min(free, 100), self.fetch_timeout):
+                    metrics.started.labels(command_kind(msg.subject)).inc()
                     task = asyncio.create_task(self.handler.handle(msg))
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
         finally:
+            reporter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter
             await self._drain()
             await self.consumer.close()
 

@@ -1,17 +1,41 @@
-"""The session worker's Prometheus metrics, registered on the app's own registry."""
+"""The session worker's Prometheus metrics, registered on the app's own registry.
+
+Labelled counters start at zero for every label value the worker knows, so a query sees the
+series before the first retry or dead letter, and ``increase()`` counts that first one.
+"""
 
 from __future__ import annotations
 
+from itertools import product
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from zapbus.consumer import PendingGauges
 from zapbus.httpkit import LATENCY_BUCKETS
+
+COMMAND_KINDS = ("create", "delete")
+OUTCOMES = ("succeeded", "retried", "failed", "fenced")
+FAILURE_REASONS = ("permanent", "exhausted")
+
+
+def command_kind(subject: str) -> str:
+    """The kind of the command on ``subject`` (see ``Names.command_subject``), or ``unknown``."""
+    kind = subject.rsplit(".", 1)[-1]
+    return kind if kind in COMMAND_KINDS else "unknown"
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.started = Counter(
+            "zapbus_worker_commands_started_total",
+            "Command deliveries taken up by the worker (redeliveries included), by kind.",
+            ["kind"],
+            registry=registry,
+        )
         self.commands = Counter(
             "zapbus_worker_commands_total",
-            "Commands handled, by kind and outcome (succeeded, retried, failed, terminated).",
+            "Command deliveries finished, by kind and outcome "
+            "(succeeded, retried, failed, fenced, interrupted, error).",
             ["kind", "outcome"],
             registry=registry,
         )
@@ -44,3 +68,13 @@ class WorkerMetrics:
             ["kind"],
             registry=registry,
         )
+        self.consumer = PendingGauges(registry)
+        for kind in COMMAND_KINDS:
+            self.started.labels(kind)
+            self.dead_letters.labels(kind)
+        for kind, outcome in product(COMMAND_KINDS, OUTCOMES):
+            self.commands.labels(kind, outcome)
+        for kind, reason in product(COMMAND_KINDS, FAILURE_REASONS):
+            self.failures.labels(kind, reason)
+        self.failures.labels("unknown", "undecodable")
+        self.dead_letters.labels("unknown")
