@@ -105,7 +105,9 @@ def runner_ctx(
         except TimeoutError:
             log.warning("%s did not stop within %.1f s; cancelling", name, grace)
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            # A task cancelled inside wait_for may end with TimeoutError instead of
+            # CancelledError (Python 3.11); either way it is over.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                 await task
         except Exception:
             log.exception("%s ended with an error", name)

@@ -29,6 +29,10 @@ from zapbus.logs import fields
 log = logging.getLogger("zapbus.projector")
 
 _RETRY_DELAY_SECONDS = 2.0
+# Postgres refuses the data itself (bad text, a broken constraint): retrying cannot help.
+_POISON = (asyncpg.DataError, asyncpg.IntegrityConstraintViolationError)
+# The database is away or busy: retry the batch later.
+_TRANSIENT = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError)
 
 
 class Projector:
@@ -134,20 +138,56 @@ class Projector:
         if not events:
             return
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                results = await project(conn, events, self.policy)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            results = await self._project(events)
+        except _POISON as exc:
+            # One event Postgres refuses must not stop the projector for good: find it.
+            log.warning("batch refused (%s); projecting it event by event", exc)
+            await self._one_by_one(good, events, start)
+            return
+        except _TRANSIENT as exc:
             log.warning("projection failed, will retry: %s", exc, extra=fields(batch=len(good)))
             self.metrics.batch_failures.inc()
             for msg in good:
                 await msg.nak(delay=_RETRY_DELAY_SECONDS)
             return
+        await self._finish(good, results, start)
+
+    async def _project(self, events: list[Event]) -> list[Applied]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await project(conn, events, self.policy)
+
+    async def _one_by_one(self, msgs: list[Msg], events: list[Event], start: float) -> None:
+        for i, (msg, event) in enumerate(zip(msgs, events, strict=True)):
+            try:
+                results = await self._project([event])
+            except _POISON as exc:
+                self.metrics.events.labels(event_type(event), "rejected").inc()
+                log.error(
+                    "event refused by Postgres, terminated",
+                    extra=fields(
+                        connection_id=str(event.connection_id),
+                        event=event_type(event),
+                        seq=msg.metadata.sequence.stream,
+                        error=str(exc)[:300],
+                    ),
+                )
+                await msg.term()
+                continue
+            except _TRANSIENT as exc:
+                log.warning("projection failed, will retry: %s", exc)
+                self.metrics.batch_failures.inc()
+                for rest in msgs[i:]:
+                    await rest.nak(delay=_RETRY_DELAY_SECONDS)
+                return
+            await self._finish([msg], results, start)
+
+    async def _finish(self, good: list[Msg], results: list[Applied], start: float) -> None:
         for msg in good:
             await msg.ack()
         await self._publish_changes(results)
         now = datetime.now(UTC)
         elapsed_ms = (time.perf_counter() - start) * 1000
-        self.metrics.batch_size.observe(len(msgs))
+        self.metrics.batch_size.observe(len(good))
         for msg, result in zip(good, results, strict=True):
             ev = result.event
             if result.outcome is None:

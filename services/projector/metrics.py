@@ -13,7 +13,7 @@ class ProjectorMetrics:
         self.events = Counter(
             "zapbus_projector_events_total",
             "Events handled by the projector, by event type and outcome "
-            "(applied, ignored, duplicate, orphan, undecodable).",
+            "(applied, ignored, duplicate, orphan, undecodable, rejected).",
             ["event_type", "outcome"],
             registry=registry,
         )

@@ -8,7 +8,18 @@ Rules (see docs/architecture.md):
 * Within a generation the state only moves forward along
   pending -> creating -> awaiting_qr -> qr_ready -> pairing -> connected; ``reconnecting`` can
   follow any state from qr_ready on and leads back to connected or qr_ready.
-* A repeated fact (the same QR again, ``connected`` while connected) changes nothing.
+* A repeated fact (the same QR again, ``connected`` while connected) changes nothing, and so does
+  a late one: a QR older than the one shown, a start or retry of an earlier attempt. So a
+  generation's events delivered twice or out of order end in the same state as in order, with
+  the newest QR on screen (tests/test_transitions_property.py). Two exceptions, by nature:
+  ``reconnecting`` is a cycle, and the refresh cap counts the QRs shown, which a shuffle can make
+  fewer (a QR overtaken by a newer one is never shown).
+* A QR is on the row only while it is ``qr_ready``. ``qr_seq`` counts the QR codes applied in
+  this generation; the first lives ``first_ttl_seconds``, later ones ``next_ttl_seconds``, and
+  one more than ``max_refreshes`` ends the generation in qr_expired. When the shown QR was
+  received is not stored: it is ``qr_expires_at`` minus that QR's lifetime.
+* ``attempts`` (of the create call) never goes down; a late worker event that only raises it is
+  applied without moving the state.
 
 Baileys disconnect codes (``DisconnectReason``): 515 restartRequired = pairing (the normal step
 after a scan), 401 loggedOut = logged_out, 408 "QR refs attempts ended" = qr_expired, other
@@ -114,7 +125,76 @@ def _can_move(current: Status, target: Status) -> bool:
 
 
 def _move(row: Row, target: Status, reason: str | None = None, **changes: object) -> Row:
+    """The row in ``target``; a QR is only kept while the row stays ``qr_ready``."""
+    if target != Status.QR_READY:
+        changes = {"qr": None, "qr_expires_at": None, **changes}
     return msgspec.structs.replace(row, status=target, status_reason=reason, **changes)
+
+
+def _ttl(policy: QrPolicy, qr_seq: int) -> timedelta:
+    """How long the ``qr_seq``-th QR of a generation lives (the first one longer)."""
+    seconds = policy.first_ttl_seconds if qr_seq <= 1 else policy.next_ttl_seconds
+    return timedelta(seconds=seconds)
+
+
+def _shown_since(row: Row, policy: QrPolicy) -> datetime | None:
+    """When the QR on the row was received: its expiry minus its lifetime (no extra column)."""
+    if row.qr is None or row.qr_expires_at is None:
+        return None
+    return row.qr_expires_at - _ttl(policy, row.qr_seq)
+
+
+def _attempts(row: Row, attempt: int) -> Row:
+    """Attempts only grow: a late event of an earlier attempt never lowers the count."""
+    return row if attempt <= row.attempts else msgspec.structs.replace(row, attempts=attempt)
+
+
+def _worker_event(row: Row, event: Event) -> Outcome:
+    """create.started / create.succeeded / create.retrying / create.failed."""
+    reason: str | None = None
+    match event:
+        case CreateStarted(attempt=attempt):
+            # A later attempt starts afresh (clears the last retry's reason); a late or repeated
+            # start of an attempt already counted changes nothing.
+            new = _attempts(row, attempt)
+            if row.status in (Status.PENDING, Status.CREATING) and attempt > row.attempts:
+                new = _move(row, Status.CREATING, attempts=attempt)
+        case SessionCreated(attempt=attempt):
+            new = _attempts(row, attempt)
+            if _can_move(row.status, Status.AWAITING_QR):
+                new = _move(new, Status.AWAITING_QR)
+        case CreateRetrying(reason=reason, attempt=attempt):
+            new = _attempts(row, attempt)
+            if row.status in (Status.PENDING, Status.CREATING) and attempt >= row.attempts:
+                new = _move(new, Status.CREATING, reason)
+        case CreateFailed(reason=reason, attempt=attempt):
+            # A QR already shown proves the session exists: a late failure of the call lies.
+            new = _attempts(row, attempt)
+            if row.status in (Status.PENDING, Status.CREATING, Status.AWAITING_QR):
+                new = _move(new, Status.FAILED, reason)
+        case _:
+            return Outcome(row=row, applied=False)
+    # Even when the state does not move, a late event may carry a higher attempt count.
+    return Outcome(row=new, applied=new != row, reason=reason)
+
+
+def _qr(row: Row, qr: str, at: datetime, policy: QrPolicy) -> Outcome:
+    ignored = Outcome(row=row, applied=False)
+    accepts_qr = row.status == Status.QR_READY or _can_move(row.status, Status.QR_READY)
+    if qr == row.qr or not accepts_qr:
+        return ignored
+    shown_since = _shown_since(row, policy)
+    # A QR older than the one shown was overtaken (late or re-delivered): showing it would put
+    # a dead code on screen. Two QRs received at the same instant are ordered by their text, so
+    # the outcome never depends on the order they arrive in.
+    if shown_since is not None and row.qr is not None and (at, qr) < (shown_since, row.qr):
+        return Outcome(row=row, applied=False, reason="older than the QR shown")
+    if row.qr_seq >= policy.max_refreshes:
+        new = _move(row, Status.QR_EXPIRED, "qr refresh limit reached")
+        return Outcome(row=new, applied=True, reason="qr refresh limit reached")
+    seq = row.qr_seq + 1
+    new = _move(row, Status.QR_READY, qr=qr, qr_seq=seq, qr_expires_at=at + _ttl(policy, seq))
+    return Outcome(row=new, applied=True)
 
 
 def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
@@ -125,57 +205,20 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
         return Outcome(row=row, applied=False, reason="other generation")
 
     match event:
-        case CreateStarted(attempt=attempt):
-            if row.status in (Status.PENDING, Status.CREATING):
-                return Outcome(row=_move(row, Status.CREATING, attempts=attempt), applied=True)
-            return ignored
-        case SessionCreated():
-            if _can_move(row.status, Status.AWAITING_QR):
-                return Outcome(row=_move(row, Status.AWAITING_QR), applied=True)
-            return ignored
-        case CreateRetrying(reason=reason, attempt=attempt):
-            if row.status in (Status.PENDING, Status.CREATING):
-                new = msgspec.structs.replace(
-                    row, status=Status.CREATING, status_reason=reason, attempts=attempt
-                )
-                return Outcome(row=new, applied=True, reason=reason)
-            return Outcome(row=row, applied=False, reason=reason)
-        case CreateFailed(reason=reason):
-            # A QR already shown proves the session exists: a late failure of the call lies.
-            if row.status in (Status.PENDING, Status.CREATING, Status.AWAITING_QR):
-                return Outcome(row=_move(row, Status.FAILED, reason), applied=True, reason=reason)
-            return Outcome(row=row, applied=False, reason=reason)
+        case CreateStarted() | SessionCreated() | CreateRetrying() | CreateFailed():
+            return _worker_event(row, event)
         case SessionDeleted():
             if _can_move(row.status, Status.DELETED):
-                return Outcome(row=_move(row, Status.DELETED, qr=None), applied=True)
+                return Outcome(row=_move(row, Status.DELETED), applied=True)
             return ignored
         case QrUpdated(qr=qr, occurred_at=at):
-            accepts_qr = row.status == Status.QR_READY or _can_move(row.status, Status.QR_READY)
-            if qr == row.qr or not accepts_qr:
-                return ignored
-            if row.qr_seq >= policy.max_refreshes:
-                new = _move(row, Status.QR_EXPIRED, "qr refresh limit reached", qr=None)
-                return Outcome(row=new, applied=True, reason="qr refresh limit reached")
-            ttl = policy.first_ttl_seconds if row.qr_seq == 0 else policy.next_ttl_seconds
-            new = _move(
-                row,
-                Status.QR_READY,
-                qr=qr,
-                qr_seq=row.qr_seq + 1,
-                qr_expires_at=at + timedelta(seconds=ttl),
-            )
-            return Outcome(row=new, applied=True)
+            return _qr(row, qr, at, policy)
         case StatusReported(status=status, code=code, reason=reason):
             target = classify_status(status, code, reason)
             if target is None or not _can_move(row.status, target):
                 return Outcome(row=row, applied=False, code=code, reason=reason)
-            keep_qr = target in (Status.QR_READY, Status.AWAITING_QR)
-            new = _move(
-                row,
-                target,
-                reason if target in TERMINAL or target == Status.RECONNECTING else None,
-                **({} if keep_qr else {"qr": None, "qr_expires_at": None}),
-            )
+            explains = target in TERMINAL or target == Status.RECONNECTING
+            new = _move(row, target, reason if explains else None)
             return Outcome(row=new, applied=True, code=code, reason=reason)
         case UnknownEvent():
             return ignored

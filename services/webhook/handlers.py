@@ -30,7 +30,10 @@ def _target(request: web.Request) -> tuple[uuid.UUID, int]:
     settings = request.app[settings_key]
     try:
         connection_id = uuid.UUID(request.match_info["connection_id"])
-        generation = int(request.match_info["generation"])
+        raw_generation = request.match_info["generation"]
+        if not (raw_generation.isascii() and raw_generation.isdigit()):
+            raise ValueError
+        generation = int(raw_generation)
         if not 1 <= generation <= 1_000_000:
             raise ValueError
     except ValueError:

@@ -4,6 +4,10 @@ Baileys-based servers differ: the QR is in ``qr``, ``qrCode`` or ``code``; the s
 ``status``, ``connection`` or ``state``; a disconnect code in ``code``, ``statusCode``,
 ``statusReason`` or ``lastDisconnect.error.output.statusCode``. This module turns any of them
 into a ``QrReport`` or a ``StatusReport``, or says which field is wrong.
+
+Every text that leaves this module can be stored in Postgres, which refuses NUL characters in
+``text``: a QR or status carrying one is refused here, a reason loses them. (An event the database
+cannot store would otherwise stop the projector on every redelivery.)
 """
 
 from __future__ import annotations
@@ -77,20 +81,23 @@ def _code(data: dict[str, Any]) -> int | None:
 
 def _reason(data: dict[str, Any]) -> str | None:
     _, value = _first(data, "reason", "message", "error")
-    if isinstance(value, str):
-        return value[:300]
-    last = data.get("lastDisconnect")
-    error = last.get("error") if isinstance(last, dict) else None
-    message = error.get("message") if isinstance(error, dict) else None
-    return message[:300] if isinstance(message, str) else None
+    if not isinstance(value, str):
+        last = data.get("lastDisconnect")
+        error = last.get("error") if isinstance(last, dict) else None
+        value = error.get("message") if isinstance(error, dict) else None
+    return value.replace("\x00", "")[:300] if isinstance(value, str) else None
 
 
 def parse(body: bytes) -> tuple[str | None, Report]:
     """(session name if given, what the webhook reports). Raises PayloadError."""
     try:
         doc = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    # msgspec raises UnicodeDecodeError for bad UTF-8 inside a string, RecursionError for
+    # nesting deeper than the interpreter's limit; both are the sender's fault, not ours.
+    except (msgspec.DecodeError, UnicodeDecodeError):
         raise PayloadError("body", "is not valid JSON") from None
+    except RecursionError:
+        raise PayloadError("body", "is nested too deeply") from None
     if not isinstance(doc, dict):
         raise PayloadError("body", "must be a JSON object")
     event = doc.get("event", doc.get("type"))
@@ -108,6 +115,8 @@ def parse(body: bytes) -> tuple[str | None, Report]:
         key, qr = _first(data, "qr", "qrCode", "code")
         if not isinstance(qr, str) or not qr.strip():
             raise PayloadError(f"data.{key}", "must be a non-empty string")
+        if "\x00" in qr:
+            raise PayloadError(f"data.{key}", "must not contain NUL characters")
         if len(qr) > MAX_QR_CHARS:
             raise PayloadError(f"data.{key}", f"longer than {MAX_QR_CHARS} characters")
         return session, QrReport(qr=qr)
@@ -117,4 +126,6 @@ def parse(body: bytes) -> tuple[str | None, Report]:
         status = "close"
     if not isinstance(status, str) or not status.strip() or len(status) > 64:
         raise PayloadError(f"data.{key}", "must be a non-empty string of at most 64 characters")
+    if "\x00" in status:
+        raise PayloadError(f"data.{key}", "must not contain NUL characters")
     return session, StatusReport(status=status, code=code, reason=_reason(data))

@@ -1,0 +1,313 @@
+"""The state machine, table by table: ``classify_status`` and ``apply`` from every state."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from proto.events import (
+    CreateFailed,
+    CreateRetrying,
+    CreateStarted,
+    Event,
+    QrUpdated,
+    SessionCreated,
+    SessionDeleted,
+    StatusReported,
+    UnknownEvent,
+    event_type,
+)
+from proto.states import TERMINAL, Status
+from services.projector.transitions import QrPolicy, Row, apply, classify_status
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+CID = uuid.uuid4()
+POLICY = QrPolicy(first_ttl_seconds=60, next_ttl_seconds=20, max_refreshes=3)
+QRS_END = "QR refs attempts ended"
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def ev(cls: type[Any], t: float = 0.0, generation: int = 1, **kw: Any) -> Event:
+    event: Event = cls(
+        event_id=uuid.uuid4(), connection_id=CID, generation=generation, occurred_at=at(t), **kw
+    )
+    return event
+
+
+def started(attempt: int = 1) -> Event:
+    return ev(CreateStarted, attempt=attempt)
+
+
+def created(attempt: int = 1) -> Event:
+    return ev(SessionCreated, attempt=attempt)
+
+
+def retrying(attempt: int = 1) -> Event:
+    return ev(CreateRetrying, attempt=attempt, reason="HTTP 502", retry_in_seconds=1.0)
+
+
+def failed() -> Event:
+    return ev(CreateFailed, attempt=1, reason="HTTP 400")
+
+
+def qr(text: str = "2@new", t: float = 100.0) -> Event:
+    return ev(QrUpdated, t, qr=text)
+
+
+def st(word: str, code: int | None = None, reason: str | None = None, t: float = 100.0) -> Event:
+    return ev(StatusReported, t, status=word, code=code, reason=reason)
+
+
+def row(status: Status, **kw: Any) -> Row:
+    """A plausible row in ``status``: qr_ready shows a QR received at T0, and so on."""
+    if status == Status.QR_READY:
+        kw = {"qr": "2@old", "qr_seq": 1, "qr_expires_at": at(60), **kw}
+    elif status not in (Status.PENDING, Status.CREATING, Status.AWAITING_QR):
+        kw = {"qr_seq": 1, **kw}
+    kw = {"attempts": 0 if status == Status.PENDING else 1, **kw}
+    return Row(status=status, generation=1, **kw)
+
+
+S = Status
+CLASSIFY = [
+    ("close", 515, "restartRequired", S.PAIRING),
+    ("connected", 515, None, S.PAIRING),
+    ("close", 401, "loggedOut", S.LOGGED_OUT),
+    ("close", 408, QRS_END, S.QR_EXPIRED),
+    ("close", 408, "qr refs attempts ended", S.QR_EXPIRED),
+    ("close", 408, "Connection was lost", S.RECONNECTING),
+    ("close", 408, None, S.RECONNECTING),
+    ("close", 428, "connectionClosed", S.RECONNECTING),
+    ("close", 503, "unavailableService", S.RECONNECTING),
+    ("close", 440, "connectionReplaced", S.CONFLICT),
+    ("close", 403, "forbidden", S.FAILED),
+    ("close", 411, "multideviceMismatch", S.FAILED),
+    ("close", 500, "badSession", S.FAILED),
+    *[(w, None, None, S.CONNECTED) for w in ("connected", "open", " OPEN ", "online", "ready")],
+    ("authenticated", None, None, S.CONNECTED),
+    *[(w, None, None, S.RECONNECTING) for w in ("close", "closed", "disconnected", "reconnecting")],
+    *[(w, None, None, S.AWAITING_QR) for w in ("connecting", "starting", "initializing", "qr")],
+    *[(w, None, None, S.PAIRING) for w in ("pairing", "paired", "restart-required")],
+    *[(w, None, None, S.LOGGED_OUT) for w in ("logged_out", "logout", "Logged Out")],
+    ("conflict", None, None, S.CONFLICT),
+    ("banana", None, None, None),
+    ("", None, None, None),
+    ("weird", 999, "nobody knows", None),
+]
+
+
+@pytest.mark.parametrize(("word", "code", "reason", "expected"), CLASSIFY)
+def test_classify_status(word: str, code: int | None, reason: str | None, expected: S) -> None:
+    assert classify_status(word, code, reason) == expected
+
+
+# (from, event, to): `to` None means ignored (applied=False, row unchanged).
+ALL_EVENTS_IGNORED = [
+    qr(),
+    st("connected"),
+    st("close", 515),
+    st("connecting"),
+    st("close", 428),
+    st("close", 401, "loggedOut"),
+    st("close", 440),
+    st("close", 408, QRS_END),
+    st("close", 403),
+    started(),
+    created(),
+    retrying(),
+    failed(),
+    ev(UnknownEvent, name="messages.upsert"),
+]
+TABLE: list[tuple[S, Event, S | None]] = [
+    (S.PENDING, started(), S.CREATING),
+    (S.PENDING, created(), S.AWAITING_QR),
+    (S.PENDING, retrying(), S.CREATING),
+    (S.PENDING, failed(), S.FAILED),
+    (S.PENDING, qr(), S.QR_READY),
+    (S.PENDING, st("connecting"), S.AWAITING_QR),
+    (S.PENDING, st("open"), S.CONNECTED),
+    (S.PENDING, st("close", 515), S.PAIRING),
+    (S.PENDING, st("close", 428), None),
+    (S.PENDING, st("close", 401), S.LOGGED_OUT),
+    (S.PENDING, ev(SessionDeleted), S.DELETED),
+    (S.PENDING, ev(UnknownEvent, name="x"), None),
+    (S.CREATING, started(2), S.CREATING),
+    (S.CREATING, started(1), None),
+    (S.CREATING, retrying(1), S.CREATING),
+    (S.CREATING, created(), S.AWAITING_QR),
+    (S.CREATING, qr(), S.QR_READY),
+    (S.CREATING, failed(), S.FAILED),
+    (S.AWAITING_QR, started(), None),
+    (S.AWAITING_QR, created(), None),
+    (S.AWAITING_QR, retrying(), None),
+    (S.AWAITING_QR, st("connecting"), None),
+    (S.AWAITING_QR, qr(), S.QR_READY),
+    (S.AWAITING_QR, failed(), S.FAILED),
+    (S.AWAITING_QR, st("close", 440), S.CONFLICT),
+    (S.AWAITING_QR, st("close", 428), None),
+    (S.QR_READY, qr("2@newer"), S.QR_READY),
+    (S.QR_READY, qr("2@old"), None),
+    (S.QR_READY, st("close", 515, "restartRequired"), S.PAIRING),
+    (S.QR_READY, st("connected"), S.CONNECTED),
+    (S.QR_READY, st("close", 428), S.RECONNECTING),
+    (S.QR_READY, st("close", 408), S.RECONNECTING),
+    (S.QR_READY, st("close", 408, QRS_END), S.QR_EXPIRED),
+    (S.QR_READY, st("connecting"), None),
+    (S.QR_READY, created(), None),
+    (S.QR_READY, failed(), None),
+    (S.PAIRING, st("connected"), S.CONNECTED),
+    (S.PAIRING, qr(), None),
+    (S.PAIRING, st("close", 515), None),
+    (S.PAIRING, st("close", 503), S.RECONNECTING),
+    (S.PAIRING, st("close", 401), S.LOGGED_OUT),
+    (S.CONNECTED, qr(), None),
+    (S.CONNECTED, st("close", 515), None),
+    (S.CONNECTED, st("connected"), None),
+    (S.CONNECTED, st("open"), None),
+    (S.CONNECTED, st("connecting"), None),
+    (S.CONNECTED, st("close"), S.RECONNECTING),
+    (S.CONNECTED, st("close", 401, "loggedOut"), S.LOGGED_OUT),
+    (S.CONNECTED, st("close", 440), S.CONFLICT),
+    (S.CONNECTED, st("close", 403), S.FAILED),
+    (S.CONNECTED, st("close", 411), S.FAILED),
+    (S.CONNECTED, st("close", 500), S.FAILED),
+    (S.CONNECTED, created(), None),
+    (S.CONNECTED, failed(), None),
+    (S.CONNECTED, ev(SessionDeleted), S.DELETED),
+    (S.RECONNECTING, st("connected"), S.CONNECTED),
+    (S.RECONNECTING, qr(), S.QR_READY),
+    (S.RECONNECTING, st("close", 515), S.PAIRING),
+    (S.RECONNECTING, st("close", 428), None),
+    (S.RECONNECTING, st("connecting"), None),
+    (S.RECONNECTING, st("close", 401), S.LOGGED_OUT),
+    *[(t, e, None) for t in sorted(TERMINAL) for e in ALL_EVENTS_IGNORED],
+    *[(t, ev(SessionDeleted), S.DELETED) for t in sorted(TERMINAL - {S.DELETED})],
+    (S.DELETED, ev(SessionDeleted), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("start", "event", "to"), TABLE, ids=[f"{s}-{event_type(e)}-{t}" for s, e, t in TABLE]
+)
+def test_apply_table(start: S, event: Event, to: S | None) -> None:
+    before = row(start)
+    outcome = apply(before, event, POLICY)
+    if to is None:
+        assert (outcome.applied, outcome.row) == (False, before)
+        return
+    assert outcome.applied and outcome.row.status == to
+    assert (outcome.row.qr is not None) == (to == S.QR_READY)
+    assert (outcome.row.qr_expires_at is not None) == (to == S.QR_READY)
+    if isinstance(event, StatusReported) and (to in TERMINAL or to == S.RECONNECTING):
+        assert outcome.row.status_reason == event.reason
+        assert outcome.code == event.code
+
+
+def test_every_state_is_in_the_table() -> None:
+    assert {start for start, _, _ in TABLE} == set(Status)
+
+
+@pytest.mark.parametrize("generation", [0, 2, 7])
+@pytest.mark.parametrize("event", [*ALL_EVENTS_IGNORED, ev(SessionDeleted)], ids=event_type)
+def test_events_of_another_generation_never_apply(generation: int, event: Event) -> None:
+    for start in Status:
+        before = Row(status=start, generation=generation)
+        outcome = apply(before, event, POLICY)
+        assert (outcome.applied, outcome.row, outcome.reason) == (False, before, "other generation")
+
+
+def test_failed_keeps_the_reason_of_the_code() -> None:
+    out = apply(row(S.CONNECTED), st("close", 403, "forbidden"), POLICY)
+    assert (out.row.status, out.row.status_reason, out.code) == (S.FAILED, "forbidden", 403)
+    out = apply(row(S.CREATING), failed(), POLICY)
+    assert (out.row.status, out.row.status_reason) == (S.FAILED, "HTTP 400")
+
+
+def test_qr_seq_counts_and_expiry_is_first_ttl_then_next_ttl() -> None:
+    r = row(S.AWAITING_QR)
+    for n, (text, t, expires) in enumerate([("2@a", 0, 60), ("2@b", 60, 80), ("2@c", 80, 100)]):
+        out = apply(r, qr(text, t), POLICY)
+        r = out.row
+        assert out.applied and (r.status, r.qr, r.qr_seq) == (S.QR_READY, text, n + 1)
+        assert r.qr_expires_at == at(expires)
+
+
+def test_the_same_qr_twice_is_a_no_op() -> None:
+    r = apply(row(S.AWAITING_QR), qr("2@a", 0), POLICY).row
+    out = apply(r, qr("2@a", 5), POLICY)
+    assert (out.applied, out.row) == (False, r)
+
+
+def test_a_qr_older_than_the_one_shown_is_ignored() -> None:
+    r = apply(row(S.AWAITING_QR), qr("2@new", 60), POLICY).row
+    out = apply(r, qr("2@old", 0), POLICY)
+    assert (out.applied, out.row, out.reason) == (False, r, "older than the QR shown")
+
+
+def test_two_qrs_received_at_the_same_instant_end_the_same_in_either_order() -> None:
+    a, b = qr("2@a", 10), qr("2@b", 10)
+    start = row(S.AWAITING_QR)
+    ab = apply(apply(start, a, POLICY).row, b, POLICY).row
+    ba = apply(apply(start, b, POLICY).row, a, POLICY).row
+    assert ab.qr == ba.qr == "2@b"
+
+
+def test_the_refresh_cap_ends_in_qr_expired() -> None:
+    r = row(S.AWAITING_QR)
+    for i in range(POLICY.max_refreshes):
+        r = apply(r, qr(f"2@{i}", 20 * i), POLICY).row
+    assert (r.status, r.qr_seq) == (S.QR_READY, POLICY.max_refreshes)
+    out = apply(r, qr("2@one-too-many", 100), POLICY)
+    assert out.applied and out.reason == "qr refresh limit reached"
+    assert (out.row.status, out.row.status_reason) == (S.QR_EXPIRED, "qr refresh limit reached")
+    assert (out.row.qr, out.row.qr_expires_at, out.row.qr_seq) == (None, None, 3)
+
+
+def test_a_late_qr_after_connected_is_ignored() -> None:
+    r = row(S.QR_READY)
+    for event in (st("close", 515, t=1), st("connected", t=2)):
+        r = apply(r, event, POLICY).row
+    assert (r.status, r.qr, r.qr_expires_at, r.qr_seq) == (S.CONNECTED, None, None, 1)
+    assert not apply(r, qr("2@late", 3), POLICY).applied
+
+
+def test_create_failed_after_a_qr_was_shown_is_ignored() -> None:
+    out = apply(row(S.QR_READY), failed(), POLICY)
+    assert (out.applied, out.row.status, out.reason) == (False, S.QR_READY, "HTTP 400")
+
+
+def test_reconnecting_leads_back_to_connected_or_a_new_qr() -> None:
+    r = apply(row(S.CONNECTED), st("close", 428, "connectionClosed"), POLICY).row
+    assert (r.status, r.status_reason) == (S.RECONNECTING, "connectionClosed")
+    assert apply(r, st("open"), POLICY).row.status == S.CONNECTED
+    back = apply(r, qr("2@again", 500), POLICY).row
+    assert (back.status, back.qr, back.qr_seq, back.status_reason) == (
+        S.QR_READY,
+        "2@again",
+        2,
+        None,
+    )
+    assert back.qr_expires_at == at(520)  # not the first QR: next_ttl
+
+
+def test_attempts_never_go_down_and_a_later_attempt_clears_the_retry_reason() -> None:
+    r = apply(row(S.PENDING, attempts=0), retrying(1), POLICY).row
+    assert (r.status, r.status_reason, r.attempts) == (S.CREATING, "HTTP 502", 1)
+    r = apply(r, started(2), POLICY).row
+    assert (r.status_reason, r.attempts) == (None, 2)
+    for late in (started(1), retrying(1)):
+        assert not apply(r, late, POLICY).applied
+    late_created = apply(row(S.QR_READY), created(3), POLICY)
+    assert late_created.applied and late_created.row.status == S.QR_READY
+    assert late_created.row.attempts == 3
+
+
+def test_default_policy_is_used_when_none_is_given() -> None:
+    out = apply(row(S.AWAITING_QR), qr("2@a", 0))
+    assert out.row.qr_expires_at == at(QrPolicy().first_ttl_seconds)

@@ -1,0 +1,190 @@
+"""Delivery order does not matter: any shuffle, with duplicates, of one generation's events ends
+where the clean, in-order delivery ends, and no step on the way moves backwards.
+
+A *history* is what one generation really goes through: create attempts (each failed one
+retried), the session created, a ``connecting`` status, N QR codes (received 20 s apart), maybe
+the scan (515, then maybe ``connected``), maybe an ending (401, 440, 403, or 408 "QR refs attempts
+ended" when nobody scanned), maybe the deletion. ``reconnecting`` is left out on purpose: it is a
+cycle (connected -> reconnecting -> connected), so its meaning depends on arrival order, which
+the row cannot know; the unit tests cover it.
+
+What must hold for the final row of any delivery, against the in-order one:
+
+* status, status_reason and attempts are equal;
+* a QR is on the row exactly when it is ``qr_ready``, and then it is the newest QR of the history,
+  its expiry is its receipt time plus the lifetime of the ``qr_seq``-th QR, and
+  ``1 <= qr_seq <= N`` (qr_seq counts the QRs *applied*: one overtaken by a newer QR is never
+  shown, so a shuffle may count fewer than the in-order N).
+
+The refresh cap (``max_refreshes``) counts QRs shown, so whether a shuffle reaches it depends on
+the order; the equality property keeps N within the cap, and the step-by-step property, which
+goes past it, checks that nothing ever moves backwards or shows a QR that a newer one overtook.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proto.events import (
+    CreateRetrying,
+    CreateStarted,
+    Event,
+    QrUpdated,
+    SessionCreated,
+    SessionDeleted,
+    StatusReported,
+    UnknownEvent,
+)
+from proto.states import RANK, TERMINAL, Status
+from services.projector.transitions import QrPolicy, Row, apply
+
+POLICY = QrPolicy(first_ttl_seconds=60, next_ttl_seconds=20, max_refreshes=4)
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+CID = uuid.uuid4()
+ENDINGS = {
+    "logout": ("close", 401, "loggedOut", Status.LOGGED_OUT),
+    "conflict": ("close", 440, "connectionReplaced", Status.CONFLICT),
+    "forbidden": ("close", 403, "forbidden", Status.FAILED),
+    "refs_ended": ("close", 408, "QR refs attempts ended", Status.QR_EXPIRED),
+}
+
+
+@dataclass
+class History:
+    events: list[Event] = field(default_factory=list)
+    qrs: list[QrUpdated] = field(default_factory=list)
+    attempts: int = 1
+    scanned: bool = False
+    connected: bool = False
+    ending: str | None = None
+    deleted: bool = False
+
+    def add(self, cls: type[Any], **kw: Any) -> Any:
+        t = T0 + timedelta(seconds=20 * len(self.events))
+        event = cls(event_id=uuid.uuid4(), connection_id=CID, generation=1, occurred_at=t, **kw)
+        self.events.append(event)
+        return event
+
+    def expected(self) -> tuple[Status, str | None]:
+        """Status and reason after a clean delivery, worked out without ``apply``."""
+        if self.deleted:
+            return Status.DELETED, None
+        if len(self.qrs) > POLICY.max_refreshes:
+            return Status.QR_EXPIRED, "qr refresh limit reached"
+        if self.ending:
+            _, _, reason, status = ENDINGS[self.ending]
+            return status, reason
+        if self.connected:
+            return Status.CONNECTED, None
+        return (Status.PAIRING, None) if self.scanned else (Status.QR_READY, None)
+
+
+@st.composite
+def histories(draw: st.DrawFn, max_qrs: int) -> History:
+    h = History(attempts=draw(st.integers(1, 3)))
+    for attempt in range(1, h.attempts):
+        h.add(CreateStarted, attempt=attempt)
+        h.add(CreateRetrying, attempt=attempt, reason=f"HTTP 50{attempt}", retry_in_seconds=1.0)
+    h.add(CreateStarted, attempt=h.attempts)
+    h.add(SessionCreated, attempt=h.attempts)
+    h.add(StatusReported, status="connecting")
+    if draw(st.booleans()):
+        h.add(UnknownEvent, name="messages.upsert")
+    for i in range(draw(st.integers(1, max_qrs))):
+        h.qrs.append(h.add(QrUpdated, qr=f"2@qr{i}"))
+    h.scanned = draw(st.booleans())
+    if h.scanned:
+        h.add(StatusReported, status="close", code=515, reason="restartRequired")
+        h.connected = draw(st.booleans())
+        if h.connected:
+            h.add(StatusReported, status="connected")
+    endings = [None, "logout", "conflict", "forbidden"] + ([] if h.scanned else ["refs_ended"])
+    h.ending = draw(st.sampled_from(endings))
+    if h.ending:
+        word, code, reason, _ = ENDINGS[h.ending]
+        h.add(StatusReported, status=word, code=code, reason=reason)
+    h.deleted = draw(st.booleans())
+    if h.deleted:
+        h.add(SessionDeleted)
+    return h
+
+
+@st.composite
+def deliveries(draw: st.DrawFn, max_qrs: int) -> tuple[History, list[Event]]:
+    """A history and one delivery of it: every event at least once, any order, duplicates."""
+    h = draw(histories(max_qrs))
+    again = draw(st.lists(st.sampled_from(h.events), max_size=len(h.events)))
+    return h, draw(st.permutations(h.events + again))
+
+
+def fold(events: list[Event]) -> Row:
+    r = Row(status=Status.PENDING, generation=1)
+    for event in events:
+        r = apply(r, event, POLICY).row
+    return r
+
+
+def ttl(qr_seq: int) -> timedelta:
+    return timedelta(seconds=POLICY.first_ttl_seconds if qr_seq == 1 else POLICY.next_ttl_seconds)
+
+
+def check_qr_fields(r: Row, newest: QrUpdated | None, qr_count: int) -> None:
+    assert (r.qr is not None) == (r.status == Status.QR_READY), r
+    assert (r.qr_expires_at is not None) == (r.qr is not None), r
+    assert 0 <= r.qr_seq <= min(qr_count, POLICY.max_refreshes), r
+    if r.qr is not None:
+        assert newest is not None and r.qr == newest.qr, (r, newest)
+        assert r.qr_expires_at == newest.occurred_at + ttl(r.qr_seq), r
+        assert r.qr_seq >= 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(deliveries(max_qrs=POLICY.max_refreshes))
+def test_any_delivery_order_ends_like_the_clean_one(case: tuple[History, list[Event]]) -> None:
+    h, delivered = case
+    clean = fold(h.events)
+    assert (clean.status, clean.status_reason) == h.expected()
+    assert clean.attempts == h.attempts
+    assert clean.qr_seq == len(h.qrs)  # in order, every QR is applied
+
+    final = fold(delivered)
+    assert (final.status, final.status_reason) == (clean.status, clean.status_reason)
+    assert (final.attempts, final.generation) == (clean.attempts, clean.generation)
+    assert final.qr == clean.qr
+    assert final.qr_seq <= clean.qr_seq
+    check_qr_fields(final, h.qrs[-1], len(h.qrs))
+
+
+def _progress(status: Status) -> int:
+    return 9 if status in TERMINAL else RANK[status]
+
+
+@settings(max_examples=500, deadline=None)
+@given(deliveries(max_qrs=POLICY.max_refreshes + 3))
+def test_no_step_moves_backwards_or_shows_an_overtaken_qr(
+    case: tuple[History, list[Event]],
+) -> None:
+    h, delivered = case
+    assert (fold(h.events).status, fold(h.events).status_reason) == h.expected()
+
+    r = Row(status=Status.PENDING, generation=1)
+    seen: list[QrUpdated] = []
+    for event in delivered:
+        out = apply(r, event, POLICY)
+        new = out.row
+        assert out.applied == (new != r)
+        if isinstance(event, QrUpdated):
+            seen.append(event)
+        assert _progress(new.status) >= _progress(r.status), (r.status, event, new.status)
+        if r.status in TERMINAL:
+            assert new.status in (r.status, Status.DELETED)
+        assert new.attempts >= r.attempts
+        newest = max(seen, key=lambda q: (q.occurred_at, q.qr), default=None)
+        check_qr_fields(new, newest, len({q.qr for q in seen}))
+        r = new
