@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import asyncpg
 import msgspec
 from aiohttp import web
 
@@ -96,8 +97,12 @@ async def get_one(request: web.Request) -> web.Response:
 
 
 async def get_many(request: web.Request) -> web.Response:
+    raw_limit = request.query.get("limit", "50")
     try:
-        limit = int(request.query.get("limit", "50"))
+        # digits only: int() would also take " 5", "+5", "1_0" and non-ASCII digits
+        if not (raw_limit.isascii() and raw_limit.isdigit()):
+            raise ValueError
+        limit = int(raw_limit)
         if not 1 <= limit <= 200:
             raise ValueError
     except ValueError:
@@ -112,7 +117,8 @@ async def get_many(request: web.Request) -> web.Response:
         items, cursor = await list_connections(
             request.app[pool_key], request[tenant_key].id, limit, request.query.get("cursor")
         )
-    except ValueError:
+    except (ValueError, asyncpg.DataError):
+        # DataError: a forged cursor whose timestamp Postgres cannot take (out of range)
         raise ProblemError(
             400,
             "invalid-query",

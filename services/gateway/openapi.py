@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from proto.states import Status
 from services.gateway.models import (
     Connection,
     ConnectionList,
@@ -26,8 +27,14 @@ def _ref(name: str) -> dict[str, str]:
     return {"$ref": _REF.format(name=name)}
 
 
-def _problem(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {PROBLEM: {"schema": _ref("Problem")}}}
+def _problem(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "description": description,
+        "content": {PROBLEM: {"schema": _ref("Problem")}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
 
 
 def _json(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -46,7 +53,16 @@ _ID = {
     "required": True,
     "schema": {"type": "string", "format": "uuid"},
 }
-_AUTH = {"401": _problem("missing or unknown API key"), "503": _problem("dependency down; retry")}
+_AUTH = {
+    "401": _problem(
+        "missing or unknown API key",
+        {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "the Bearer scheme"}},
+    ),
+    "503": _problem(
+        "dependency down; retry",
+        {"Retry-After": {"schema": {"type": "string"}, "description": "seconds to wait"}},
+    ),
+}
 _FOUND = {**_AUTH, "404": _problem("no such connection for this tenant")}
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the connection's URL"}}
 
@@ -56,6 +72,10 @@ def build() -> dict[str, Any]:
         [CreateConnection, Connection, ConnectionList, History, QrCode, Problem, LiveEvent],
         ref_template=_REF,
     )
+    # The models keep ``status`` a plain str; the document names the values it takes.
+    statuses = [s.value for s in Status]
+    for name in ("Connection", "LiveEvent"):
+        components[name]["properties"]["status"]["enum"] = statuses
     idem = {
         "name": "Idempotency-Key",
         "in": "header",

@@ -251,8 +251,11 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, cid = raw.split("|", 1)
-        return datetime.fromisoformat(at), uuid.UUID(cid)
-    except (ValueError, UnicodeDecodeError) as exc:
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:
+            raise ValueError("cursor time without zone")
+        return when.astimezone(UTC), uuid.UUID(cid)
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise ValueError("malformed cursor") from exc
 
 

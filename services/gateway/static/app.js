@@ -4,6 +4,8 @@
 const $ = (sel) => document.querySelector(sel);
 const state = { key: localStorage.getItem("zapbus.apiKey") || "", open: null };
 
+const label = (status) => status.replaceAll("_", " ");
+
 async function api(method, path, body) {
   const headers = { Authorization: `Bearer ${state.key}` };
   if (body !== undefined) headers["Content-Type"] = "application/json";
@@ -15,53 +17,89 @@ async function api(method, path, body) {
   return res.json();
 }
 
-function notice(text) { $("#notice").textContent = text || ""; }
+function notice(text, kind) {
+  const el = $("#notice");
+  el.textContent = text || "";
+  el.dataset.kind = kind || "";
+}
 
 function badge(status) {
   const span = document.createElement("span");
   span.className = "badge";
   span.dataset.status = status;
-  span.textContent = status.replace("_", " ");
+  span.textContent = label(status);
   return span;
 }
 
+function signedOut(text) {
+  $("#connections tbody").replaceChildren();
+  $("#empty").hidden = true;
+  $("#new-connection").disabled = true;
+  notice(text, text ? "error" : "");
+}
+
 async function refresh() {
-  if (!state.key) return;
+  if (!state.key) {
+    signedOut("");
+    notice("Paste an API key above to see your connections.");
+    return;
+  }
   try {
     const page = await api("GET", "/v1/connections?limit=100");
-    const body = $("#connections tbody");
-    body.replaceChildren(...page.items.map(row));
+    $("#connections tbody").replaceChildren(...page.items.map(row));
     $("#empty").hidden = page.items.length > 0;
     $("#new-connection").disabled = false;
     notice("");
   } catch (err) {
-    notice(err.status === 401 ? "That API key was not accepted." : `Could not load: ${err.message}`);
+    if (err.status === 401) signedOut("That API key was not accepted.");
+    else notice(`Could not load: ${err.message}`, "error");
   }
 }
+
+// A row action: report a failure on the page instead of an unhandled rejection.
+const guarded = (what, fn) => async () => {
+  try {
+    await fn();
+  } catch (err) {
+    notice(`Could not ${what}: ${err.message}`, "error");
+  }
+};
 
 function row(c) {
   const tr = document.createElement("tr");
   tr.dataset.id = c.id;
-  const cells = [c.name, badge(c.status), String(c.generation), new Date(c.updated_at).toLocaleTimeString()];
+  const updated = new Date(c.updated_at);
+  const cells = [c.name, badge(c.status), String(c.generation), updated.toLocaleTimeString()];
   for (const v of cells) {
     const td = document.createElement("td");
     td.append(v);
     tr.append(td);
   }
+  tr.cells[0].className = "name";
+  tr.cells[3].title = updated.toLocaleString();
   const actions = document.createElement("td");
   actions.className = "actions";
-  const button = (label, fn) => {
+  const button = (text, fn, cls) => {
     const b = document.createElement("button");
-    b.textContent = label;
+    b.type = "button";
+    b.textContent = text;
+    if (cls) b.className = cls;
     b.addEventListener("click", fn);
     actions.append(b);
   };
   if (c.status !== "deleted") {
     button("QR / status", () => openQr(c.id));
-    button("Recreate", async () => { await api("POST", `/v1/connections/${c.id}/recreate`); openQr(c.id); refresh(); });
-    button("Delete", async () => {
-      if (confirm(`Delete ${c.name}?`)) { await api("DELETE", `/v1/connections/${c.id}`); refresh(); }
-    });
+    button("Recreate", guarded("recreate", async () => {
+      await api("POST", `/v1/connections/${c.id}/recreate`);
+      openQr(c.id);
+      await refresh();
+    }));
+    button("Delete", guarded("delete", async () => {
+      if (confirm(`Delete ${c.name}?`)) {
+        await api("DELETE", `/v1/connections/${c.id}`);
+        await refresh();
+      }
+    }), "danger");
   }
   tr.append(actions);
   return tr;
@@ -75,26 +113,29 @@ async function follow(id, onEvent, signal) {
       const headers = { Authorization: `Bearer ${state.key}` };
       if (lastId !== null) headers["Last-Event-ID"] = lastId;
       const res = await fetch(`/v1/connections/${id}/events`, { headers, signal });
+      if (res.status === 401 || res.status === 404) return; // retrying cannot help
       if (!res.ok) throw new Error(`events: ${res.status}`);
       const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
       let buffer = "";
       for (;;) {
         const { value, done } = await reader.read();
         if (done) break;
-        buffer += value;
+        buffer += value.replaceAll("\r\n", "\n");
         let end;
         while ((end = buffer.indexOf("\n\n")) >= 0) {
           const frame = buffer.slice(0, end);
           buffer = buffer.slice(end + 2);
-          const ev = { event: "message", data: "" };
+          const ev = { event: "message", data: [] };
           for (const line of frame.split("\n")) {
-            const [field, ...rest] = line.split(":");
-            const val = rest.join(":").replace(/^ /, "");
+            if (line.startsWith(":")) continue; // a keep-alive comment
+            const at = line.indexOf(":");
+            const field = at < 0 ? line : line.slice(0, at);
+            const val = at < 0 ? "" : line.slice(at + 1).replace(/^ /, "");
             if (field === "id") lastId = val;
             else if (field === "event") ev.event = val;
-            else if (field === "data") ev.data += val;
+            else if (field === "data") ev.data.push(val);
           }
-          if (ev.data) onEvent(ev.event, JSON.parse(ev.data));
+          if (ev.data.length && !signal.aborted) onEvent(ev.event, JSON.parse(ev.data.join("\n")));
         }
       }
     } catch (err) {
@@ -104,41 +145,72 @@ async function follow(id, onEvent, signal) {
   }
 }
 
-async function showQrImage(id, seq) {
-  const res = await fetch(`/v1/connections/${id}/qr`, {
-    headers: { Authorization: `Bearer ${state.key}`, Accept: "image/svg+xml" },
-  });
-  if (!res.ok) return;
+// The QR image of code `seq`, unless the modal moved on (closed, another code, connected).
+async function showQrImage(id, seq, signal) {
+  let blob;
+  try {
+    const res = await fetch(`/v1/connections/${id}/qr`, {
+      headers: { Authorization: `Bearer ${state.key}`, Accept: "image/svg+xml" },
+      signal,
+    });
+    if (!res.ok) return;
+    blob = await res.blob();
+  } catch (err) {
+    return;
+  }
+  if (signal.aborted || state.shownSeq !== seq) return;
   const img = $("#qr-image");
-  if (img.src) URL.revokeObjectURL(img.src);
-  img.src = URL.createObjectURL(await res.blob());
+  const old = img.src;
+  img.src = URL.createObjectURL(blob);
+  if (old.startsWith("blob:")) URL.revokeObjectURL(old);
   img.dataset.seq = seq;
   img.hidden = false;
   $("#qr-wait").hidden = true;
+}
+
+function waiting(text) {
+  $("#qr-image").hidden = true;
+  $("#qr-done").hidden = true;
+  $("#qr-wait").hidden = false;
+  $("#qr-wait-text").textContent = text;
 }
 
 function openQr(id) {
   closeQr();
   const controller = new AbortController();
   state.open = controller;
+  state.shownSeq = null;
   const status = $("#qr-status");
-  $("#qr-image").hidden = true;
-  $("#qr-wait").hidden = false;
-  $("#qr-wait").textContent = "Waiting for the QR code…";
+  status.textContent = "…";
+  status.dataset.status = "";
+  $("#qr-title").textContent = "Scan with WhatsApp";
+  $("#qr-help").hidden = false;
   $("#qr-seq").textContent = "";
   $("#qr-reason").textContent = "";
+  waiting("Waiting for the QR code…");
   $("#qr-dialog").showModal();
   follow(id, (event, c) => {
-    status.textContent = c.status.replace("_", " ");
+    status.textContent = label(c.status);
     status.dataset.status = c.status;
     $("#qr-reason").textContent = c.status_reason || "";
     if (c.status === "qr_ready" && c.qr) {
-      $("#qr-seq").textContent = `(code ${c.qr_seq})`;
-      showQrImage(id, c.qr_seq);
+      $("#qr-seq").textContent = `code ${c.qr_seq} · refreshes by itself`;
+      if (state.shownSeq !== c.qr_seq) {
+        state.shownSeq = c.qr_seq;
+        showQrImage(id, c.qr_seq, controller.signal);
+      }
     } else if (c.status !== "qr_ready") {
-      $("#qr-image").hidden = true;
-      $("#qr-wait").hidden = false;
-      $("#qr-wait").textContent = c.status === "connected" ? "✓ Connected" : `${c.status.replace("_", " ")}…`;
+      state.shownSeq = null;
+      $("#qr-seq").textContent = "";
+      if (c.status === "connected") {
+        $("#qr-title").textContent = "WhatsApp linked";
+        $("#qr-help").hidden = true;
+        $("#qr-image").hidden = true;
+        $("#qr-wait").hidden = true;
+        $("#qr-done").hidden = false;
+      } else {
+        waiting(`${label(c.status)}…`);
+      }
     }
     refresh();
   }, controller.signal);
@@ -147,6 +219,7 @@ function openQr(id) {
 function closeQr() {
   if (state.open) state.open.abort();
   state.open = null;
+  state.shownSeq = null;
   if ($("#qr-dialog").open) $("#qr-dialog").close();
 }
 
@@ -156,20 +229,22 @@ $("#key-form").addEventListener("submit", (e) => {
   localStorage.setItem("zapbus.apiKey", state.key);
   refresh();
 });
-$("#new-connection").addEventListener("click", () => $("#new-dialog").showModal());
+$("#new-connection").addEventListener("click", () => {
+  $("#new-name").value = "";
+  $("#new-dialog").showModal();
+});
+$("#new-cancel").addEventListener("click", () => $("#new-dialog").close());
 $("#new-form").addEventListener("submit", async (e) => {
-  if (e.submitter && e.submitter.value !== "create") return;
   e.preventDefault();
   const name = $("#new-name").value.trim();
   if (!name) return;
   $("#new-dialog").close();
   try {
     const c = await api("POST", "/v1/connections", { name });
-    $("#new-name").value = "";
     await refresh();
     openQr(c.id);
   } catch (err) {
-    notice(`Could not create: ${err.message}`);
+    notice(`Could not create: ${err.message}`, "error");
   }
 });
 $("#qr-close").addEventListener("click", closeQr);

@@ -1,0 +1,162 @@
+"""The web page at ``/`` driven in a real headless Chromium (Debian's, through Playwright).
+
+Paste the API key, create a connection from the "New connection" modal, see the QR image the
+moment it arrives, have the simulated phone scan it, and see the modal turn "connected".
+Screenshots go to the test's ``tmp_path`` and are copied to ``test-output/browser/`` in the
+repository (git-ignored) for a human to look at.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Browser, Page, async_playwright, expect
+
+from tests.stack import Stack
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+]
+OUTPUT = Path(__file__).resolve().parents[1] / "test-output" / "browser"
+WAIT_MS = 15_000  # every wait below is bounded by this deadline
+
+
+def _chromium() -> str:
+    """Debian's Chromium, or a failure that says how to get it."""
+    if not CHROMIUM.is_file():
+        pytest.fail(
+            f"{CHROMIUM} is missing: run `make deps-system` (Debian's chromium package; "
+            "`make test` installs it). Do not run `playwright install`."
+        )
+    return str(CHROMIUM)
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    executable = _chromium()
+    async with async_playwright() as p:
+        b = await p.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            await b.close()
+
+
+def _keep(shot: Path) -> None:
+    """Copy a screenshot where a human can find it."""
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shot, OUTPUT / shot.name)
+
+
+async def _session_name(stack: Stack, name: str) -> str:
+    async with stack.http.get(f"{stack.gateway_url}/v1/connections", headers=stack.auth()) as r:
+        assert r.status == 200, await r.text()
+        items = [c for c in (await r.json())["items"] if c["name"] == name]
+    assert len(items) == 1, f"expected one connection named {name!r}: {items}"
+    session: str = items[0]["session_name"]
+    return session
+
+
+async def _sign_in(page: Page, stack: Stack) -> None:
+    await page.goto(f"{stack.gateway_url}/")
+    await page.get_by_label("API key").fill(stack.api_key)
+    await page.get_by_role("button", name="Use key").click()
+    await expect(page.get_by_role("button", name="New connection")).to_be_enabled()
+
+
+async def test_page_creates_connection_shows_qr_then_connected(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    page = await browser.new_page(viewport={"width": 1100, "height": 760})
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 else None)
+
+    await _sign_in(page, stack)
+    await expect(page.locator("#empty")).to_be_visible()
+
+    await page.get_by_role("button", name="New connection").click()
+    await page.get_by_label("Name").fill("Browser sales")
+    await page.get_by_role("button", name="Create").click()
+
+    dialog = page.locator("#qr-dialog")
+    await expect(dialog).to_be_visible()
+    image = page.locator("#qr-image")
+    await expect(image).to_be_visible()
+    await expect(image).to_have_attribute("src", re.compile(r"^blob:"))
+    await page.wait_for_function(
+        "() => { const i = document.querySelector('#qr-image');"
+        " return i.complete && i.naturalWidth > 0; }"
+    )
+    status = page.locator("#qr-status")
+    await expect(status).to_have_attribute("data-status", "qr_ready")
+    await expect(page.locator("#connections tbody tr")).to_have_count(1)
+
+    shot = tmp_path / "qr-modal.png"
+    await dialog.screenshot(path=shot)
+    _keep(shot)
+    whole = tmp_path / "page-with-qr.png"
+    await page.screenshot(path=whole)
+    _keep(whole)
+
+    session = await _session_name(stack, "Browser sales")
+    await stack.sim("POST", f"/_sim/sessions/{session}/scan")
+
+    await expect(status).to_have_attribute("data-status", "connected")
+    await expect(status).to_have_text("connected")
+    await expect(image).to_be_hidden()
+    connected = tmp_path / "connected-modal.png"
+    await dialog.screenshot(path=connected)
+    _keep(connected)
+
+    await page.get_by_role("button", name="Close").click()
+    await expect(dialog).to_be_hidden()
+    badge = page.locator("#connections tbody tr .badge")
+    await expect(badge).to_have_text("connected")
+    listing = tmp_path / "connections.png"
+    await page.screenshot(path=listing)
+    _keep(listing)
+    assert errors == [], f"the page logged errors: {errors}"
+
+
+async def test_page_refuses_a_wrong_key_and_creates_on_enter(
+    stack: Stack, browser: Browser
+) -> None:
+    page = await browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    await page.goto(f"{stack.gateway_url}/")
+    await expect(page.locator("#notice")).to_contain_text("Paste an API key")
+
+    await page.get_by_label("API key").fill("zb_not-a-key")
+    await page.get_by_role("button", name="Use key").click()
+    await expect(page.locator("#notice")).to_have_text("That API key was not accepted.")
+    await expect(page.get_by_role("button", name="New connection")).to_be_disabled()
+
+    await _sign_in(page, stack)
+    await page.get_by_role("button", name="New connection").click()
+    await page.get_by_role("button", name="Cancel").click()
+    await expect(page.locator("#new-dialog")).to_be_hidden()
+
+    # Enter in the name field creates (the first button of the form is Cancel: it must not win)
+    await page.get_by_role("button", name="New connection").click()
+    await page.get_by_label("Name").fill("Support")
+    await page.get_by_label("Name").press("Enter")
+    await expect(page.locator("#qr-image")).to_be_visible()
+    await page.keyboard.press("Escape")
+    await expect(page.locator("#qr-dialog")).to_be_hidden()
+    rows = page.locator("#connections tbody tr")
+    await expect(rows).to_have_count(1)
+    await expect(rows.locator("td.name")).to_have_text("Support")
