@@ -41,6 +41,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     webhook_public_url: str = "http://127.0.0.1:8081"
     webhook_secret: str = "dev-webhook-secret-change-me"
     webhook_max_body_bytes: int = 256 * 1024
+    # When set, every delivery must carry a valid Standard Webhooks signature
+    # (webhook-id / webhook-timestamp / webhook-signature) made with this secret.
+    webhook_signing_secret: str = ""
+    webhook_signature_tolerance_seconds: float = 300.0
 
     # session worker
     worker_host: str = "127.0.0.1"

@@ -36,6 +36,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     qr_max: int = 6
     # Probability each webhook is delivered twice.
     webhook_duplicate_rate: float = 0.0
+    # When set, webhooks carry Standard Webhooks signature headers made with this secret.
+    signing_secret: str = ""
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -104,6 +106,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_QR_MAX": ("qr_max", int),
     "ZAPBUS_SIM_DUPLICATE_RATE": ("webhook_duplicate_rate", _parse_float),
     "ZAPBUS_SIM_SEED": ("seed", int),
+    "ZAPBUS_SIM_SIGNING_SECRET": ("signing_secret", str),
 }
 
 

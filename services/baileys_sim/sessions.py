@@ -76,7 +76,11 @@ class SessionRegistry:
         self._closing = asyncio.Event()
         self._metrics = metrics
         self.webhooks = WebhookSender(
-            http, metrics, self.rng, lambda: self.config.webhook_duplicate_rate
+            http,
+            metrics,
+            self.rng,
+            lambda: self.config.webhook_duplicate_rate,
+            lambda: self.config.signing_secret,
         )
 
     # --- names and creation -------------------------------------------------------------------

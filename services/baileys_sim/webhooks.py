@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
 import aiohttp
+
+from zapbus.signing import signed_headers
 
 from .metrics import SimMetrics
 
@@ -41,6 +45,7 @@ class WebhookSender:
         metrics: SimMetrics,
         rng: random.Random,
         duplicate_rate: Callable[[], float],
+        signing_secret: Callable[[], str] = lambda: "",
     ) -> None:
         self.sent = 0
         self.failed = 0
@@ -48,6 +53,7 @@ class WebhookSender:
         self._metrics = metrics
         self._rng = rng
         self._duplicate_rate = duplicate_rate
+        self._signing_secret = signing_secret
 
     async def run(self, url: str, queue: OutQueue) -> None:
         """Send the queue's webhooks one at a time, in order, until a ``None`` arrives."""
@@ -58,6 +64,15 @@ class WebhookSender:
             for _ in range(copies):
                 await self.deliver(url, item.body)
 
+    def _headers(self, body: bytes) -> dict[str, str]:
+        secret = self._signing_secret()
+        if not secret:
+            return _JSON_HEADERS
+        # The same body is the same message: duplicates and replays keep their id, as a
+        # real sender's retries do.
+        msg_id = "msg_" + hashlib.sha256(body).hexdigest()[:24]
+        return {**_JSON_HEADERS, **signed_headers(secret, msg_id, int(time.time()), body)}
+
     async def deliver(self, url: str, body: bytes) -> bool:
         """POST ``body`` to ``url``, retrying non-2xx answers and connection errors."""
         reason = ""
@@ -67,7 +82,7 @@ class WebhookSender:
                 await asyncio.sleep(WEBHOOK_BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
                 async with self._http.post(
-                    url, data=body, headers=_JSON_HEADERS, timeout=WEBHOOK_TIMEOUT
+                    url, data=body, headers=self._headers(body), timeout=WEBHOOK_TIMEOUT
                 ) as resp:
                     if 200 <= resp.status < 300:
                         self.sent += 1

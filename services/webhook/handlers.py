@@ -15,6 +15,7 @@ from proto import headers
 from proto.events import EVENT_SUBJECT_KIND, Event, QrUpdated, StatusReported, event_encoder
 from services.webhook.metrics import metrics_key
 from services.webhook.payloads import PayloadError, QrReport, StatusReport, Unknown, parse
+from zapbus import signing
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.logs import fields
 from zapbus.runtime import js_key, settings_key
@@ -57,6 +58,21 @@ async def receive(request: web.Request) -> web.Response:
     connection_id, generation = _target(request)
     metrics = request.app[metrics_key]
     body = await request.read()
+    settings = request.app[settings_key]
+    if settings.webhook_signing_secret:
+        try:
+            signing.verify(
+                settings.webhook_signing_secret,
+                request.headers,
+                body,
+                time.time(),
+                settings.webhook_signature_tolerance_seconds,
+            )
+        except signing.SignatureError as exc:
+            metrics.events.labels("unknown", "rejected_signature").inc()
+            raise ProblemError(
+                401, "invalid-webhook-signature", "Invalid webhook signature", str(exc)
+            ) from None
     try:
         session, report = parse(body)
     except PayloadError as exc:
@@ -98,7 +114,6 @@ async def receive(request: web.Request) -> web.Response:
     # stored once (within JetStream's duplicate window).
     dedupe = request.headers.get("webhook-id") or hashlib.sha256(body).hexdigest()
     msg_id = f"wh:{connection_id}:{generation}:{dedupe}"[:200]
-    settings = request.app[settings_key]
     try:
         ack = await request.app[js_key].publish(
             settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)]),

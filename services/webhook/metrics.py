@@ -14,7 +14,7 @@ EVENT_OUTCOMES = {
     "qr.update": ("accepted", "duplicate", "unavailable"),
     "session.status": ("accepted", "duplicate", "unavailable"),
     "other": ("ignored",),
-    "unknown": ("rejected_token", "rejected_payload", "rejected_session"),
+    "unknown": ("rejected_token", "rejected_signature", "rejected_payload", "rejected_session"),
 }
 
 
@@ -23,7 +23,7 @@ class WebhookMetrics:
         self.events = Counter(
             "zapbus_webhook_events_total",
             "Webhook deliveries by event kind and outcome (accepted, duplicate, ignored, "
-            "rejected_token, rejected_payload, rejected_session, unavailable).",
+            "rejected_token, rejected_signature, rejected_payload, rejected_session, unavailable).",
             ["event", "outcome"],
             registry=registry,
         )
