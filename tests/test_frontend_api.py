@@ -163,3 +163,36 @@ async def test_web_page_is_served(stack: Stack) -> None:
         assert "New connection" in await r.text()
     async with stack.http.get(f"{stack.gateway_url}/static/app.js") as r:
         assert r.status == 200
+
+
+async def test_sse_works_across_gateway_replicas(stack: Stack) -> None:
+    """Live updates come from JetStream, so a second replica serves and resumes them too."""
+    from aiohttp import web
+
+    from services.gateway.app import create_app as create_gateway
+    from zapbus.localinfra import free_port
+
+    port = free_port()
+    runner = web.AppRunner(create_gateway(stack.settings))
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        created = await stack.create("replicas")  # through replica A
+        cid = created["id"]
+        timeout = aiohttp.ClientTimeout(total=20)
+        url_b = f"http://127.0.0.1:{port}/v1/connections/{cid}/events"
+        async with stack.http.get(url_b, headers=stack.auth(), timeout=timeout) as r:
+            events = sse_events(r)
+            seen = [await anext(events)]
+            while seen[-1]["data"]["status"] != "qr_ready":
+                seen.append(await anext(events))
+        await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/scan")
+        await stack.wait_status(cid, "connected")
+        url_a = f"{stack.gateway_url}/v1/connections/{cid}/events"
+        headers = {**stack.auth(), "Last-Event-ID": seen[-1]["id"]}
+        async with stack.http.get(url_a, headers=headers, timeout=timeout) as r:
+            events = sse_events(r)
+            resumed = [(await anext(events))["data"]["status"] for _ in range(2)]
+        assert resumed == ["pairing", "connected"]
+    finally:
+        await runner.cleanup()
