@@ -188,6 +188,15 @@ async def test_nats_down_when_create_arrives_still_202_then_created(workdir: Pat
     sim = SimConfig(port=0, create_delay=(0.05, 0.1), qr_first_seconds=600)
     async with process_stack(workdir, sim, WORKER_ENV) as stack:
         await stack.nats.astop()
+
+        async def readiness() -> tuple[int, Any] | None:
+            async with stack.http.get(f"{stack.gateway_url}/readyz") as r:
+                body = await r.json()
+                return (r.status, body) if body["checks"]["nats"] is False else None
+
+        # The gateway sees NATS gone yet stays ready: it accepts creates into its outbox.
+        status, body = await wait_for("the gateway to notice NATS is down", readiness)
+        assert status == 200, body
         async with stack.http.post(
             f"{stack.gateway_url}/v1/connections", json={"name": "offline"}, headers=stack.auth()
         ) as r:

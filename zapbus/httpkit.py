@@ -68,6 +68,9 @@ ReadyCheck = Callable[[], Awaitable[bool] | bool]
 registry_key = web.AppKey("registry", CollectorRegistry)
 ready_checks_key = web.AppKey("ready_checks", dict[str, ReadyCheck])
 service_name_key = web.AppKey("service_name", str)
+# Checks reported by /readyz but not required for readiness (e.g. the gateway keeps accepting
+# requests into its outbox while NATS is away, so NATS must not take it out of rotation).
+optional_checks_key = web.AppKey("optional_checks", set[str])
 
 _json = msgspec.json.Encoder()
 
@@ -186,7 +189,8 @@ async def readyz(request: web.Request) -> web.Response:
             results[name] = bool(await outcome if not isinstance(outcome, bool) else outcome)
         except Exception:
             results[name] = False
-    ok = all(results.values())
+    optional = request.app[optional_checks_key]
+    ok = all(passed for name, passed in results.items() if name not in optional)
     return json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
 
 
@@ -203,6 +207,7 @@ def base_app(service: str, client_max_size: int = 1024**2) -> web.Application:
     app[service_name_key] = service
     app[registry_key] = CollectorRegistry()
     app[ready_checks_key] = {}
+    app[optional_checks_key] = set()
     app.middlewares.append(_make_middleware(app))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
