@@ -107,8 +107,11 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
     assert handled["seq"] >= 1 and handled["delivered"] == 1 and handled["ms"] >= 0
     relayed = [line for line in about["gateway"] if line["msg"] == "command relayed"]
     assert command_id in {line["command_id"] for line in relayed}, relayed
-    webhooks = {line["event"] for line in about["webhook"]}
-    assert webhooks == {"qr.update", "session.status"}
+    handled_webhooks = [line for line in about["webhook"] if "event" in line]
+    assert {line["event"] for line in handled_webhooks} == {"qr.update", "session.status"}
+    access = [line for line in about["webhook"] if "route" in line]
+    assert access and all(line["status"] == 202 for line in access)
+    assert all("{token}" in line["route"] for line in access)  # the template, never the token
     assert all(line["generation"] == generation for line in about["webhook"])
     projected = about["projector"]
     assert all(line["generation"] == generation for line in projected)

@@ -171,10 +171,37 @@ def _make_middleware(app: web.Application) -> Any:
             log.exception("unhandled error on %s %s", request.method, route)
             return problem(500, "internal", "Internal error", "the error was logged")
         finally:
+            elapsed = time.perf_counter() - start
             requests.labels(route, request.method, str(status)).inc()
-            latency.labels(route, request.method).observe(time.perf_counter() - start)
+            latency.labels(route, request.method).observe(elapsed)
+            _access_log(request, route, status, elapsed)
 
     return middleware
+
+
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+
+
+def _access_log(request: web.Request, route: str, status: int, elapsed: float) -> None:
+    """One line per request: the route template (never the path, which may hold a webhook
+    token), the status, the time, and the connection it concerns."""
+    level = logging.DEBUG if route in _QUIET_ROUTES else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    info = request.match_info
+    connection_id = info.get("id") or info.get("connection_id")
+    values: dict[str, object] = {
+        "route": route,
+        "method": request.method,
+        "status": status,
+        "ms": round(elapsed * 1000, 2),
+    }
+    if connection_id:
+        values["connection_id"] = connection_id
+    generation = info.get("generation", "")
+    if generation.isascii() and generation.isdigit():
+        values["generation"] = int(generation)
+    log.log(level, "%s %s %d", request.method, route, status, extra={"fields": values})
 
 
 async def healthz(request: web.Request) -> web.Response:
