@@ -1,0 +1,104 @@
+"""``python -m bench [--quick] [--out PATH] [create] [burst] [webhook] [projector]``.
+
+Runs the chosen benchmarks (all by default) one after the other, prints each table as it is
+done, and writes every table to ``docs/benchmarks.md`` (a full run of all four) or to ``--out``.
+A ``--quick`` run or a subset only prints, unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from bench import burst, create, projector, webhook
+from bench.cpu import find_infra_pids
+from bench.harness import Ctx, Scale
+from bench.report import document, environment
+from bench.stats import Section
+from zapbus.localinfra import ensure_infra
+
+BENCHMARKS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
+    "create": create.run,
+    "burst": burst.run,
+    "webhook": webhook.run,
+    "projector": projector.run,
+}
+
+SETUP = """\
+Everything runs on this one machine, on loopback: the shared nats-server and PostgreSQL (the
+ones `make test` uses; database `test`), each zapbus service as its own process
+(`python -m services.<name>`, configured by `ZAPBUS_*` variables, logging JSON at INFO to a
+file as in production), the Baileys simulator as its own process (logging at WARNING: it
+stands in for a server on another machine), and the load generator in a process of its own
+(aiohttp client, or asyncpg/nats-py for the floors), so it never shares an event loop with
+what it measures. On 2 cores the load generator, the services, NATS and Postgres compete for
+the CPU; each section lists the CPU each process used. Every benchmark uses its own NATS
+namespace and Postgres schema, deleted afterwards. Latency is measured open loop (a fixed send
+schedule, latency counted from the scheduled send time); capacity closed loop. "Row committed"
+is observed with LISTEN in the load generator: triggers that the benchmark adds to its own
+schema NOTIFY on each projected row, and NOTIFY is delivered at commit. All times of one
+measurement are read on the load generator's clock."""
+
+
+def _args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "names",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"which to run: {', '.join(BENCHMARKS)} (default: all)",
+    )
+    p.add_argument("--quick", action="store_true", help="short smoke run (~1 min)")
+    p.add_argument("--out", type=Path, help="write the tables here (markdown)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="py-spy the services under load (see bench/profile.py)",
+    )
+    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in BENCHMARKS]
+    if unknown:
+        p.error(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    return args
+
+
+async def main(argv: list[str]) -> int:
+    args = _args(argv)
+    names = args.names or list(BENCHMARKS)
+    scale = Scale.quick() if args.quick else Scale()
+    out = args.out
+    if out is None and not args.quick and names == list(BENCHMARKS):
+        out = Path("docs/benchmarks.md")
+    logs = Path(tempfile.mkdtemp(prefix="zapbus-bench-"))
+    started = time.monotonic()
+    async with await ensure_infra(args.nats_url, args.database_url, logs / "infra") as infra:
+        pids = await find_infra_pids(infra.nats_url, infra.database_url)
+        ctx = Ctx(infra.nats_url, infra.database_url, logs, scale, pids, args.profile)
+        ctx.say(f"service logs in {logs}")
+        env = await environment(infra.database_url)
+        sections = []
+        for name in names:
+            section = await BENCHMARKS[name](ctx)
+            print(section.text(), flush=True)
+            sections.append(section)
+    took = time.monotonic() - started
+    ctx.say(f"done in {took:.0f} s")
+    if out is not None:
+        command = "python -m bench " + " ".join(argv) if argv else "make bench"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(document(env, sections, SETUP, command.strip(), took))
+        ctx.say(f"wrote {out}")
+    missed = [t.text for s in sections for t in s.targets if not t.met]
+    ctx.say(f"targets missed: {len(missed)}" + (f" ({'; '.join(missed)})" if missed else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main(sys.argv[1:])))

@@ -1,0 +1,36 @@
+"""The webhook floor: a bare aiohttp endpoint on the webhook route that parses the JSON body and
+answers 200, nothing else. ``python -m bench.bare`` with ``BENCH_PORT``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import msgspec
+from aiohttp import web
+
+
+async def receive(request: web.Request) -> web.Response:
+    msgspec.json.decode(await request.read())
+    return web.Response(body=b'{"ok":true}', content_type="application/json")
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
+
+
+def create_app() -> web.Application:
+    app = web.Application()
+    app.router.add_post("/webhooks/baileys/{connection_id}/{generation}/{token}", receive)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+if __name__ == "__main__":
+    web.run_app(
+        create_app(),
+        host="127.0.0.1",
+        port=int(os.environ["BENCH_PORT"]),
+        print=None,
+        access_log=None,
+    )
