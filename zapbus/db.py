@@ -27,13 +27,24 @@ def _check_schema(schema: str) -> str:
     return schema
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Skip asyncpg's reset query on release: zapbus keeps no session state (no SET, no
+    LISTEN, only transaction-scoped advisory locks), and the reset was a full round trip on
+    every release (~8-12 % of a service's CPU under load, bench/findings.md). asyncpg still
+    rolls back a transaction left open."""
+
+
 async def create_pool(dsn: str, schema: str = "public", **kwargs: Any) -> asyncpg.Pool:
     """A pool whose connections resolve zapbus's tables in ``schema``."""
     kwargs.setdefault("min_size", 1)
     kwargs.setdefault("max_size", 10)
-    pool = await asyncpg.create_pool(
-        dsn, server_settings={"search_path": _check_schema(schema)}, **kwargs
-    )
+    settings = {
+        "search_path": _check_schema(schema),
+        # SSD storage: without it, a young connection_events table with no statistics yet
+        # is seq-scanned for every projector batch's duplicate check.
+        "random_page_cost": "1.1",
+    }
+    pool = await asyncpg.create_pool(dsn, server_settings=settings, reset=_keep_session, **kwargs)
     assert pool is not None
     return pool
 

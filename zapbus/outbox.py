@@ -1,4 +1,9 @@
-"""Writing to the transactional outbox (relayed to JetStream by the gateway's relay)."""
+"""Writing to the transactional outbox (relayed to JetStream by the gateway's relay).
+
+An outbox row is (msg_id, subject, payload, headers); ``msg_id`` becomes the JetStream
+``Nats-Msg-Id``. The ``*_row`` functions build the values, so a caller can also insert them
+inside a larger statement (the gateway's single-statement create).
+"""
 
 from __future__ import annotations
 
@@ -12,35 +17,43 @@ from proto.changes import ConnectionChanged, change_encoder
 from proto.commands import Command, command_encoder
 from proto.names import Names
 
+OutboxRow = tuple[str, str, bytes, str]
+
+_INSERT = "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
+
+
+def command_row(names: Names, cmd: Command, msg_id: str | None = None) -> OutboxRow:
+    """``msg_id`` defaults to the command id. The watchdog passes a fresh one when it
+    re-drives a command, so JetStream's duplicate window cannot swallow the re-drive, while
+    the command itself keeps its id."""
+    hdrs = {headers.COMMAND_ID: str(cmd.command_id), headers.CONNECTION_ID: str(cmd.connection_id)}
+    return (
+        msg_id or str(cmd.command_id),
+        names.command_subject(cmd.kind),
+        command_encoder.encode(cmd),
+        msgspec.json.encode(hdrs).decode(),
+    )
+
+
+def change_row(names: Names, change: ConnectionChanged) -> OutboxRow:
+    return (
+        f"chg:{uuid.uuid4()}",
+        names.change_subject(change.connection_id),
+        change_encoder.encode(change),
+        msgspec.json.encode({headers.CONNECTION_ID: str(change.connection_id)}).decode(),
+    )
+
 
 async def insert_outbox(
     conn: asyncpg.Connection, names: Names, cmd: Command, msg_id: str | None = None
 ) -> bool:
-    """Queue ``cmd`` in the caller's transaction; False if that message id is queued already.
-
-    ``msg_id`` becomes the JetStream ``Nats-Msg-Id``; it defaults to the command id. The
-    watchdog passes a fresh one when it re-drives a command, so JetStream's duplicate window
-    cannot swallow the re-drive, while the command itself keeps its id.
-    """
+    """Queue ``cmd`` in the caller's transaction; False if that message id is queued already."""
     done = await conn.execute(
-        "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)"
-        " ON CONFLICT (msg_id) DO NOTHING",
-        msg_id or str(cmd.command_id),
-        names.command_subject(cmd.kind),
-        command_encoder.encode(cmd),
-        msgspec.json.encode(
-            {headers.COMMAND_ID: str(cmd.command_id), headers.CONNECTION_ID: str(cmd.connection_id)}
-        ).decode(),
+        _INSERT + " ON CONFLICT (msg_id) DO NOTHING", *command_row(names, cmd, msg_id)
     )
     return bool(done.endswith(" 1"))
 
 
 async def queue_change(conn: asyncpg.Connection, names: Names, change: ConnectionChanged) -> None:
     """Queue a connection-change snapshot (for live updates) in the caller's transaction."""
-    await conn.execute(
-        "INSERT INTO outbox (msg_id, subject, payload, headers) VALUES ($1, $2, $3, $4)",
-        f"chg:{uuid.uuid4()}",
-        names.change_subject(change.connection_id),
-        change_encoder.encode(change),
-        msgspec.json.encode({headers.CONNECTION_ID: str(change.connection_id)}).decode(),
-    )
+    await conn.execute(_INSERT, *change_row(names, change))

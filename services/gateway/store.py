@@ -15,7 +15,7 @@ from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
 from services.gateway.models import Connection, HistoryEntry
-from zapbus.outbox import insert_outbox, queue_change
+from zapbus.outbox import change_row, command_row, insert_outbox, queue_change
 from zapbus.tokens import session_name
 
 _COLUMNS = (
@@ -50,6 +50,29 @@ def request_hash(name: str) -> bytes:
     return hashlib.sha256(msgspec.json.encode({"name": name})).digest()
 
 
+# One statement, so one round trip, atomic on its own: the row, its create command and its
+# change notification (both into the outbox), and the first history row. A conflicting
+# Idempotency-Key inserts nothing at all (every part selects FROM the empty ``c``).
+_CREATE = f"""
+WITH c AS (
+    INSERT INTO connections (id, tenant_id, name, generation, session_name, status,
+        idempotency_key, request_hash, command_id, created_at, updated_at, status_changed_at)
+    VALUES ($1, $2, $3, 1, $4, 'pending', $5, $6, $7, $8, $8, $8)
+    ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+    RETURNING {_COLUMNS}
+), command AS (
+    INSERT INTO outbox (msg_id, subject, payload, headers) SELECT $9, $10, $11, $12 FROM c
+), change AS (
+    INSERT INTO outbox (msg_id, subject, payload, headers) SELECT $13, $14, $15, $16 FROM c
+), history AS (
+    INSERT INTO connection_events (event_id, connection_id, generation, event_type,
+        from_status, to_status, applied, command_id, occurred_at)
+    SELECT $17, c.id, 1, 'create.requested', NULL, 'pending', true, $7, $8 FROM c
+)
+SELECT * FROM c
+"""
+
+
 async def create_connection(
     pool: asyncpg.Pool,
     names: Names,
@@ -57,56 +80,65 @@ async def create_connection(
     name: str,
     idempotency_key: str | None,
 ) -> tuple[Connection, bool]:
-    """Insert the connection and its create command in one transaction.
+    """Insert the connection and its create command atomically, in one round trip.
 
     Returns (connection, created); ``created`` is False when the Idempotency-Key matched an
     earlier identical request, whose connection is returned instead.
     """
     connection_id = uuid.uuid4()
-    command_id = uuid.uuid4()
     digest = request_hash(name)
     now = datetime.now(UTC)
-    async with pool.acquire() as conn, conn.transaction():
-        row = await conn.fetchrow(
-            f"INSERT INTO connections (id, tenant_id, name, generation, session_name, status,"
-            f" idempotency_key, request_hash, command_id)"
-            f" VALUES ($1, $2, $3, 1, $4, $5, $6, $7, $8)"
-            f" ON CONFLICT (tenant_id, idempotency_key) DO NOTHING RETURNING {_COLUMNS}",
-            connection_id,
-            tenant_id,
-            name,
-            session_name(connection_id, 1),
-            Status.PENDING.value,
-            idempotency_key,
-            digest,
-            command_id,
-        )
-        if row is None:
-            existing = await conn.fetchrow(
-                f"SELECT {_COLUMNS}, request_hash FROM connections"
-                " WHERE tenant_id = $1 AND idempotency_key = $2",
-                tenant_id,
-                idempotency_key,
-            )
-            assert existing is not None
-            if existing["request_hash"] != digest:
-                raise IdempotencyConflict
-            record = dict(existing)
-            record.pop("request_hash")
-            return msgspec.convert(record, Connection), False
-        cmd = CreateSession(
-            command_id=command_id,
-            connection_id=connection_id,
-            tenant_id=tenant_id,
-            generation=1,
-            session_name=row["session_name"],
-            requested_at=now,
-        )
-        await insert_outbox(conn, names, cmd)
-        await _record(conn, cmd, "create.requested", None, Status.PENDING)
-        connection = _to_connection(row)
-        await queue_change(conn, names, change_of(connection, "create.requested"))
-        return connection, True
+    cmd = CreateSession(
+        command_id=uuid.uuid4(),
+        connection_id=connection_id,
+        tenant_id=tenant_id,
+        generation=1,
+        session_name=session_name(connection_id, 1),
+        requested_at=now,
+    )
+    connection = Connection(
+        id=connection_id,
+        name=name,
+        status=Status.PENDING.value,
+        status_reason=None,
+        generation=1,
+        session_name=cmd.session_name,
+        qr=None,
+        qr_seq=0,
+        qr_expires_at=None,
+        attempts=0,
+        created_at=now,
+        updated_at=now,
+        status_changed_at=now,
+    )
+    row = await pool.fetchrow(
+        _CREATE,
+        connection_id,
+        tenant_id,
+        name,
+        cmd.session_name,
+        idempotency_key,
+        digest,
+        cmd.command_id,
+        now,
+        *command_row(names, cmd),
+        *change_row(names, change_of(connection, "create.requested")),
+        uuid.uuid4(),
+    )
+    if row is not None:
+        return _to_connection(row), True
+    existing = await pool.fetchrow(
+        f"SELECT {_COLUMNS}, request_hash FROM connections"
+        " WHERE tenant_id = $1 AND idempotency_key = $2",
+        tenant_id,
+        idempotency_key,
+    )
+    assert existing is not None  # the conflicting row is committed (ON CONFLICT waited)
+    if existing["request_hash"] != digest:
+        raise IdempotencyConflict
+    record = dict(existing)
+    record.pop("request_hash")
+    return msgspec.convert(record, Connection), False
 
 
 async def _record(
