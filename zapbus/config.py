@@ -24,6 +24,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # Postgres schema holding zapbus's tables (tests use one per test).
     db_schema: str = "public"
+    db_pool_size: int = 20  # connections per service process
     namespace: str = "zapbus"
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"

@@ -77,7 +77,9 @@ async def _db_ready(pool: asyncpg.Pool) -> bool:
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[settings_key]
-    pool = await db.create_pool(settings.database_url, settings.db_schema)
+    pool = await db.create_pool(
+        settings.database_url, settings.db_schema, max_size=settings.db_pool_size
+    )
     app[pool_key] = pool
     app[ready_checks_key]["postgres"] = lambda: _db_ready(pool)
     yield

@@ -12,7 +12,16 @@ from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
 from zapbus.httpkit import base_app, registry_key
-from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+from zapbus.runtime import (
+    Runner,
+    js_key,
+    nats_ctx,
+    nats_key,
+    pool_ctx,
+    pool_key,
+    runner_ctx,
+    settings_key,
+)
 
 projector_key = web.AppKey("projector", Runner)
 watchdog_key = web.AppKey("watchdog", Runner)
@@ -38,7 +47,7 @@ def build_projector(app: web.Application) -> Projector:
             app[js_key], settings.names.events_stream, consumer_config(settings)
         ),
         pool=app[pool_key],
-        js=app[js_key],
+        nc=app[nats_key],
         names=settings.names,
         metrics=ProjectorMetrics(app[registry_key]),
         policy=QrPolicy(

@@ -13,8 +13,8 @@ from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from proto import headers
 from proto.changes import ConnectionChanged, change_encoder
@@ -42,7 +42,7 @@ class Projector:
         self,
         consumer: DurableConsumer,
         pool: asyncpg.Pool,
-        js: JetStreamContext,
+        nc: NATS,
         names: Names,
         metrics: ProjectorMetrics,
         policy: QrPolicy,
@@ -51,7 +51,7 @@ class Projector:
     ) -> None:
         self.consumer = consumer
         self.pool = pool
-        self.js = js
+        self.nc = nc
         self.names = names
         self.metrics = metrics
         self.policy = policy
@@ -66,12 +66,23 @@ class Projector:
     async def run(self) -> None:
         await self.consumer.open()
         reporter = asyncio.create_task(self.consumer.report_pending(self.metrics.consumer))
+        # The next batch is fetched while this one is projected (max_ack_pending covers two).
+        ahead = asyncio.ensure_future(self.consumer.fetch(self.batch, self.fetch_timeout))
         try:
-            while not self._stopping.is_set():
-                msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
+            while True:
+                msgs = await ahead
+                if self._stopping.is_set():
+                    for msg in msgs:  # hand back what came in after the stop
+                        await msg.nak()
+                    break
+                ahead = asyncio.ensure_future(self.consumer.fetch(self.batch, self.fetch_timeout))
                 if msgs:
                     await self.handle_batch(msgs)
         finally:
+            if not ahead.done():
+                ahead.cancel()  # what it may have received is redelivered after ack_wait
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    await ahead
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
@@ -92,31 +103,33 @@ class Projector:
         re-reads the row when it reconnects. The id makes a redelivered batch harmless.
         """
         now = datetime.now(UTC)
-        publishes = [
-            self.js.publish(
-                self.names.change_subject(r.event.connection_id),
-                change_encoder.encode(
-                    ConnectionChanged(
-                        connection_id=r.event.connection_id,
-                        generation=r.outcome.row.generation,
-                        status=r.outcome.row.status.value,
-                        status_reason=r.outcome.row.status_reason,
-                        qr=r.outcome.row.qr,
-                        qr_seq=r.outcome.row.qr_seq,
-                        qr_expires_at=r.outcome.row.qr_expires_at,
-                        cause=event_type(r.event),
-                        changed_at=now,
-                    )
-                ),
-                headers={headers.MSG_ID: f"chg:{r.event.event_id}"},
+        failed = 0
+        for r in results:
+            if r.outcome is None or not r.outcome.applied:
+                continue
+            row = r.outcome.row
+            change = ConnectionChanged(
+                connection_id=r.event.connection_id,
+                generation=row.generation,
+                status=row.status.value,
+                status_reason=row.status_reason,
+                qr=row.qr,
+                qr_seq=row.qr_seq,
+                qr_expires_at=row.qr_expires_at,
+                cause=event_type(r.event),
+                changed_at=now,
             )
-            for r in results
-            if r.outcome is not None and r.outcome.applied
-        ]
-        outcomes = await asyncio.gather(*publishes, return_exceptions=True)
-        failed = [o for o in outcomes if isinstance(o, BaseException)]
+            try:
+                # Core publish to the stream's subject: stored by JetStream, not waited for.
+                await self.nc.publish(
+                    self.names.change_subject(r.event.connection_id),
+                    change_encoder.encode(change),
+                    headers={headers.MSG_ID: f"chg:{r.event.event_id}"},
+                )
+            except Exception:
+                failed += 1
         if failed:
-            log.warning("%d change notifications not published: %r", len(failed), failed[0])
+            log.warning("%d change notifications not published", failed)
 
     async def handle_batch(self, msgs: list[Msg]) -> None:
         start = time.perf_counter()
