@@ -82,10 +82,18 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
             assert r.status < 300, await r.text()
         await wait_for(f"{cid} connected", lambda: in_status("connected"), timeout=20)
 
+        def about_connection(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            """Lines about the connection; a projector batch line counts by its events."""
+            found = [line for line in lines if line.get("connection_id") == cid]
+            for line in lines:
+                for event in line.get("events", ()):
+                    if event["connection_id"] == cid:
+                        found.append({**event, "service": line["service"]})
+            return found
+
         async def traced() -> dict[str, list[dict[str, Any]]] | None:
             about = {
-                service: [line for line in lines if line.get("connection_id") == cid]
-                for service, lines in read_logs(stack).items()
+                service: about_connection(lines) for service, lines in read_logs(stack).items()
             }
             done = any(line.get("to_status") == "connected" for line in about["projector"])
             return about if done and all(about.values()) else None

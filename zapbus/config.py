@@ -33,6 +33,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     gateway_host: str = "127.0.0.1"
     gateway_port: int = 8080
     outbox_poll_seconds: float = 1.0
+    # A known API key is remembered this long (a rotated key stops working within it).
+    api_key_cache_seconds: float = 5.0
     public_gateway_url: str = "http://127.0.0.1:8080"
 
     # webhook
@@ -68,7 +70,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # projector
     projector_host: str = "127.0.0.1"
     projector_port: int = 9103
-    projector_batch: int = 256
+    projector_batch: int = 512
     qr_first_ttl_seconds: float = 60.0
     qr_next_ttl_seconds: float = 20.0
     qr_max_refreshes: int = 6

@@ -68,6 +68,8 @@ ReadyCheck = Callable[[], Awaitable[bool] | bool]
 registry_key = web.AppKey("registry", CollectorRegistry)
 ready_checks_key = web.AppKey("ready_checks", dict[str, ReadyCheck])
 service_name_key = web.AppKey("service_name", str)
+# Fields a handler adds to its request's access-log line (the one line per request).
+log_fields_key = web.RequestKey("log_fields", dict[str, object])
 # Checks reported by /readyz but not required for readiness (e.g. the gateway keeps accepting
 # requests into its outbox while NATS is away, so NATS must not take it out of rotation).
 optional_checks_key = web.AppKey("optional_checks", set[str])
@@ -198,6 +200,7 @@ def _access_log(request: web.Request, route: str, status: int, elapsed: float) -
     }
     if connection_id:
         values["connection_id"] = connection_id
+    values.update(request.get(log_fields_key, {}))
     generation = info.get("generation", "")
     if generation.isascii() and generation.isdigit():
         values["generation"] = int(generation)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from services.gateway.auth import auth_middleware
+from services.gateway.auth import KeyCache, auth_middleware, key_cache_key
 from services.gateway.handlers import add_routes
 from services.gateway.keys import hub_key, relay_key
 from services.gateway.live import ChangeHub
@@ -63,6 +63,7 @@ async def index(request: web.Request) -> web.FileResponse:
 def create_app(settings: Settings) -> web.Application:
     app = base_app("gateway", client_max_size=64 * 1024)
     app[settings_key] = settings
+    app[key_cache_key] = KeyCache(settings.api_key_cache_seconds)
     app[optional_checks_key] = {"nats"}  # creates are accepted into the outbox without it
     app.middlewares.append(no_store)
     app.middlewares.append(auth_middleware)

@@ -1,7 +1,13 @@
-"""Bearer API keys: every ``/v1`` request is scoped to the tenant its key belongs to."""
+"""Bearer API keys: every ``/v1`` request is scoped to the tenant its key belongs to.
+
+A known key is remembered for ``ZAPBUS_API_KEY_CACHE_SECONDS`` (5 s by default) so that a
+request does not pay a database round trip for it; a rotated or revoked key therefore stops
+working within that time on every replica. Unknown keys are never cached.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -9,14 +15,49 @@ from aiohttp import web
 from zapbus.httpkit import problem
 from zapbus.runtime import pool_key
 from zapbus.tenants import Tenant, tenant_for_key
+from zapbus.tokens import hash_api_key
 
 tenant_key = web.RequestKey("tenant", Tenant)
+_MAX_CACHED = 10_000
+
+
+class KeyCache:
+    def __init__(self, ttl_seconds: float) -> None:
+        self.ttl = ttl_seconds
+        self._known: dict[bytes, tuple[Tenant, float]] = {}
+
+    def get(self, digest: bytes) -> Tenant | None:
+        hit = self._known.get(digest)
+        if hit is None or hit[1] < time.monotonic():
+            return None
+        return hit[0]
+
+    def put(self, digest: bytes, tenant: Tenant) -> None:
+        if self.ttl <= 0:
+            return
+        if len(self._known) >= _MAX_CACHED:
+            self._known.clear()
+        self._known[digest] = (tenant, time.monotonic() + self.ttl)
+
+
+key_cache_key = web.AppKey("key_cache", KeyCache)
 
 
 def _unauthorized(detail: str) -> web.Response:
     resp = problem(401, "unauthorized", "Unauthorized", detail)
     resp.headers["WWW-Authenticate"] = 'Bearer realm="zapbus"'
     return resp
+
+
+async def _tenant(request: web.Request, key: str) -> Tenant | None:
+    cache = request.app[key_cache_key]
+    digest = hash_api_key(key)
+    tenant = cache.get(digest)
+    if tenant is None:
+        tenant = await tenant_for_key(request.app[pool_key], key)
+        if tenant is not None:
+            cache.put(digest, tenant)
+    return tenant
 
 
 @web.middleware
@@ -29,7 +70,7 @@ async def auth_middleware(
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return _unauthorized("send 'Authorization: Bearer <api key>'")
-    tenant = await tenant_for_key(request.app[pool_key], key.strip())
+    tenant = await _tenant(request, key.strip())
     if tenant is None:
         return _unauthorized("unknown API key")
     request[tenant_key] = tenant

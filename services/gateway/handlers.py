@@ -12,18 +12,15 @@ from proto.changes import ConnectionChanged
 from services.gateway import qr, sse
 from services.gateway.auth import tenant_key
 from services.gateway.keys import hub_key, relay_key
-from services.gateway.models import ConnectionList, History, QrCode, create_decoder
-from services.gateway.store import (
+from services.gateway.lifecycle import (
     ConnectionDeleted,
     IdempotencyConflict,
-    change_of,
     create_connection,
     delete_connection,
-    get_connection,
-    history,
-    list_connections,
     recreate_connection,
 )
+from services.gateway.models import ConnectionList, History, QrCode, create_decoder
+from services.gateway.store import change_of, get_connection, history, list_connections
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
 

@@ -16,7 +16,7 @@ from proto.events import EVENT_SUBJECT_KIND, Event, QrUpdated, StatusReported, e
 from services.webhook.metrics import metrics_key
 from services.webhook.payloads import PayloadError, QrReport, StatusReport, Unknown, parse
 from zapbus import signing
-from zapbus.httpkit import ProblemError, json_response
+from zapbus.httpkit import ProblemError, json_response, log_fields_key
 from zapbus.logs import fields
 from zapbus.runtime import js_key, settings_key
 from zapbus.tokens import session_name, verify_webhook_token
@@ -54,7 +54,6 @@ def _target(request: web.Request) -> tuple[uuid.UUID, int]:
 
 
 async def receive(request: web.Request) -> web.Response:
-    start = time.perf_counter()
     connection_id, generation = _target(request)
     metrics = request.app[metrics_key]
     body = await request.read()
@@ -99,10 +98,8 @@ async def receive(request: web.Request) -> web.Response:
     match report:
         case Unknown(name=name):
             metrics.events.labels("other", "ignored").inc()
-            log.info(
-                "unknown webhook event ignored",
-                extra=fields(connection_id=str(connection_id), generation=generation, event=name),
-            )
+            ignored: dict[str, object] = {"event": name, "outcome": "ignored"}
+            request[log_fields_key] = ignored
             return json_response({"accepted": False, "reason": "event not used"}, status=202)
         case QrReport(qr=qr):
             event = QrUpdated(**common, qr=qr)  # type: ignore[arg-type]
@@ -132,15 +129,10 @@ async def receive(request: web.Request) -> web.Response:
         ) from None
     outcome = "duplicate" if ack.duplicate else "accepted"
     metrics.events.labels(kind, outcome).inc()
-    log.info(
-        "webhook %s",
-        outcome,
-        extra=fields(
-            connection_id=str(connection_id),
-            generation=generation,
-            event=kind,
-            seq=ack.seq,
-            ms=round((time.perf_counter() - start) * 1000, 2),
-        ),
-    )
+    request[log_fields_key] = {
+        "event": kind,
+        "outcome": outcome,
+        "seq": ack.seq,
+        "generation": generation,
+    }
     return json_response({"accepted": True, "duplicate": ack.duplicate}, status=202)
