@@ -7,11 +7,14 @@ id>`` over every service's logs finds every line about a connection and says whe
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from datetime import UTC, datetime
 from typing import Any
+
+import msgspec
+
+_encoder = msgspec.json.Encoder(enc_hook=str)  # ~5x json.dumps; unknown types as str
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,7 +38,7 @@ class JsonFormatter(logging.Formatter):
             line.update(fields)
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return _encoder.encode(line).decode()
 
 
 class TextFormatter(logging.Formatter):

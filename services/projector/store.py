@@ -28,17 +28,24 @@ SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempt
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
+# One statement per batch for each table (arrays unnested), not one per row: half the
+# projector's database time went into executemany's per-row round of messages.
 _UPDATE = """
-UPDATE connections SET status = $2, status_reason = $3, qr = $4, qr_seq = $5,
-    qr_expires_at = $6, attempts = $7, last_event_at = $8, updated_at = now(),
-    status_changed_at = CASE WHEN status <> $2 THEN now() ELSE status_changed_at END
-WHERE id = $1
+UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.qr,
+    qr_seq = u.qr_seq, qr_expires_at = u.qr_expires_at, attempts = u.attempts,
+    last_event_at = u.at, updated_at = now(),
+    status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
+            $7::int[], $8::timestamptz[])
+    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at)
+WHERE c.id = u.id
 """
 
 _HISTORY = """
 INSERT INTO connection_events (event_id, connection_id, generation, event_type, from_status,
     to_status, applied, code, reason, command_id, occurred_at)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
+                     $7::bool[], $8::int[], $9::text[], $10::uuid[], $11::timestamptz[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -97,22 +104,25 @@ async def project(
             rows[event.connection_id] = outcome.row
             changed[event.connection_id] = event.occurred_at
     if changed:
-        await conn.executemany(
-            _UPDATE,
-            [
-                (
-                    cid,
-                    rows[cid].status.value,
-                    rows[cid].status_reason,
-                    rows[cid].qr,
-                    rows[cid].qr_seq,
-                    rows[cid].qr_expires_at,
-                    rows[cid].attempts,
-                    at,
-                )
-                for cid, at in changed.items()
-            ],
-        )
+        updates: list[tuple[object, ...]] = [
+            (
+                cid,
+                rows[cid].status.value,
+                rows[cid].status_reason,
+                rows[cid].qr,
+                rows[cid].qr_seq,
+                rows[cid].qr_expires_at,
+                rows[cid].attempts,
+                at,
+            )
+            for cid, at in changed.items()
+        ]
+        await conn.execute(_UPDATE, *_columns(updates, 8))
     if history:
-        await conn.executemany(_HISTORY, history)
+        await conn.execute(_HISTORY, *_columns(history, 11))
     return results
+
+
+def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
+    """Rows to one list per column, for ``unnest``."""
+    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width
