@@ -12,8 +12,8 @@ from datetime import datetime
 import msgspec
 
 
-class CreateSession(msgspec.Struct, frozen=True, kw_only=True, tag="session.create"):
-    """Create the Baileys session of one generation of a connection."""
+class _SessionCommand(msgspec.Struct, frozen=True, kw_only=True):
+    """What every command names: which generation of which connection, and its session."""
 
     command_id: uuid.UUID
     connection_id: uuid.UUID
@@ -21,21 +21,18 @@ class CreateSession(msgspec.Struct, frozen=True, kw_only=True, tag="session.crea
     generation: int
     session_name: str
     requested_at: datetime
+
+
+class CreateSession(_SessionCommand, frozen=True, kw_only=True, tag="session.create"):
+    """Create the Baileys session of one generation of a connection."""
 
     @property
     def kind(self) -> str:
         return "create"
 
 
-class DeleteSession(msgspec.Struct, frozen=True, kw_only=True, tag="session.delete"):
+class DeleteSession(_SessionCommand, frozen=True, kw_only=True, tag="session.delete"):
     """Delete the Baileys session of one generation (on delete or recreate)."""
-
-    command_id: uuid.UUID
-    connection_id: uuid.UUID
-    tenant_id: uuid.UUID
-    generation: int
-    session_name: str
-    requested_at: datetime
 
     @property
     def kind(self) -> str:

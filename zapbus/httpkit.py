@@ -23,6 +23,9 @@ from prometheus_client import (
     generate_latest,
 )
 
+from zapbus.config import Settings, load_settings
+from zapbus.logs import setup_logging
+
 log = logging.getLogger("zapbus.http")
 
 PROBLEM_JSON = "application/problem+json"
@@ -243,6 +246,18 @@ def base_app(service: str, client_max_size: int = 1024**2) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
+
+
+def serve(
+    service: str,
+    create_app: Callable[[Settings], web.Application],
+    address: Callable[[Settings], tuple[str, int]],
+) -> None:
+    """A service's ``__main__``: read the settings, set up logging, run until SIGTERM."""
+    settings = load_settings()
+    setup_logging(service, settings.log_format, settings.log_level)
+    host, port = address(settings)
+    run(create_app(settings), host, port, settings.shutdown_grace_seconds)
 
 
 def run(app: web.Application, host: str, port: int, grace_seconds: float) -> None:
