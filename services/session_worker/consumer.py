@@ -54,7 +54,9 @@ class CommandConsumer:
                 if free <= 0:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                for msg in await self.consumer.fetch(min(free, 100), self.fetch_timeout):
+                msgs = await self.consumer.fetch(min(free, 100), self.fetch_timeout)
+                await self.handler.prime(msgs)
+                for msg in msgs:
                     metrics.started.labels(command_kind(msg.subject)).inc()
                     task = asyncio.create_task(self.handler.handle(msg))
                     self._tasks.add(task)

@@ -88,6 +88,18 @@ class CommandHandler:
         self.breaker = breaker
         self.create_slots = asyncio.Semaphore(max_concurrent_creates)
 
+    async def prime(self, msgs: list[Msg]) -> None:
+        """Fence-check a fetched batch of creates with one query (see Fence.prime)."""
+        ids = []
+        for msg in msgs:
+            try:
+                cmd = command_decoder.decode(msg.data)
+            except msgspec.DecodeError:
+                continue  # handle() deals with it
+            if isinstance(cmd, CreateSession):
+                ids.append(cmd.connection_id)
+        await self.fence.prime(ids)
+
     async def handle(self, msg: Msg) -> None:
         start = time.perf_counter()
         attempt = msg.metadata.num_delivered or 1
