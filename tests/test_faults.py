@@ -189,14 +189,14 @@ async def test_nats_down_when_create_arrives_still_202_then_created(workdir: Pat
     async with process_stack(workdir, sim, WORKER_ENV) as stack:
         await stack.nats.astop()
 
-        async def readiness() -> tuple[int, Any] | None:
+        async def ready_without_nats() -> dict[str, Any] | None:
             async with stack.http.get(f"{stack.gateway_url}/readyz") as r:
-                body = await r.json()
-                return (r.status, body) if body["checks"]["nats"] is False else None
+                body: dict[str, Any] = await r.json()
+                return body if r.status == 200 and body["checks"]["nats"] is False else None
 
         # The gateway sees NATS gone yet stays ready: it accepts creates into its outbox.
-        status, body = await wait_for("the gateway to notice NATS is down", readiness)
-        assert status == 200, body
+        # (Polled, so a slow database probe on a loaded machine cannot fail the test.)
+        await wait_for("the gateway ready while it sees NATS down", ready_without_nats)
         async with stack.http.post(
             f"{stack.gateway_url}/v1/connections", json={"name": "offline"}, headers=stack.auth()
         ) as r:
