@@ -8,7 +8,6 @@ import msgspec
 import nats
 
 from proto.commands import dead_letter_decoder
-from services.baileys_sim.config import SimConfig
 from tests.stack import FAST_SIM, Stack, start_stack
 from zapbus import dlq
 from zapbus.config import Settings
@@ -136,12 +135,3 @@ async def test_bad_create_bodies_get_clear_4xx(stack: Stack) -> None:
             assert r.status == expected, (body, await r.text())
             assert r.content_type == "application/problem+json"
     assert await stack.pool.fetchval("SELECT count(*) FROM connections") == 0
-
-
-async def test_sim_config_is_usable_from_tests() -> None:
-    # Guards the fixtures above: FAST_SIM must really be fast and never fail.
-    assert (
-        FAST_SIM.create_delay[1] <= 0.1
-        and FAST_SIM.fail_rate == 0
-        and isinstance(FAST_SIM, SimConfig)
-    )
