@@ -69,12 +69,6 @@ class StatusReported(_Event, frozen=True, kw_only=True, tag="status.reported"):
     reason: str | None = None
 
 
-class UnknownEvent(_Event, frozen=True, kw_only=True, tag="webhook.unknown"):
-    """A webhook event zapbus does not interpret; kept in history, never applied."""
-
-    name: str
-
-
 Event = (
     CreateStarted
     | SessionCreated
@@ -83,7 +77,6 @@ Event = (
     | SessionDeleted
     | QrUpdated
     | StatusReported
-    | UnknownEvent
 )
 
 EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
@@ -94,7 +87,6 @@ EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
     SessionDeleted: "worker",
     QrUpdated: "qr",
     StatusReported: "status",
-    UnknownEvent: "unknown",
 }
 
 

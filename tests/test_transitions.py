@@ -17,7 +17,6 @@ from proto.events import (
     SessionCreated,
     SessionDeleted,
     StatusReported,
-    UnknownEvent,
     event_type,
 )
 from proto.states import TERMINAL, Status
@@ -122,7 +121,6 @@ ALL_EVENTS_IGNORED = [
     created(),
     retrying(),
     failed(),
-    ev(UnknownEvent, name="messages.upsert"),
 ]
 TABLE: list[tuple[S, Event, S | None]] = [
     (S.PENDING, started(), S.CREATING),
@@ -136,7 +134,6 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.PENDING, st("close", 428), None),
     (S.PENDING, st("close", 401), S.LOGGED_OUT),
     (S.PENDING, ev(SessionDeleted), S.DELETED),
-    (S.PENDING, ev(UnknownEvent, name="x"), None),
     (S.CREATING, started(2), S.CREATING),
     (S.CREATING, started(1), None),
     (S.CREATING, retrying(1), S.CREATING),

@@ -39,7 +39,6 @@ from proto.events import (
     SessionCreated,
     SessionDeleted,
     StatusReported,
-    UnknownEvent,
 )
 from proto.states import RANK, TERMINAL, Status
 from services.projector.transitions import QrPolicy, Row, apply
@@ -94,8 +93,6 @@ def histories(draw: st.DrawFn, max_qrs: int) -> History:
     h.add(CreateStarted, attempt=h.attempts)
     h.add(SessionCreated, attempt=h.attempts)
     h.add(StatusReported, status="connecting")
-    if draw(st.booleans()):
-        h.add(UnknownEvent, name="messages.upsert")
     for i in range(draw(st.integers(1, max_qrs))):
         h.qrs.append(h.add(QrUpdated, qr=f"2@qr{i}"))
     h.scanned = draw(st.booleans())

@@ -148,6 +148,20 @@ async def _record(
     )
 
 
+def _delete_command(
+    tenant_id: uuid.UUID, connection_id: uuid.UUID, old: asyncpg.Record, now: datetime
+) -> DeleteSession:
+    """The command that removes the Baileys session of the row's current generation."""
+    return DeleteSession(
+        command_id=uuid.uuid4(),
+        connection_id=connection_id,
+        tenant_id=tenant_id,
+        generation=old["generation"],
+        session_name=old["session_name"],
+        requested_at=now,
+    )
+
+
 class ConnectionDeleted(Exception):
     """The connection was deleted; it cannot be recreated."""
 
@@ -181,14 +195,7 @@ async def recreate_connection(
             session_name=session_name(connection_id, generation),
             requested_at=now,
         )
-        delete = DeleteSession(
-            command_id=uuid.uuid4(),
-            connection_id=connection_id,
-            tenant_id=tenant_id,
-            generation=old["generation"],
-            session_name=old["session_name"],
-            requested_at=now,
-        )
+        delete = _delete_command(tenant_id, connection_id, old, now)
         row = await conn.fetchrow(
             f"UPDATE connections SET generation = $2, session_name = $3, status = $4,"
             f" status_reason = NULL, qr = NULL, qr_seq = 0, qr_expires_at = NULL, attempts = 0,"
@@ -222,14 +229,7 @@ async def delete_connection(
             return None
         if old["status"] == Status.DELETED:
             return _to_connection(old)  # deleting twice is fine
-        delete = DeleteSession(
-            command_id=uuid.uuid4(),
-            connection_id=connection_id,
-            tenant_id=tenant_id,
-            generation=old["generation"],
-            session_name=old["session_name"],
-            requested_at=datetime.now(UTC),
-        )
+        delete = _delete_command(tenant_id, connection_id, old, datetime.now(UTC))
         row = await conn.fetchrow(
             f"UPDATE connections SET status = $2, status_reason = 'deleted by the tenant',"
             f" qr = NULL, qr_expires_at = NULL, updated_at = now(), status_changed_at = now()"

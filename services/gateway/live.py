@@ -29,10 +29,6 @@ Change = tuple[int, ConnectionChanged]  # (stream sequence = SSE id, snapshot)
 _QUEUE_SIZE = 256
 
 
-class Lagging(Exception):
-    """A client fell so far behind that its queue overflowed; it must reconnect."""
-
-
 class ChangeHub:
     def __init__(self, js: JetStreamContext, names: Names) -> None:
         self.js = js
@@ -88,10 +84,6 @@ class ChangeHub:
                 listeners.discard(queue)
                 if not listeners:
                     del self._listeners[connection_id]
-
-    @property
-    def listeners(self) -> int:
-        return sum(len(q) for q in self._listeners.values())
 
     async def last_seq(self, connection_id: uuid.UUID) -> int:
         """Sequence of this connection's latest change on the stream, 0 if none."""

@@ -89,14 +89,6 @@ class Projector:
                 await reporter
             await self.consumer.close()
 
-    async def run_until_idle(self) -> int:
-        """Project until a fetch comes back empty; return how many messages were handled."""
-        handled = 0
-        while msgs := await self.consumer.fetch(self.batch, 0.2):
-            await self.handle_batch(msgs)
-            handled += len(msgs)
-        return handled
-
     async def _publish_changes(self, results: list[Applied]) -> None:
         """Tell live listeners (SSE) about every applied transition, after the commit.
 

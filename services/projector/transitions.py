@@ -41,7 +41,6 @@ from proto.events import (
     SessionCreated,
     SessionDeleted,
     StatusReported,
-    UnknownEvent,
 )
 from proto.states import RANK, TERMINAL, Status
 
@@ -220,6 +219,4 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
             explains = target in TERMINAL or target == Status.RECONNECTING
             new = _move(row, target, reason if explains else None)
             return Outcome(row=new, applied=True, code=code, reason=reason)
-        case UnknownEvent():
-            return ignored
     return ignored

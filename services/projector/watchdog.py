@@ -21,7 +21,6 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-import msgspec
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto.changes import ConnectionChanged
@@ -35,12 +34,6 @@ log = logging.getLogger("zapbus.watchdog")
 
 _LOCK_ID = 0x7A627764  # "zbwd"
 _STUCK = (Status.PENDING, Status.CREATING, Status.AWAITING_QR)
-
-
-class SweepResult(msgspec.Struct, frozen=True, kw_only=True):
-    redriven: int = 0
-    failed: int = 0
-    skipped: bool = False  # another replica holds the lock
 
 
 class WatchdogMetrics:
@@ -96,10 +89,10 @@ class Watchdog:
                 async with asyncio.timeout(self.interval):
                     await self._stopping.wait()
 
-    async def sweep(self) -> SweepResult:
+    async def sweep(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK_ID):
-                return SweepResult(skipped=True)
+                return  # another replica is sweeping
             await self._refresh_gauges(conn)
             rows = await conn.fetch(
                 "SELECT id, tenant_id, generation, session_name, status, command_id, redrives"
@@ -120,7 +113,6 @@ class Watchdog:
                     failed += 1
         self.metrics.actions.labels("redriven").inc(redriven)
         self.metrics.actions.labels("timed_out").inc(failed)
-        return SweepResult(redriven=redriven, failed=failed)
 
     async def _redrive(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
         attempt = row["redrives"] + 1

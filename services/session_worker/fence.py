@@ -46,9 +46,10 @@ class Fence:
         for row in rows:
             self._primed[row["id"]] = (row["generation"], row["status"], now)
 
-    async def is_current(self, cmd: CreateSession) -> bool | None:
-        """True/False, or None when the database could not be asked."""
-        primed = self._primed.pop(cmd.connection_id, None)
+    async def is_current(self, cmd: CreateSession, fresh: bool = False) -> bool | None:
+        """True/False, or None when the database could not be asked. ``fresh`` skips the
+        primed batch read (after the Baileys call, which may have taken seconds)."""
+        primed = None if fresh else self._primed.pop(cmd.connection_id, None)
         if primed is not None and time.monotonic() - primed[2] < _PRIMED_FOR_SECONDS:
             generation, status = primed[0], primed[1]
         else:

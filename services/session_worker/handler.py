@@ -157,7 +157,7 @@ class CommandHandler:
             self.breaker.record(exc.server_down)
             return await self._on_error(msg, cmd, attempt, exc)
         self.breaker.record(server_down=False)
-        if await self.fence.is_current(cmd) is False:
+        if await self.fence.is_current(cmd, fresh=True) is False:
             # Recreated or deleted while we were creating: remove what we just made, so the
             # Baileys server never keeps two sessions for one connection.
             with contextlib.suppress(BaileysError):
