@@ -68,22 +68,28 @@ class DurableConsumer:
         if self._psub is None:
             await self.open()
         assert self._psub is not None
+        # The outer bound guards against a fetch that does not return (seen here with
+        # nats-py 2.16 a few times in a hundred runs; an orphaned pull request takes the
+        # messages, cf. nats-io/nats.py#933 and #986). Re-binding with a new inbox cures it.
+        guard = asyncio.timeout(timeout + _FETCH_GRACE_SECONDS)
         try:
-            # The outer bound guards against a fetch that does not return (seen here with
-            # nats-py 2.16 a few times in a hundred runs; an orphaned pull request takes the
-            # messages, cf. nats-io/nats.py#933 and #986). Re-binding with a new inbox cures it.
-            msgs = await asyncio.wait_for(
-                self._psub.fetch(batch=batch, timeout=timeout), timeout + _FETCH_GRACE_SECONDS
-            )
-        except nats.errors.TimeoutError:
-            msgs = []
+            async with guard:
+                msgs = await self._psub.fetch(batch=batch, timeout=timeout)
         except TimeoutError:
-            log.warning(
-                "fetch on %s hung for %.0f s; re-binding", self.name, timeout + _FETCH_GRACE_SECONDS
-            )
-            await self.close()
-            await self.open()
-            msgs = []
+            # nats-py ends an empty fetch with nats.errors.TimeoutError or, near its
+            # deadline, a plain asyncio.TimeoutError: both mean "no messages". Only the
+            # guard's own expiry means the fetch hung.
+            if not guard.expired():
+                msgs = []
+            else:
+                log.warning(
+                    "fetch on %s hung for %.0f s; re-binding",
+                    self.name,
+                    timeout + _FETCH_GRACE_SECONDS,
+                )
+                await self.close()
+                await self.open()
+                msgs = []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(timeout)  # the client is reconnecting; try again shortly
             msgs = []

@@ -8,6 +8,7 @@ Every service (the consumers too) is an aiohttp app built by ``base_app``, so ea
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -23,7 +24,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from zapbus.config import Settings, load_settings
+from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.logs import setup_logging
 
 log = logging.getLogger("zapbus.http")
@@ -76,6 +77,9 @@ log_fields_key = web.RequestKey("log_fields", dict[str, object])
 # Checks reported by /readyz but not required for readiness (e.g. the gateway keeps accepting
 # requests into its outbox while NATS is away, so NATS must not take it out of rotation).
 optional_checks_key = web.AppKey("optional_checks", set[str])
+# Why the process should be restarted (a loop that keeps crashing), by part; /healthz answers
+# 503 while this is not empty.
+unhealthy_key = web.AppKey("unhealthy", dict[str, str])
 
 _json = msgspec.json.Encoder()
 
@@ -211,7 +215,12 @@ def _access_log(request: web.Request, route: str, status: int, elapsed: float) -
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return json_response({"status": "ok", "service": request.app[service_name_key]})
+    service = request.app[service_name_key]
+    if problems := request.app[unhealthy_key]:
+        return json_response(
+            {"status": "unhealthy", "service": service, "problems": problems}, status=503
+        )
+    return json_response({"status": "ok", "service": service})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -241,6 +250,7 @@ def base_app(service: str, client_max_size: int = 1024**2) -> web.Application:
     app[registry_key] = CollectorRegistry()
     app[ready_checks_key] = {}
     app[optional_checks_key] = set()
+    app[unhealthy_key] = {}
     app.middlewares.append(_make_middleware(app))
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -253,11 +263,19 @@ def serve(
     create_app: Callable[[Settings], web.Application],
     address: Callable[[Settings], tuple[str, int]],
 ) -> None:
-    """A service's ``__main__``: read the settings, set up logging, run until SIGTERM."""
-    settings = load_settings()
-    setup_logging(service, settings.log_format, settings.log_level)
+    """A service's ``__main__``: read the settings, set up logging, run until SIGTERM.
+
+    A bad or unsafe configuration (ConfigError) ends the process at once with exit code 2 and
+    one line naming the variable."""
+    try:
+        settings = load_settings()
+        setup_logging(service, settings.log_format, settings.log_level)
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"{service}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     host, port = address(settings)
-    run(create_app(settings), host, port, settings.shutdown_grace_seconds)
+    run(app, host, port, settings.shutdown_grace_seconds)
 
 
 def run(app: web.Application, host: str, port: int, grace_seconds: float) -> None:

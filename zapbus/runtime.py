@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol
 
 import asyncpg
 from aiohttp import web
@@ -22,7 +21,9 @@ from prometheus_client import Gauge
 
 from zapbus import bus, db
 from zapbus.config import Settings
-from zapbus.httpkit import ready_checks_key, registry_key
+from zapbus.httpkit import ready_checks_key, registry_key, unhealthy_key
+from zapbus.supervisor import RestartPolicy, Supervisor
+from zapbus.supervisor import Runner as Runner
 
 log = logging.getLogger("zapbus.runtime")
 
@@ -32,14 +33,6 @@ js_key = web.AppKey("js", JetStreamContext)
 pool_key = web.AppKey("pool", asyncpg.Pool)
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
-
-
-class Runner(Protocol):
-    """A long-running loop (a consumer, a relay) that can be asked to stop."""
-
-    async def run(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 def nats_ctx(service: str) -> CleanupCtx:
@@ -76,10 +69,12 @@ async def _db_ready(pool: asyncpg.Pool) -> bool:
 
 
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The Postgres pool, with ZAPBUS_DB_COMMAND_TIMEOUT_SECONDS on every statement and
+    ZAPBUS_DB_ACQUIRE_TIMEOUT_SECONDS on every wait for a connection (db.open_pool): with
+    Postgres hung, a request answers 503 and a worker's fence check fails open within them
+    instead of hanging."""
     settings = app[settings_key]
-    pool = await db.create_pool(
-        settings.database_url, settings.db_schema, max_size=settings.db_pool_size
-    )
+    pool = await db.open_pool(settings)
     app[pool_key] = pool
     app[ready_checks_key]["postgres"] = lambda: _db_ready(pool)
     yield
@@ -90,17 +85,25 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def runner_ctx(
-    name: str, key: web.AppKey[Runner], build: Callable[[web.Application], Runner]
+    name: str,
+    key: web.AppKey[Runner],
+    build: Callable[[web.Application], Runner],
+    policy: RestartPolicy | None = None,
 ) -> CleanupCtx:
-    """Run ``build(app).run()`` as a task; on shutdown ``stop()`` it and wait out the grace."""
+    """Run ``build(app).run()`` as a supervised task (restarted when it crashes, the service
+    unhealthy when it keeps crashing); on shutdown ``stop()`` it and wait out the grace."""
 
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         runner = build(app)
         app[key] = runner
-        task = asyncio.create_task(runner.run(), name=f"zapbus-{name}")
-        app[ready_checks_key][name] = lambda: not task.done()
+        supervisor = Supervisor(name, runner, policy or RestartPolicy(), app[unhealthy_key])
+        task = asyncio.create_task(supervisor.run(), name=f"zapbus-{name}")
+        supervisor.watch(task)
+        app[ready_checks_key][name] = lambda: not task.done() and not supervisor.backing_off
         yield
-        runner.stop()
+        supervisor.stop()
+        if task.done():
+            return  # it ended before the shutdown, and ``watch`` logged why
         grace = app[settings_key].shutdown_grace_seconds
         try:
             await asyncio.wait_for(asyncio.shield(task), timeout=grace)
