@@ -122,6 +122,7 @@ async def namespace(ctx: Ctx, **overrides: Any) -> AsyncIterator[Settings]:
         db_schema=ns,
         log_format="json",
         shutdown_grace_seconds=3.0,
+        env="dev",
         **overrides,
     )
     await db.migrate(settings.database_url, settings.db_schema)
@@ -159,6 +160,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ZAPBUS_DATABASE_URL": settings.database_url,
         "ZAPBUS_NAMESPACE": settings.namespace,
         "ZAPBUS_DB_SCHEMA": settings.db_schema,
+        "ZAPBUS_ENV": "dev",
         "ZAPBUS_LOG_FORMAT": "json",
         "ZAPBUS_LOG_LEVEL": "INFO",
         "ZAPBUS_SHUTDOWN_GRACE_SECONDS": "3",

@@ -61,6 +61,7 @@ async def settings(infra: Infra, namespace: str) -> AsyncIterator[Settings]:
         db_schema=namespace,
         log_format="text",
         shutdown_grace_seconds=3.0,
+        env="dev",  # the built-in webhook secret is fine here
     )
     await db.migrate(s.database_url, s.db_schema)
     try:

@@ -77,6 +77,7 @@ async def process_stack(
     base = {
         "ZAPBUS_NATS_URL": nats.url,
         "ZAPBUS_DATABASE_URL": postgres.dsn,
+        "ZAPBUS_ENV": "dev",
         "ZAPBUS_LOG_FORMAT": "json",
         "ZAPBUS_SHUTDOWN_GRACE_SECONDS": "3",
         "ZAPBUS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{ports['webhook']}",

@@ -19,7 +19,7 @@ import yaml
 
 from services.baileys_sim.config import load_sim_config
 from zapbus.cli import main as zapbus_main
-from zapbus.config import Settings, load_settings
+from zapbus.config import Settings, load_settings, require_own_secrets
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -140,6 +140,17 @@ def test_worker_peers_are_the_webhook_and_the_simulator() -> None:
     assert worker.webhook_secret == webhook.webhook_secret
     assert worker.baileys_api_key == sim.api_key
     assert env(SIM)["ZAPBUS_SIM_HOST"] == "0.0.0.0"
+
+
+@pytest.mark.parametrize(
+    "name", sorted(n for n, (_, needs) in ZAPBUS.items() if "webhook_secret" in needs)
+)
+def test_secret_users_start_with_the_compose_secret(name: str) -> None:
+    """The webhook service and the worker refuse the built-in secret outside ZAPBUS_ENV=dev
+    (the default): compose hands them one of its own."""
+    settings = load_settings(env(name))
+    assert settings.env == "production"
+    require_own_secrets(settings)  # raises ConfigError on the built-in secret
 
 
 @pytest.mark.parametrize("name", [*sorted(ZAPBUS), SIM])

@@ -26,6 +26,7 @@ def service_env(settings: Settings, **extra: str) -> dict[str, str]:
         "ZAPBUS_DATABASE_URL": settings.database_url,
         "ZAPBUS_NAMESPACE": settings.namespace,
         "ZAPBUS_DB_SCHEMA": settings.db_schema,
+        "ZAPBUS_ENV": "dev",
         "ZAPBUS_LOG_FORMAT": "json",
         "ZAPBUS_SHUTDOWN_GRACE_SECONDS": "3",
     }

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from yarl import URL
 
-from services.webhook.payloads import QR_EVENTS, STATUS_EVENTS
+from services.webhook.payloads import MAX_QR_CHARS, QR_EVENTS, STATUS_EVENTS
 from tests.stack import Stack, wait_for
 from zapbus.tokens import webhook_token
 
@@ -117,7 +117,7 @@ def bodies(session: str) -> st.SearchStrategy[bytes]:
             lambda n, key: json.dumps(
                 {"event": "qr.update", "data": {key: "2@" + "A" * n}}
             ).encode(),
-            st.sampled_from([4094, 4095, 70_000, 300_000]),
+            st.sampled_from([MAX_QR_CHARS - 2, MAX_QR_CHARS - 1, 70_000, 300_000]),
             st.sampled_from(["qr", "qrCode", "code"]),
         ),
         st.sampled_from(

@@ -19,15 +19,25 @@ class ConfigError(Exception):
     """A ``ZAPBUS_*`` variable is missing or malformed."""
 
 
+# The built-in webhook secret: public, so fit only for development (see require_own_secrets).
+DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # Postgres schema holding zapbus's tables (tests use one per test).
     db_schema: str = "public"
     db_pool_size: int = 20  # connections per service process
+    # A statement that runs longer fails (a hung Postgres answers 503, not never).
+    db_command_timeout_seconds: float = 5.0
+    # Waiting longer for a free pooled connection fails the same way.
+    db_acquire_timeout_seconds: float = 5.0
     namespace: str = "zapbus"
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
+    # "dev" allows the built-in webhook secret (make run, the tests); anything else refuses it.
+    env: str = "production"
 
     # gateway
     gateway_host: str = "127.0.0.1"
@@ -35,14 +45,19 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     outbox_poll_seconds: float = 1.0
     # A known API key is remembered this long (a rotated key stops working within it).
     api_key_cache_seconds: float = 5.0
+    # An unknown API key is remembered this long, so a flood of bad keys costs no queries
+    # (a key created meanwhile works once it passes).
+    unknown_api_key_cache_seconds: float = 2.0
     public_gateway_url: str = "http://127.0.0.1:8080"
+    # Open event streams (SSE) per tenant on one gateway replica; beyond, 429.
+    sse_max_streams_per_tenant: int = 100
 
     # webhook
     webhook_host: str = "127.0.0.1"
     webhook_port: int = 8081
     # Base URL the Baileys server uses to reach the webhook service.
     webhook_public_url: str = "http://127.0.0.1:8081"
-    webhook_secret: str = "dev-webhook-secret-change-me"
+    webhook_secret: str = DEV_WEBHOOK_SECRET  # refused unless env is "dev"
     webhook_max_body_bytes: int = 256 * 1024
     # When set, every delivery must carry a valid Standard Webhooks signature
     # (webhook-id / webhook-timestamp / webhook-signature) made with this secret.
@@ -81,6 +96,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     watchdog_interval_seconds: float = 15.0
     watchdog_max_redrives: int = 2
 
+    # reconciler (a loop in the session worker, one active replica at a time): compares the
+    # sessions the Baileys server holds with what Postgres wants, every interval.
+    reconcile_interval_seconds: float = 60.0
+    # A wanted session missing for two sweeps is re-created only when its row has not changed
+    # for this long (a create or a webhook may be on its way).
+    reconcile_grace_seconds: float = 30.0
+    # Re-creates of one generation's lost session before it fails for good.
+    reconcile_max_recreates: int = 3
+    # Delete zapbus-named sessions that match no connection here (off: two deployments may
+    # share one Baileys server).
+    reconcile_delete_unknown: bool = False
+
     # shutdown: how long in-flight work may take after SIGTERM
     shutdown_grace_seconds: float = 10.0
 
@@ -95,8 +122,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 _FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
 
 
-def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-    """Read Settings from ``env`` (default: the process environment), then apply overrides."""
+def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> Settings:
+    """Read Settings from ``env`` (default: the process environment), then apply overrides
+    (``env`` is positional-only: ``env="dev"`` is the override of the setting of that name)."""
     env = os.environ if env is None else env
     raw: dict[str, Any] = {}
     for name in _FIELDS:
@@ -112,3 +140,14 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         var = f"ZAPBUS_{field.upper()}" if field else "ZAPBUS_NAMESPACE"
         raise ConfigError(f"bad configuration in {var}: {exc}") from exc
     return settings
+
+
+def require_own_secrets(settings: Settings) -> None:
+    """Refuse the built-in webhook secret outside ``ZAPBUS_ENV=dev``: it is public, so anyone
+    could mint webhook URLs and forge QR codes and statuses. Raises ConfigError."""
+    if settings.env != "dev" and settings.webhook_secret in (DEV_WEBHOOK_SECRET, ""):
+        raise ConfigError(
+            "ZAPBUS_WEBHOOK_SECRET is not set (the built-in default is public): set it to a"
+            " long random value, the same for the webhook service and the session worker"
+            " (or ZAPBUS_ENV=dev for local development)"
+        )

@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from zapbus.config import Settings
+
 log = logging.getLogger("zapbus.db")
 
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -34,8 +36,30 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     rolls back a transaction left open."""
 
 
-async def create_pool(dsn: str, schema: str = "public", **kwargs: Any) -> asyncpg.Pool:
-    """A pool whose connections resolve zapbus's tables in ``schema``."""
+class TimedPool(asyncpg.Pool):  # type: ignore[misc]
+    """A pool whose ``acquire()`` (and so ``fetch``/``execute``... on the pool) gives up after
+    ``acquire_timeout`` seconds unless the caller passes its own timeout: with Postgres hung
+    or every connection busy, a request fails with TimeoutError instead of waiting forever."""
+
+    acquire_timeout: float | None = None
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(timeout=self.acquire_timeout if timeout is None else timeout)
+
+
+async def create_pool(
+    dsn: str,
+    schema: str = "public",
+    *,
+    command_timeout: float | None = None,
+    acquire_timeout: float | None = None,
+    **kwargs: Any,
+) -> asyncpg.Pool:
+    """A pool whose connections resolve zapbus's tables in ``schema``.
+
+    ``command_timeout`` bounds every statement (asyncpg cancels it and raises TimeoutError);
+    ``acquire_timeout`` bounds the wait for a pooled connection (see TimedPool).
+    """
     kwargs.setdefault("min_size", 1)
     kwargs.setdefault("max_size", 10)
     settings = {
@@ -44,9 +68,34 @@ async def create_pool(dsn: str, schema: str = "public", **kwargs: Any) -> asyncp
         # is seq-scanned for every projector batch's duplicate check.
         "random_page_cost": "1.1",
     }
-    pool = await asyncpg.create_pool(dsn, server_settings=settings, reset=_keep_session, **kwargs)
-    assert pool is not None
+    # asyncpg.create_pool(), with our Pool class (it takes none); these are its defaults.
+    pool = TimedPool(
+        dsn,
+        max_queries=50_000,
+        max_inactive_connection_lifetime=300.0,
+        loop=None,
+        connection_class=asyncpg.Connection,
+        record_class=asyncpg.Record,
+        server_settings=settings,
+        reset=_keep_session,
+        command_timeout=command_timeout,
+        **kwargs,
+    )
+    pool.acquire_timeout = acquire_timeout
+    await pool
     return pool
+
+
+async def open_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
+    """The pool of a service: its schema, size, statement and acquire timeouts."""
+    kwargs.setdefault("max_size", settings.db_pool_size)
+    return await create_pool(
+        settings.database_url,
+        settings.db_schema,
+        command_timeout=settings.db_command_timeout_seconds,
+        acquire_timeout=settings.db_acquire_timeout_seconds,
+        **kwargs,
+    )
 
 
 def migrations() -> list[tuple[int, str, str]]:

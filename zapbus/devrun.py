@@ -73,6 +73,9 @@ async def run_dev(data_dir: Path) -> int:
         env = {
             "ZAPBUS_NATS_URL": infra.nats_url,
             "ZAPBUS_DATABASE_URL": infra.database_url,
+            # a development run: the built-in webhook secret is allowed (services refuse it
+            # otherwise); an explicit ZAPBUS_ENV wins
+            "ZAPBUS_ENV": os.environ.get("ZAPBUS_ENV", "dev"),
         }
         if simulate:
             env.setdefault(

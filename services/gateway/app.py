@@ -7,12 +7,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from services.gateway.app_keys import hub_key, qr_renderer_key, relay_key, stream_slots_key
 from services.gateway.auth import KeyCache, auth_middleware, key_cache_key
 from services.gateway.handlers import add_routes
-from services.gateway.keys import hub_key, relay_key
 from services.gateway.live import ChangeHub
 from services.gateway.openapi import openapi_handler
-from services.gateway.outbox import OutboxMetrics, OutboxRelay
+from services.gateway.qr import QrRenderer
+from services.gateway.relay import OutboxMetrics, OutboxRelay
+from services.gateway.sse import StreamSlots
 from zapbus.config import Settings
 from zapbus.httpkit import base_app, optional_checks_key, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
@@ -30,6 +32,13 @@ def _build_relay(app: web.Application) -> OutboxRelay:
     )
     app[relay_key] = relay
     return relay
+
+
+async def qr_renderer_ctx(app: web.Application) -> AsyncIterator[None]:
+    renderer = QrRenderer()
+    app[qr_renderer_key] = renderer
+    yield
+    renderer.close()
 
 
 async def hub_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -63,12 +72,16 @@ async def index(request: web.Request) -> web.FileResponse:
 def create_app(settings: Settings) -> web.Application:
     app = base_app("gateway", client_max_size=64 * 1024)
     app[settings_key] = settings
-    app[key_cache_key] = KeyCache(settings.api_key_cache_seconds)
+    app[key_cache_key] = KeyCache(
+        settings.api_key_cache_seconds, settings.unknown_api_key_cache_seconds
+    )
+    app[stream_slots_key] = StreamSlots(settings.sse_max_streams_per_tenant)
     app[optional_checks_key] = {"nats"}  # creates are accepted into the outbox without it
     app.middlewares.append(no_store)
     app.middlewares.append(auth_middleware)
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("gateway"))
+    app.cleanup_ctx.append(qr_renderer_ctx)
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(runner_ctx("outbox_relay", _runner_key, _build_relay))
     add_routes(app)

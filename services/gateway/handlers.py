@@ -10,8 +10,8 @@ from aiohttp import web
 
 from proto.changes import ConnectionChanged
 from services.gateway import qr, sse
+from services.gateway.app_keys import hub_key, qr_renderer_key, relay_key, stream_slots_key
 from services.gateway.auth import tenant_key
-from services.gateway.keys import hub_key, relay_key
 from services.gateway.lifecycle import (
     ConnectionDeleted,
     IdempotencyConflict,
@@ -25,6 +25,7 @@ from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
 
 MAX_IDEMPOTENCY_KEY = 200
+HISTORY_LIMIT, HISTORY_MAX_LIMIT = 100, 500
 
 
 def _connection_id(request: web.Request) -> uuid.UUID:
@@ -93,44 +94,66 @@ async def get_one(request: web.Request) -> web.Response:
     return json_response(connection)
 
 
-async def get_many(request: web.Request) -> web.Response:
-    raw_limit = request.query.get("limit", "50")
+def _limit(request: web.Request, default: int, maximum: int) -> int:
+    """The ``limit`` query parameter, 1 to ``maximum``; 400 otherwise."""
+    raw_limit = request.query.get("limit", str(default))
     try:
         # digits only: int() would also take " 5", "+5", "1_0" and non-ASCII digits
         if not (raw_limit.isascii() and raw_limit.isdigit()):
             raise ValueError
         limit = int(raw_limit)
-        if not 1 <= limit <= 200:
+        if not 1 <= limit <= maximum:
             raise ValueError
     except ValueError:
         raise ProblemError(
             400,
             "invalid-query",
             "Invalid query",
-            "limit must be an integer from 1 to 200",
+            f"limit must be an integer from 1 to {maximum}",
             field="limit",
         ) from None
+    return limit
+
+
+def _bad_cursor() -> ProblemError:
+    return ProblemError(
+        400,
+        "invalid-query",
+        "Invalid query",
+        "cursor is not one this API handed out",
+        field="cursor",
+    )
+
+
+async def get_many(request: web.Request) -> web.Response:
+    limit = _limit(request, 50, 200)
     try:
         items, cursor = await list_connections(
             request.app[pool_key], request[tenant_key].id, limit, request.query.get("cursor")
         )
     except (ValueError, asyncpg.DataError):
         # DataError: a forged cursor whose timestamp Postgres cannot take (out of range)
-        raise ProblemError(
-            400,
-            "invalid-query",
-            "Invalid query",
-            "cursor is not one this API handed out",
-            field="cursor",
-        ) from None
+        raise _bad_cursor() from None
     return json_response(ConnectionList(items=items, next_cursor=cursor))
 
 
 async def get_history(request: web.Request) -> web.Response:
-    entries = await history(request.app[pool_key], request[tenant_key].id, _connection_id(request))
-    if entries is None:
+    connection_id = _connection_id(request)
+    limit = _limit(request, HISTORY_LIMIT, HISTORY_MAX_LIMIT)
+    try:
+        page = await history(
+            request.app[pool_key],
+            request[tenant_key].id,
+            connection_id,
+            limit,
+            request.query.get("cursor"),
+        )
+    except ValueError:
+        raise _bad_cursor() from None
+    if page is None:
         raise _not_found()
-    return json_response(History(items=entries))
+    entries, cursor = page
+    return json_response(History(items=entries, next_cursor=cursor))
 
 
 async def recreate(request: web.Request) -> web.Response:
@@ -194,22 +217,24 @@ async def get_qr(request: web.Request) -> web.Response:
             qr=connection.qr, qr_seq=connection.qr_seq, expires_at=connection.qr_expires_at
         )
         return json_response(body, headers=headers)
-    return web.Response(body=qr.render(connection.qr, media), content_type=media, headers=headers)
+    image = await request.app[qr_renderer_key].render(connection.qr, media)
+    return web.Response(body=image, content_type=media, headers=headers)
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     pool, tenant_id = request.app[pool_key], request[tenant_key].id
     connection_id = _connection_id(request)
-    if await get_connection(pool, tenant_id, connection_id) is None:
-        raise _not_found()
-
-    async def load() -> ConnectionChanged:
-        current = await get_connection(pool, tenant_id, connection_id)
-        if current is None:
+    with request.app[stream_slots_key].take(tenant_id):  # 429 past the tenant's limit
+        if await get_connection(pool, tenant_id, connection_id) is None:
             raise _not_found()
-        return change_of(current, "snapshot")
 
-    return await sse.stream(request, request.app[hub_key], connection_id, load)
+        async def load() -> ConnectionChanged:
+            current = await get_connection(pool, tenant_id, connection_id)
+            if current is None:
+                raise _not_found()
+            return change_of(current, "snapshot")
+
+        return await sse.stream(request, request.app[hub_key], connection_id, load)
 
 
 def add_routes(app: web.Application) -> None:

@@ -27,6 +27,8 @@ log = logging.getLogger("zapbus.gateway.live")
 
 Change = tuple[int, ConnectionChanged]  # (stream sequence = SSE id, snapshot)
 _QUEUE_SIZE = 256
+# The most changes one catch-up read returns; a client that missed more starts from the row.
+READ_LIMIT = 500
 
 
 class ChangeHub:
@@ -95,8 +97,11 @@ class ChangeHub:
             return 0
         return int(msg.seq or 0)
 
-    async def since(self, connection_id: uuid.UUID, after: int, limit: int = 500) -> list[Change]:
-        """This connection's changes after stream sequence ``after``, oldest first."""
+    async def since(
+        self, connection_id: uuid.UUID, after: int, limit: int = READ_LIMIT
+    ) -> list[Change]:
+        """This connection's changes after stream sequence ``after``, oldest first, at most
+        ``limit`` of them."""
         found: list[Change] = []
         seq = after + 1
         subject = self.names.change_subject(connection_id)
@@ -110,6 +115,7 @@ class ChangeHub:
             seq = msg.seq + 1
         return found
 
-    async def oldest_seq(self) -> int:
+    async def bounds(self) -> tuple[int, int]:
+        """(first, last) sequence the stream holds now (first = last + 1 when empty)."""
         info = await self.js.stream_info(self.names.changes_stream)
-        return int(info.state.first_seq or 0)
+        return int(info.state.first_seq or 0), int(info.state.last_seq or 0)

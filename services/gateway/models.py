@@ -63,6 +63,7 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
 
 class History(msgspec.Struct, frozen=True, kw_only=True):
     items: list[HistoryEntry]
+    next_cursor: str | None
 
 
 create_decoder = msgspec.json.Decoder(CreateConnection)

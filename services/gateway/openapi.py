@@ -147,9 +147,22 @@ def build() -> dict[str, Any]:
         "/v1/connections/{id}/history": {
             "parameters": [_ID],
             "get": {
-                "summary": "Every event and transition, oldest first",
+                "summary": "Every event and transition, oldest first, a page at a time",
                 "operationId": "getHistory",
-                "responses": {"200": _json("the history", "History"), **_FOUND},
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500},
+                        "description": "entries per page (default 100)",
+                    },
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": _json("a page of the history", "History"),
+                    "400": _problem("bad limit or cursor"),
+                    **_FOUND,
+                },
             },
         },
         "/v1/connections/{id}/qr": {
@@ -190,6 +203,15 @@ def build() -> dict[str, Any]:
                         "description": "an event stream",
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
+                    "429": _problem(
+                        "too many open event streams for this tenant",
+                        {
+                            "Retry-After": {
+                                "schema": {"type": "string"},
+                                "description": "seconds to wait",
+                            }
+                        },
+                    ),
                     **_FOUND,
                 },
             },

@@ -1,7 +1,10 @@
 """``GET /v1/connections/{id}/events``: the connection's changes as Server-Sent Events.
 
 The stream starts with the current state (or, with ``Last-Event-ID``, with every change the
-client missed), then follows live changes, with a keep-alive comment every 15 s. Event names:
+client missed), then follows live changes, with a keep-alive comment every 15 s. A
+``Last-Event-ID`` the stream cannot answer for (beyond its last sequence, before its first, or
+with more missed changes than one read returns) starts from the current state too, never from
+silence. At most ``ZAPBUS_SSE_MAX_STREAMS_PER_TENANT`` streams per tenant and replica. Event names:
 ``qr`` when a new QR code arrived, ``status`` otherwise; the data is the connection snapshot;
 the id is the change's JetStream sequence.
 """
@@ -9,16 +12,19 @@ the id is the change's JetStream sequence.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import msgspec
 from aiohttp import web
 
 from proto.changes import ConnectionChanged
-from services.gateway.live import Change, ChangeHub
+from services.gateway.live import READ_LIMIT, Change, ChangeHub
+from zapbus.httpkit import ProblemError
 
 KEEPALIVE_SECONDS = 15.0
+RETRY_AFTER_SECONDS = 5
 _json = msgspec.json.Encoder()
 
 
@@ -57,6 +63,47 @@ def last_event_id(request: web.Request) -> int | None:
     return int(raw) if raw.isdigit() and len(raw) < 19 else None
 
 
+class StreamSlots:
+    """Counts each tenant's open streams on this replica; ``take`` refuses one too many."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._open: dict[uuid.UUID, int] = {}
+
+    @contextlib.contextmanager
+    def take(self, tenant_id: uuid.UUID) -> Iterator[None]:
+        """Hold one of the tenant's slots; ProblemError 429 (with Retry-After) if none is free."""
+        if self._open.get(tenant_id, 0) >= self.per_tenant:
+            err = ProblemError(
+                429,
+                "too-many-streams",
+                "Too many event streams",
+                f"at most {self.per_tenant} open event streams per tenant; close one",
+            )
+            err.response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+            raise err
+        self._open[tenant_id] = self._open.get(tenant_id, 0) + 1
+        try:
+            yield
+        finally:
+            left = self._open[tenant_id] - 1
+            if left:
+                self._open[tenant_id] = left
+            else:
+                del self._open[tenant_id]
+
+
+async def missed(hub: ChangeHub, connection_id: uuid.UUID, resume: int) -> list[Change] | None:
+    """The changes after ``resume``, or None if the stream cannot tell them all: ``resume`` is
+    beyond its last sequence (another stream, or a forged id), changes after it were already
+    removed, or there are more than one read returns."""
+    first, last = await hub.bounds()
+    if resume > last or resume + 1 < first:
+        return None
+    found = await hub.since(connection_id, resume, limit=READ_LIMIT + 1)
+    return None if len(found) > READ_LIMIT else found
+
+
 async def stream(
     request: web.Request,
     hub: ChangeHub,
@@ -79,9 +126,8 @@ async def stream(
         await resp.prepare(request)
         sent = 0
         resume = last_event_id(request)
-        backlog: list[Change] = []
-        if resume is not None and resume + 1 >= await hub.oldest_seq():
-            backlog = await hub.since(connection_id, resume)
+        backlog = None if resume is None else await missed(hub, connection_id, resume)
+        if backlog is not None and resume is not None:
             sent = resume
         else:
             snapshot_seq = await hub.last_seq(connection_id)

@@ -91,9 +91,32 @@ async def list_connections(
     return items, encode_cursor(items[-1].created_at, items[-1].id) if more and items else None
 
 
+def encode_seq_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq|{seq}".encode()).decode().rstrip("=")
+
+
+def decode_seq_cursor(cursor: str) -> int:
+    """Raises ValueError on a cursor this gateway did not hand out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        kind, _, number = raw.partition("|")
+        if kind != "seq" or not (number.isascii() and number.isdigit()) or len(number) > 18:
+            raise ValueError("not a history cursor")
+        return int(number)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError("malformed cursor") from exc
+
+
 async def history(
-    pool: asyncpg.Pool, tenant_id: uuid.UUID, connection_id: uuid.UUID
-) -> list[HistoryEntry] | None:
+    pool: asyncpg.Pool,
+    tenant_id: uuid.UUID,
+    connection_id: uuid.UUID,
+    limit: int,
+    cursor: str | None,
+) -> tuple[list[HistoryEntry], str | None] | None:
+    """Oldest first, keyset-paginated by seq; None if the tenant has no such connection.
+    Raises ValueError on a bad cursor."""
+    after = decode_seq_cursor(cursor) if cursor else 0
     owned = await pool.fetchval(
         "SELECT 1 FROM connections WHERE id = $1 AND tenant_id = $2", connection_id, tenant_id
     )
@@ -101,7 +124,12 @@ async def history(
         return None
     rows = await pool.fetch(
         "SELECT seq, generation, event_type, from_status, to_status, applied, code, reason,"
-        " occurred_at, recorded_at FROM connection_events WHERE connection_id = $1 ORDER BY seq",
+        " occurred_at, recorded_at FROM connection_events WHERE connection_id = $1"
+        " AND seq > $2 ORDER BY seq LIMIT $3",
         connection_id,
+        after,
+        limit + 1,
     )
-    return [msgspec.convert(dict(r), HistoryEntry) for r in rows]
+    items = [msgspec.convert(dict(r), HistoryEntry) for r in rows[:limit]]
+    more = len(rows) > limit
+    return items, encode_seq_cursor(items[-1].seq) if more and items else None

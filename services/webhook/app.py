@@ -6,12 +6,13 @@ from aiohttp import web
 
 from services.webhook.handlers import receive
 from services.webhook.metrics import WebhookMetrics, metrics_key
-from zapbus.config import Settings
+from zapbus.config import Settings, require_own_secrets
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import nats_ctx, settings_key
 
 
 def create_app(settings: Settings) -> web.Application:
+    require_own_secrets(settings)  # it checks webhook tokens: the built-in secret is public
     app = base_app("webhook", client_max_size=settings.webhook_max_body_bytes)
     app[settings_key] = settings
     app[metrics_key] = WebhookMetrics(app[registry_key])

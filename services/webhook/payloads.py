@@ -20,7 +20,10 @@ QR_EVENTS = frozenset({"qr.update", "qr", "qr.updated", "connection.qr", "qrcode
 STATUS_EVENTS = frozenset(
     {"session.status", "connection.update", "status", "session.update", "connection.status"}
 )
-MAX_QR_CHARS = 4096
+# The most a QR code holds: version 40 at error level L (services/gateway/qr.py), byte mode,
+# is 2953 bytes. The limit is on the QR's UTF-8 length (= characters for the ASCII QRs Baileys
+# sends), which is never less than what segno encodes, so every QR accepted renders.
+MAX_QR_CHARS = 2953
 
 
 class PayloadError(Exception):
@@ -117,8 +120,10 @@ def parse(body: bytes) -> tuple[str | None, Report]:
             raise PayloadError(f"data.{key}", "must be a non-empty string")
         if "\x00" in qr:
             raise PayloadError(f"data.{key}", "must not contain NUL characters")
-        if len(qr) > MAX_QR_CHARS:
-            raise PayloadError(f"data.{key}", f"longer than {MAX_QR_CHARS} characters")
+        if len(qr) > MAX_QR_CHARS or len(qr.encode("utf-8", "surrogatepass")) > MAX_QR_CHARS:
+            raise PayloadError(
+                f"data.{key}", f"longer than a QR code holds ({MAX_QR_CHARS} bytes in UTF-8)"
+            )
         return session, QrReport(qr=qr)
     key, status = _first(data, "status", "connection", "state")
     code = _code(data)

@@ -1,0 +1,188 @@
+"""SSE: a resume the stream cannot answer for starts from the row, never from silence; and at
+most ZAPBUS_SSE_MAX_STREAMS_PER_TENANT open streams per tenant on a replica."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient
+
+from proto.changes import ConnectionChanged, change_encoder
+from proto.names import Names
+from services.gateway.app import create_app as create_gateway
+from services.gateway.live import READ_LIMIT
+from tests.stack import wait_for
+from tests.test_frontend_api import sse_events
+from zapbus.config import Settings
+from zapbus.runtime import js_key, pool_key, settings_key
+from zapbus.tenants import create_tenant
+
+Client = TestClient[Any, Any]
+WAIT = 10.0  # for any one expected event
+
+
+@pytest.fixture
+async def gateway(settings: Settings, aiohttp_client: Any) -> Client:
+    client: Client = await aiohttp_client(create_gateway(settings))
+    return client
+
+
+async def _tenant_key(client: Client, name: str = "sse") -> str:
+    _, key = await create_tenant(client.app[pool_key], f"{name}-{uuid.uuid4().hex[:6]}")
+    return key
+
+
+async def _connection(client: Client, key: str) -> str:
+    """A new connection whose own change (create.requested) is already on the stream."""
+    auth = {"Authorization": f"Bearer {key}"}
+    async with client.post("/v1/connections", json={"name": "live"}, headers=auth) as r:
+        assert r.status == 202, await r.text()
+        cid = str((await r.json())["id"])
+    await wait_for("the create change on the stream", lambda: _last_seq(client, cid))
+    return cid
+
+
+def _names(client: Client) -> Names:
+    names: Names = client.app[settings_key].names
+    return names
+
+
+async def _last_seq(client: Client, cid: str) -> int:
+    js = client.app[js_key]
+    names = _names(client)
+    try:
+        msg = await js.get_last_msg(names.changes_stream, names.change_subject(cid))
+    except Exception:
+        return 0
+    return int(msg.seq or 0)
+
+
+async def _publish(client: Client, cid: str, cause: str) -> int:
+    """Publish a change of ``cid`` as the projector would; its stream sequence."""
+    change = ConnectionChanged(
+        connection_id=uuid.UUID(cid),
+        generation=1,
+        status="pending",
+        status_reason=None,
+        qr=None,
+        qr_seq=0,
+        qr_expires_at=None,
+        cause=cause,
+        changed_at=datetime.now(UTC),
+    )
+    ack = await client.app[js_key].publish(
+        _names(client).change_subject(cid), change_encoder.encode(change)
+    )
+    return int(ack.seq)
+
+
+async def _next(events: AsyncIterator[dict[str, Any]], what: str) -> dict[str, Any]:
+    try:
+        async with asyncio.timeout(WAIT):
+            return await anext(events)
+    except TimeoutError:
+        raise AssertionError(f"no event within {WAIT}s: expected {what}") from None
+
+
+async def _resume_starts_with_snapshot_then_live(
+    client: Client, key: str, cid: str, last_event_id: int
+) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Last-Event-ID": str(last_event_id)}
+    async with client.get(f"/v1/connections/{cid}/events", headers=headers) as r:
+        assert r.status == 200
+        events = sse_events(r)
+        first = await _next(events, "the snapshot")
+        assert first["data"]["cause"] == "snapshot", first
+        assert first["data"]["status"] == "pending"
+        seq = await _publish(client, cid, "test.live")
+        live = await _next(events, "the live change")
+        assert live["data"]["cause"] == "test.live" and int(live["id"]) == seq
+
+
+async def test_resume_beyond_the_last_sequence_gets_the_snapshot_then_live(
+    gateway: Client,
+) -> None:
+    key = await _tenant_key(gateway)
+    cid = await _connection(gateway, key)
+    beyond = await _last_seq(gateway, cid) + 1000  # e.g. an id from a stream since recreated
+    await _resume_starts_with_snapshot_then_live(gateway, key, cid, beyond)
+
+
+async def test_resume_older_than_the_first_sequence_gets_the_snapshot_then_live(
+    gateway: Client,
+) -> None:
+    key = await _tenant_key(gateway)
+    cid = await _connection(gateway, key)
+    old = await _publish(gateway, cid, "test.old")
+    await _publish(gateway, cid, "test.old")
+    await gateway.app[js_key].purge_stream(_names(gateway).changes_stream)
+    await _resume_starts_with_snapshot_then_live(gateway, key, cid, old - 1)
+
+
+async def test_resume_with_more_missed_than_one_read_gets_the_snapshot_then_live(
+    gateway: Client,
+) -> None:
+    key = await _tenant_key(gateway)
+    cid = await _connection(gateway, key)
+    seen = await _last_seq(gateway, cid)
+    for _ in range(READ_LIMIT + 1):
+        await _publish(gateway, cid, "test.missed")
+    await _resume_starts_with_snapshot_then_live(gateway, key, cid, seen)
+
+
+async def test_resume_within_the_stream_replays_what_was_missed(gateway: Client) -> None:
+    key = await _tenant_key(gateway)
+    cid = await _connection(gateway, key)
+    seen = await _last_seq(gateway, cid)
+    missed = [await _publish(gateway, cid, "test.missed") for _ in range(3)]
+    headers = {"Authorization": f"Bearer {key}", "Last-Event-ID": str(seen)}
+    async with gateway.get(f"/v1/connections/{cid}/events", headers=headers) as r:
+        events = sse_events(r)
+        got = [await _next(events, "a missed change") for _ in missed]
+    assert [int(e["id"]) for e in got] == missed
+    assert {e["data"]["cause"] for e in got} == {"test.missed"}
+
+
+async def test_open_streams_are_capped_per_tenant(settings: Settings, aiohttp_client: Any) -> None:
+    limited = msgspec.structs.replace(settings, sse_max_streams_per_tenant=2)
+    client: Client = await aiohttp_client(create_gateway(limited))
+    key, other = await _tenant_key(client), await _tenant_key(client, "other")
+    cid = await _connection(client, key)
+    other_cid = await _connection(client, other)
+    url = f"/v1/connections/{cid}/events"
+    auth = {"Authorization": f"Bearer {key}"}
+    first = await client.get(url, headers=auth)
+    second = await client.get(url, headers=auth)
+    try:
+        for stream in (first, second):
+            assert stream.status == 200
+            await _next(sse_events(stream), "the snapshot")
+        async with client.get(url, headers=auth) as r:
+            assert r.status == 429
+            assert r.content_type == "application/problem+json"
+            body = await r.json(content_type=None)
+            assert body["type"].endswith("/too-many-streams") and body["status"] == 429
+            assert int(r.headers["Retry-After"]) > 0
+        # the limit is per tenant: another tenant still gets its stream
+        other_auth = {"Authorization": f"Bearer {other}"}
+        async with client.get(f"/v1/connections/{other_cid}/events", headers=other_auth) as r:
+            assert r.status == 200
+    finally:
+        first.close()
+    # The closed stream's slot is freed once the server notices (at its next write).
+    await _publish(client, cid, "test.wake")
+
+    async def admitted() -> bool:
+        async with client.get(url, headers=auth) as r:
+            return r.status == 200
+
+    try:
+        await wait_for("a slot freed by the closed stream", admitted, timeout=WAIT, every=0.1)
+    finally:
+        second.close()
