@@ -69,6 +69,14 @@ class StatusReported(_Event, frozen=True, kw_only=True, tag="status.reported"):
     reason: str | None = None
 
 
+class SessionObserved(StatusReported, frozen=True, kw_only=True, tag="reconcile.status"):
+    """The reconciler read the session's state on the Baileys server and it contradicts the row.
+
+    Projected exactly like a status webhook (it is one, pulled instead of pushed); its own tag
+    marks the history row as the reconciler's.
+    """
+
+
 Event = (
     CreateStarted
     | SessionCreated
@@ -77,6 +85,7 @@ Event = (
     | SessionDeleted
     | QrUpdated
     | StatusReported
+    | SessionObserved
 )
 
 EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
@@ -87,6 +96,7 @@ EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
     SessionDeleted: "worker",
     QrUpdated: "qr",
     StatusReported: "status",
+    SessionObserved: "status",
 }
 
 

@@ -1,4 +1,4 @@
-"""The state machine, table by table: ``classify_status`` and ``apply`` from every state."""
+"""The state machine, table by table: ``state_for_report`` and ``apply`` from every state."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from proto.events import (
     event_type,
 )
 from proto.states import TERMINAL, Status
-from services.projector.transitions import QrPolicy, Row, apply, classify_status
+from services.projector.transitions import QrPolicy, Row, apply, state_for_report
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 CID = uuid.uuid4()
@@ -102,8 +102,8 @@ CLASSIFY = [
 
 
 @pytest.mark.parametrize(("word", "code", "reason", "expected"), CLASSIFY)
-def test_classify_status(word: str, code: int | None, reason: str | None, expected: S) -> None:
-    assert classify_status(word, code, reason) == expected
+def test_state_for_report(word: str, code: int | None, reason: str | None, expected: S) -> None:
+    assert state_for_report(word, code, reason) == expected
 
 
 # (from, event, to): `to` None means ignored (applied=False, row unchanged).
@@ -133,7 +133,7 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.PENDING, st("close", 515), S.PAIRING),
     (S.PENDING, st("close", 428), None),
     (S.PENDING, st("close", 401), S.LOGGED_OUT),
-    (S.PENDING, ev(SessionDeleted), S.DELETED),
+    (S.PENDING, ev(SessionDeleted), None),
     (S.CREATING, started(2), S.CREATING),
     (S.CREATING, started(1), None),
     (S.CREATING, retrying(1), S.CREATING),
@@ -176,7 +176,7 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.CONNECTED, st("close", 500), S.FAILED),
     (S.CONNECTED, created(), None),
     (S.CONNECTED, failed(), None),
-    (S.CONNECTED, ev(SessionDeleted), S.DELETED),
+    (S.CONNECTED, ev(SessionDeleted), None),
     (S.RECONNECTING, st("connected"), S.CONNECTED),
     (S.RECONNECTING, qr(), S.QR_READY),
     (S.RECONNECTING, st("close", 515), S.PAIRING),
@@ -184,7 +184,7 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.RECONNECTING, st("connecting"), None),
     (S.RECONNECTING, st("close", 401), S.LOGGED_OUT),
     *[(t, e, None) for t in sorted(TERMINAL) for e in ALL_EVENTS_IGNORED],
-    *[(t, ev(SessionDeleted), S.DELETED) for t in sorted(TERMINAL - {S.DELETED})],
+    *[(t, ev(SessionDeleted), None) for t in sorted(TERMINAL - {S.DELETED})],
     (S.DELETED, ev(SessionDeleted), None),
 ]
 

@@ -72,8 +72,8 @@ class History:
 
     def expected(self) -> tuple[Status, str | None]:
         """Status and reason after a clean delivery, worked out without ``apply``."""
-        if self.deleted:
-            return Status.DELETED, None
+        # session.deleted is history only: the row keeps its state (the tenant's delete is
+        # the gateway's own transition, not an event).
         if len(self.qrs) > POLICY.max_refreshes:
             return Status.QR_EXPIRED, "qr refresh limit reached"
         if self.ending:

@@ -86,6 +86,59 @@ async def _dlq_replay(settings: Settings, seq: int) -> int:
     return 0
 
 
+async def _reconcile(settings: Settings, dry_run: bool) -> int:
+    import aiohttp
+    from prometheus_client import CollectorRegistry
+
+    from services.session_worker.app import reconcile_policy
+    from services.session_worker.baileys_client import BaileysClient
+    from services.session_worker.reconciler import ReconcileMetrics, Reconciler
+
+    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
+    try:
+        async with aiohttp.ClientSession() as http:
+            reconciler = Reconciler(
+                pool=pool,
+                js=nc.jetstream(),
+                names=settings.names,
+                baileys=BaileysClient(
+                    http,
+                    settings.baileys_url,
+                    settings.baileys_api_key,
+                    settings.baileys_timeout_seconds,
+                ),
+                metrics=ReconcileMetrics(CollectorRegistry()),
+                interval_seconds=settings.reconcile_interval_seconds,
+                policy=reconcile_policy(settings),
+            )
+            drift = await reconciler.sweep(dry_run=dry_run, wait_for_lock=30.0)
+    finally:
+        await pool.close()
+        await nc.close()
+    if drift is None:
+        print("no sweep: the Baileys server did not answer, or another sweep held the lock")
+        return 1
+    rows = [
+        (
+            i.kind,
+            i.session_name,
+            str(i.connection_id or "-"),
+            str(i.generation or "-"),
+            i.row_status or "-",
+            i.server_state or "-",
+            ("would " if dry_run else "") + i.action if i.ripe else i.action,
+        )
+        for i in drift.items
+    ]
+    header = ("KIND", "SESSION", "CONNECTION", "GEN", "ROW", "SERVER", "ACTION")
+    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
+    for r in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(f"{len(rows)} drift item(s){' (dry run: nothing repaired)' if dry_run else ''}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zapbus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -105,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     letters.add_parser("replay", help="queue a dead letter's command again").add_argument(
         "seq", type=int, help="the dead letter's sequence, as `dlq list` shows it"
     )
+    reconcile = sub.add_parser(
+        "reconcile", help="compare the Baileys server's sessions with the connections; repair"
+    )
+    reconcile.add_argument("--dry-run", action="store_true", help="print the drift, repair nothing")
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
@@ -128,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(_dlq_list(settings))
         case "dlq", "replay":
             return asyncio.run(_dlq_replay(settings, args.seq))
+        case "reconcile", _:
+            return asyncio.run(_reconcile(settings, args.dry_run))
     return 0
 
 

@@ -45,6 +45,9 @@ class _ConfigPatch(msgspec.Struct, forbid_unknown_fields=True):
     qr_next_seconds: float | None = None
     qr_max: int | None = None
     webhook_duplicate_rate: float | None = None
+    webhook_ids: bool | None = None
+    delete_fail_rate: float | None = None
+    list_route: bool | None = None
 
 
 def _fail(status: int, error: str) -> web.Response:
@@ -121,6 +124,14 @@ async def create_session(request: web.Request) -> web.Response:
     return _ok({"name": name, "status": "connecting"}, status=201)
 
 
+async def list_sessions(request: web.Request) -> web.Response:
+    """``GET /sessions``: every live session (404 when the list route is switched off)."""
+    registry = _registry(request)
+    if not registry.config.list_route:
+        return _fail(404, "not found")
+    return _ok([s.snapshot() for s in registry.live.values()])
+
+
 async def get_session(request: web.Request) -> web.Response:
     """``GET /sessions/{name}``."""
     session = _registry(request).live.get(request.match_info["name"])
@@ -131,14 +142,18 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     """``DELETE /sessions/{name}``: stop and remove the session."""
-    if not _registry(request).delete(request.match_info["name"]):
+    registry = _registry(request)
+    if registry.rng.random() < registry.config.delete_fail_rate:
+        return _fail(500, "internal error")
+    if not registry.delete(request.match_info["name"]):
         return _fail(404, "session not found")
     return _ok()
 
 
 async def sim_scan(request: web.Request) -> web.Response:
     """``POST /_sim/sessions/{name}/scan``: the phone scans the current QR code."""
-    result = _registry(request).scan(request.match_info["name"])
+    silent = request.query.get("silent") in ("1", "true")
+    result = _registry(request).scan(request.match_info["name"], silent=silent)
     if result == "missing":
         return _fail(404, "session not found")
     if result == "not_showing_qr":
@@ -150,6 +165,25 @@ async def sim_logout(request: web.Request) -> web.Response:
     """``POST /_sim/sessions/{name}/logout``: the phone logs the session out."""
     if not _registry(request).logout(request.match_info["name"]):
         return _fail(404, "session not found")
+    return _ok()
+
+
+async def sim_restart(request: web.Request) -> web.Response:
+    """``POST /_sim/restart``: the server restarts and loses every session, silently."""
+    return _ok({"lost": _registry(request).restart()})
+
+
+async def sim_disconnect(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/disconnect``: a 428 close of a connected session."""
+    if not _registry(request).disconnect(request.match_info["name"]):
+        return _fail(409, "session is not connected")
+    return _ok()
+
+
+async def sim_reconnect(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/reconnect``: a disconnected session connects again."""
+    if not _registry(request).reconnect(request.match_info["name"]):
+        return _fail(409, "session is not disconnected")
     return _ok()
 
 
@@ -232,11 +266,15 @@ def create_app(config: SimConfig) -> web.Application:
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
             web.post("/sessions", create_session),
+            web.get("/sessions", list_sessions),
             web.get("/sessions/{name}", get_session),
             web.delete("/sessions/{name}", delete_session),
             web.post("/_sim/sessions/{name}/scan", sim_scan),
             web.post("/_sim/sessions/{name}/logout", sim_logout),
             web.post("/_sim/sessions/{name}/replay", sim_replay),
+            web.post("/_sim/sessions/{name}/disconnect", sim_disconnect),
+            web.post("/_sim/sessions/{name}/reconnect", sim_reconnect),
+            web.post("/_sim/restart", sim_restart),
             web.get("/_sim/stats", sim_stats),
             web.patch("/_sim/config", sim_patch_config),
         ]

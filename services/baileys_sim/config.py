@@ -27,6 +27,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     create_delay: tuple[float, float] = (10.0, 30.0)
     # Probability a POST /sessions answers 500 without creating anything.
     fail_rate: float = 0.0
+    # Probability a DELETE /sessions/{name} answers 500 without deleting.
+    delete_fail_rate: float = 0.0
     # Probability the session is created but the answer waits ``hang_seconds`` more.
     timeout_rate: float = 0.0
     hang_seconds: float = 120.0
@@ -38,13 +40,18 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     webhook_duplicate_rate: float = 0.0
     # When set, webhooks carry Standard Webhooks signature headers made with this secret.
     signing_secret: str = ""
+    # Send a `webhook-id` per delivery (kept by duplicates and replays of that delivery).
+    webhook_ids: bool = True
+    # Offer GET /sessions (the list route); without it the route answers 404, as on servers
+    # that have none.
+    list_route: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.create_delay
         if not (_finite(lo) and _finite(hi) and 0.0 <= lo <= hi):
             raise ValueError(f"create_delay must be 0 <= lo <= hi, got {self.create_delay!r}")
-        for name in ("fail_rate", "timeout_rate", "webhook_duplicate_rate"):
+        for name in ("fail_rate", "timeout_rate", "webhook_duplicate_rate", "delete_fail_rate"):
             rate = getattr(self, name)
             if not (_finite(rate) and 0.0 <= rate <= 1.0):
                 raise ValueError(f"{name} must be within [0, 1], got {rate!r}")
@@ -92,6 +99,15 @@ def _parse_nonempty(text: str) -> str:
     return text.strip()
 
 
+def _parse_bool(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 # variable -> (SimConfig field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_HOST": ("host", _parse_nonempty),
@@ -100,6 +116,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_CREATE_DELAY": ("create_delay", parse_delay),
     "ZAPBUS_SIM_FAIL_RATE": ("fail_rate", _parse_float),
     "ZAPBUS_SIM_TIMEOUT_RATE": ("timeout_rate", _parse_float),
+    "ZAPBUS_SIM_DELETE_FAIL_RATE": ("delete_fail_rate", _parse_float),
     "ZAPBUS_SIM_HANG_SECONDS": ("hang_seconds", _parse_float),
     "ZAPBUS_SIM_QR_FIRST_SECONDS": ("qr_first_seconds", _parse_float),
     "ZAPBUS_SIM_QR_NEXT_SECONDS": ("qr_next_seconds", _parse_float),
@@ -107,6 +124,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_DUPLICATE_RATE": ("webhook_duplicate_rate", _parse_float),
     "ZAPBUS_SIM_SEED": ("seed", int),
     "ZAPBUS_SIM_SIGNING_SECRET": ("signing_secret", str),
+    "ZAPBUS_SIM_WEBHOOK_IDS": ("webhook_ids", _parse_bool),
+    "ZAPBUS_SIM_LIST_ROUTE": ("list_route", _parse_bool),
 }
 
 

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import random
+import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ class SimSession:
     webhook_url: str
     status: Status = "connecting"
     qr_count: int = 0
-    sent: list[bytes] = field(default_factory=list)
+    sent: list[Outgoing] = field(default_factory=list)
     queue: OutQueue = field(default_factory=asyncio.Queue)
     lifecycle: asyncio.Task[None] | None = None
     sender: asyncio.Task[None] | None = None
@@ -130,8 +131,9 @@ class SessionRegistry:
         self._metrics.sessions_live.set(len(self.live))
         return True
 
-    def scan(self, name: str) -> ScanResult:
-        """The phone scanned the QR: 515 restart close, then ``connected``."""
+    def scan(self, name: str, silent: bool = False) -> ScanResult:
+        """The phone scanned the QR: 515 restart close, then ``connected``. ``silent``: the
+        session connects but those webhooks are lost on the way."""
         session = self.live.get(name)
         if session is None:
             return "missing"
@@ -139,9 +141,36 @@ class SessionRegistry:
             return "not_showing_qr"
         self._stop_lifecycle(session)
         session.status = "connected"
-        self._emit(session, _status(name, "close", statusReason=515, reason="restartRequired"))
-        self._emit(session, _status(name, "connected"), delay=SCAN_CONNECT_DELAY)
+        if not silent:
+            self._emit(session, _status(name, "close", statusReason=515, reason="restartRequired"))
+            self._emit(session, _status(name, "connected"), delay=SCAN_CONNECT_DELAY)
         return "ok"
+
+    def restart(self) -> list[str]:
+        """The server restarted and kept nothing: every session vanishes without a webhook
+        (as a Baileys server without persistent auth state does). Returns the names lost."""
+        lost = sorted(self.live)
+        for name in lost:
+            self.delete(name)
+        return lost
+
+    def disconnect(self, name: str) -> bool:
+        """The connection dropped (428): close webhook, session back to ``connecting``; a
+        later ``reconnect`` sends ``connected`` again (identical bodies each cycle)."""
+        session = self.live.get(name)
+        if session is None or session.status != "connected":
+            return False
+        session.status = "connecting"
+        self._emit(session, _status(name, "close", statusReason=428, reason="connectionClosed"))
+        return True
+
+    def reconnect(self, name: str) -> bool:
+        session = self.live.get(name)
+        if session is None or session.status != "connecting" or session.qr_count == 0:
+            return False
+        session.status = "connected"
+        self._emit(session, _status(name, "connected"))
+        return True
 
     def logout(self, name: str) -> bool:
         """The phone logged out: 401 close, then the session is gone."""
@@ -168,8 +197,8 @@ class SessionRegistry:
         else:
             queue = asyncio.Queue()
             self._spawn(self.webhooks.run(session.webhook_url, queue), name)
-        for body in bodies:
-            queue.put_nowait(Outgoing(body, 0.0))
+        for item in bodies:
+            queue.put_nowait(item._replace(delay=0.0))
         if queue is not session.queue:
             queue.put_nowait(None)
         return len(bodies)
@@ -179,6 +208,7 @@ class SessionRegistry:
         return {
             "created": dict(self.created_count),
             "live": sorted(self.live),
+            "states": {name: session.status for name, session in sorted(self.live.items())},
             "webhooks_sent": self.webhooks.sent,
             "webhooks_failed": self.webhooks.failed,
         }
@@ -221,9 +251,10 @@ class SessionRegistry:
         self._metrics.sessions_live.set(len(self.live))
 
     def _emit(self, session: SimSession, event: dict[str, Any], delay: float = 0.0) -> None:
-        body = msgspec.json.encode(event)
-        session.sent.append(body)
-        session.queue.put_nowait(Outgoing(body, delay))
+        msg_id = f"msg_{uuid.uuid4().hex}" if self.config.webhook_ids else ""
+        item = Outgoing(msgspec.json.encode(event), delay, msg_id)
+        session.sent.append(item)
+        session.queue.put_nowait(item)
 
     def _emit_qr(self, session: SimSession) -> None:
         session.qr_count += 1

@@ -27,10 +27,13 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 class Outgoing(NamedTuple):
-    """One queued webhook: the JSON body and how long to wait before sending it."""
+    """One queued webhook: the JSON body, how long to wait before sending it, and its delivery
+    id (``webhook-id``): a duplicate or replay of one delivery keeps it, as a real sender's
+    retries do, while a new event with an identical body gets its own."""
 
     body: bytes
     delay: float = 0.0
+    msg_id: str = ""
 
 
 OutQueue = asyncio.Queue[Outgoing | None]  # None: the sender stops after what is queued
@@ -62,18 +65,16 @@ class WebhookSender:
                 await asyncio.sleep(item.delay)
             copies = 2 if self._rng.random() < self._duplicate_rate() else 1
             for _ in range(copies):
-                await self.deliver(url, item.body)
+                await self.deliver(url, item.body, item.msg_id)
 
-    def _headers(self, body: bytes) -> dict[str, str]:
+    def _headers(self, body: bytes, msg_id: str) -> dict[str, str]:
         secret = self._signing_secret()
         if not secret:
-            return _JSON_HEADERS
-        # The same body is the same message: duplicates and replays keep their id, as a
-        # real sender's retries do.
-        msg_id = "msg_" + hashlib.sha256(body).hexdigest()[:24]
+            return {**_JSON_HEADERS, "webhook-id": msg_id} if msg_id else _JSON_HEADERS
+        msg_id = msg_id or "msg_" + hashlib.sha256(body).hexdigest()[:24]
         return {**_JSON_HEADERS, **signed_headers(secret, msg_id, int(time.time()), body)}
 
-    async def deliver(self, url: str, body: bytes) -> bool:
+    async def deliver(self, url: str, body: bytes, msg_id: str = "") -> bool:
         """POST ``body`` to ``url``, retrying non-2xx answers and connection errors."""
         reason = ""
         attempts = WEBHOOK_RETRIES + 1
@@ -82,7 +83,7 @@ class WebhookSender:
                 await asyncio.sleep(WEBHOOK_BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
                 async with self._http.post(
-                    url, data=body, headers=self._headers(body), timeout=WEBHOOK_TIMEOUT
+                    url, data=body, headers=self._headers(body, msg_id), timeout=WEBHOOK_TIMEOUT
                 ) as resp:
                     if 200 <= resp.status < 300:
                         self.sent += 1

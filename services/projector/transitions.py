@@ -80,7 +80,7 @@ _RECONNECT_WORDS = frozenset({"reconnecting", "close", "closed", "disconnected"}
 _CONNECTING_WORDS = frozenset({"connecting", "starting", "initializing", "qr"})
 
 
-def classify_status(status: str, code: int | None, reason: str | None) -> Status | None:
+def state_for_report(status: str, code: int | None, reason: str | None) -> Status | None:
     """Map a Baileys status report to the state it means, or None when it means no change."""
     word = status.strip().lower().replace("-", "_").replace(" ", "_")
     reason_l = (reason or "").lower()
@@ -207,13 +207,14 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
         case CreateStarted() | SessionCreated() | CreateRetrying() | CreateFailed():
             return _worker_event(row, event)
         case SessionDeleted():
-            if _can_move(row.status, Status.DELETED):
-                return Outcome(row=_move(row, Status.DELETED), applied=True)
-            return ignored
+            # The server's session is gone; the row says what the tenant wants. Only the
+            # gateway's delete makes a row `deleted` (a session the reconciler removed from
+            # a failed row leaves it failed). Recorded in history, never applied.
+            return Outcome(row=row, applied=False, reason="session removed from the server")
         case QrUpdated(qr=qr, occurred_at=at):
             return _qr(row, qr, at, policy)
         case StatusReported(status=status, code=code, reason=reason):
-            target = classify_status(status, code, reason)
+            target = state_for_report(status, code, reason)
             if target is None or not _can_move(row.status, target):
                 return Outcome(row=row, applied=False, code=code, reason=reason)
             explains = target in TERMINAL or target == Status.RECONNECTING

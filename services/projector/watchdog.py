@@ -9,6 +9,14 @@ replicas from doubling up) looks for connections whose state has not moved for `
   after that the connection fails with reason ``timeout``.
 * awaiting_qr: the Baileys server accepted the session but no QR ever arrived: ``timeout``.
 
+A row a worker is holding (``held_until`` in the future: waiting on the breaker, on a create
+slot, or inside the call) is left alone. A time-out queues the deletion of the generation's
+session (a timed-out POST may have made it), so a ``failed`` row never keeps a live session.
+
+Deletes are re-driven the same way: every delete zapbus queued is tracked in
+``session_deletes`` until the worker reports the session gone; one still there after
+``deadline`` is published again (the reconciler is the backstop for the rest).
+
 It also refreshes the ``zapbus_connections`` gauge (connections by state).
 """
 
@@ -24,16 +32,19 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto.changes import ConnectionChanged
-from proto.commands import CreateSession
+from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_change
+from zapbus.outbox import insert_outbox, queue_change, queue_delete
 
 log = logging.getLogger("zapbus.watchdog")
 
 _LOCK_ID = 0x7A627764  # "zbwd"
 _STUCK = (Status.PENDING, Status.CREATING, Status.AWAITING_QR)
+# A delete that never completes (a server that refuses it for good) stops being re-driven
+# after this many tries; it stays listed in session_deletes and counted.
+_MAX_DELETE_REDRIVES = 10
 
 
 class WatchdogMetrics:
@@ -98,6 +109,7 @@ class Watchdog:
                 "SELECT id, tenant_id, generation, session_name, status, command_id, redrives"
                 " FROM connections WHERE status = ANY($1::text[])"
                 " AND greatest(status_changed_at, last_event_at) < $2"
+                " AND (held_until IS NULL OR held_until < now())"
                 " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
                 [s.value for s in _STUCK],
                 datetime.now(UTC) - self.deadline,
@@ -111,6 +123,8 @@ class Watchdog:
                 else:
                     await self._time_out(conn, row, status)
                     failed += 1
+            deletes = await self._redrive_deletes(conn)
+        self.metrics.actions.labels("delete_redriven").inc(deletes)
         self.metrics.actions.labels("redriven").inc(redriven)
         self.metrics.actions.labels("timed_out").inc(failed)
 
@@ -126,9 +140,10 @@ class Watchdog:
             requested_at=datetime.now(UTC),
         )
         await insert_outbox(conn, self.names, cmd, msg_id=f"{command_id}:redrive:{attempt}")
+        # A re-drive is a new run of the create: its attempts count from 1 again.
         await conn.execute(
-            "UPDATE connections SET redrives = $2, command_id = $3, status_changed_at = now()"
-            " WHERE id = $1",
+            "UPDATE connections SET redrives = $2, command_id = $3, attempts = 0,"
+            " status_changed_at = now() WHERE id = $1",
             row["id"],
             attempt,
             command_id,
@@ -165,6 +180,10 @@ class Watchdog:
             reason,
         )
         await self._history(conn, row, "watchdog.timeout", Status.FAILED.value, True, reason)
+        # A timed-out POST may have made the session after all: a failed row keeps none.
+        await queue_delete(
+            conn, self.names, row["id"], row["tenant_id"], row["generation"], row["session_name"]
+        )
         change = ConnectionChanged(
             connection_id=row["id"],
             generation=row["generation"],
@@ -183,6 +202,43 @@ class Watchdog:
                 connection_id=str(row["id"]), generation=row["generation"], status=status.value
             ),
         )
+
+    async def _redrive_deletes(self, conn: asyncpg.Connection) -> int:
+        """Publish again every tracked delete that has not completed within the deadline."""
+        rows = await conn.fetch(
+            "SELECT d.session_name, d.connection_id, d.generation, d.command_id, d.redrives,"
+            " c.tenant_id FROM session_deletes d LEFT JOIN connections c ON c.id = d.connection_id"
+            " WHERE d.last_driven_at < $1 AND d.redrives < $2"
+            " ORDER BY d.last_driven_at LIMIT 500 FOR UPDATE OF d SKIP LOCKED",
+            datetime.now(UTC) - self.deadline,
+            _MAX_DELETE_REDRIVES,
+        )
+        for row in rows:
+            attempt = row["redrives"] + 1
+            cmd = DeleteSession(
+                command_id=row["command_id"],
+                connection_id=row["connection_id"],
+                tenant_id=row["tenant_id"] or uuid.UUID(int=0),
+                generation=row["generation"],
+                session_name=row["session_name"],
+                requested_at=datetime.now(UTC),
+            )
+            await insert_outbox(conn, self.names, cmd, msg_id=f"{cmd.command_id}:redrive:{attempt}")
+            await conn.execute(
+                "UPDATE session_deletes SET redrives = $2 WHERE session_name = $1",
+                row["session_name"],
+                attempt,
+            )
+            log.warning(
+                "unfinished session delete re-driven",
+                extra=fields(
+                    connection_id=str(row["connection_id"]),
+                    generation=row["generation"],
+                    command_id=str(cmd.command_id),
+                    redrive=attempt,
+                ),
+            )
+        return len(rows)
 
     async def _history(
         self,

@@ -11,11 +11,14 @@ from nats.js import api as js_api
 from services.session_worker.baileys_client import BaileysClient
 from services.session_worker.breaker import Breaker
 from services.session_worker.consumer import CommandConsumer
+from services.session_worker.drift import Policy
 from services.session_worker.fence import Fence
 from services.session_worker.handler import CommandHandler
+from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
+from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
-from zapbus.config import Settings
+from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
@@ -23,6 +26,8 @@ from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_
 http_key = web.AppKey("http", aiohttp.ClientSession)
 consumer_key = web.AppKey("command_consumer", Runner)
 breaker_key = web.AppKey("breaker", Breaker)
+holds_key = web.AppKey("holds", Runner)
+reconciler_key = web.AppKey("reconciler", Runner)
 
 
 def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -69,6 +74,9 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         gauge=metrics.breaker_open,
     )
     app[breaker_key] = breaker
+    heartbeat = max(0.5, settings.ack_wait_seconds / 3)
+    holds = Holds(app[pool_key], every_seconds=heartbeat, hold_seconds=heartbeat * 3)
+    app[holds_key] = holds
     handler = CommandHandler(
         js=app[js_key],
         names=settings.names,
@@ -81,10 +89,11 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         metrics=metrics,
         webhook_base_url=settings.webhook_public_url,
         webhook_secret=settings.webhook_secret,
-        heartbeat_seconds=max(0.5, settings.ack_wait_seconds / 3),
+        heartbeat_seconds=heartbeat,
         fence=Fence(app[pool_key]),
         breaker=breaker,
         max_concurrent_creates=settings.baileys_max_concurrent_creates,
+        holds=holds,
     )
     consumer = DurableConsumer(
         app[js_key], settings.names.commands_stream, consumer_config(settings)
@@ -97,7 +106,35 @@ def build_consumer(app: web.Application) -> CommandConsumer:
     )
 
 
+def build_reconciler(app: web.Application) -> Reconciler:
+    settings = app[settings_key]
+    return Reconciler(
+        pool=app[pool_key],
+        js=app[js_key],
+        names=settings.names,
+        baileys=BaileysClient(
+            app[http_key],
+            settings.baileys_url,
+            settings.baileys_api_key,
+            settings.baileys_timeout_seconds,
+        ),
+        metrics=ReconcileMetrics(app[registry_key]),
+        interval_seconds=settings.reconcile_interval_seconds,
+        policy=reconcile_policy(settings),
+        breaker=app[breaker_key] if breaker_key in app else None,
+    )
+
+
+def reconcile_policy(settings: Settings) -> Policy:
+    return Policy(
+        grace_seconds=settings.reconcile_grace_seconds,
+        max_recreates=settings.reconcile_max_recreates,
+        delete_unknown=settings.reconcile_delete_unknown,
+    )
+
+
 def create_app(settings: Settings) -> web.Application:
+    require_own_secrets(settings)  # it mints webhook tokens: the built-in secret is public
     app = base_app("session_worker")
     app[settings_key] = settings
     app.cleanup_ctx.append(pool_ctx)
@@ -105,4 +142,6 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(http_ctx)
     app.cleanup_ctx.append(breaker_ctx)
     app.cleanup_ctx.append(runner_ctx("command_consumer", consumer_key, build_consumer))
+    app.cleanup_ctx.append(runner_ctx("holds", holds_key, lambda app: app[holds_key]))
+    app.cleanup_ctx.append(runner_ctx("reconciler", reconciler_key, build_reconciler))
     return app

@@ -1,26 +1,67 @@
-"""Generation fencing: is a command still about the connection's current generation?
+"""Fencing: may a command still act on the Baileys server, given what Postgres says now?
 
-Postgres holds the truth. A create for generation 1 that arrives after a recreate (or after a
-delete) must not create a session. If Postgres cannot be asked, the answer is "unknown" and the
-worker goes ahead: the check after the call and the watchdog are the nets for that rare case.
+Postgres holds the truth. A create is carried out only while its generation is the row's
+current one and the row still waits for that session (``pending``, ``creating``, or
+``reconnecting`` after the reconciler found the session lost). Otherwise:
+
+* the row moved on (newer generation, deleted, or a terminal state): the session is not wanted,
+  and one an earlier call may have made is deleted (``Verdict.UNDO``);
+* the row is past creation (``awaiting_qr`` ... ``connected``): an earlier copy of the command
+  already made the session, which is wanted; nothing to do (``Verdict.DONE``).
+
+A delete is carried out unless the row's current generation is that session's and is not
+terminal: a DLQ replay or the reconciler made the session wanted again (``Verdict.DONE``).
+
+If Postgres cannot be asked, the verdict is ``Verdict.UNKNOWN`` and the worker goes ahead: the
+check after the call, the watchdog and the reconciler are the nets for that rare case.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 import uuid
 
 import asyncpg
 
-from proto.commands import CreateSession
-from proto.states import Status
+from proto.commands import CreateSession, DeleteSession
+from proto.states import TERMINAL, Status
 
 log = logging.getLogger("zapbus.session_worker")
 
 
 _PRIMED_FOR_SECONDS = 1.0
-_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError)
+_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+_CREATE_RUNS_IN = frozenset({Status.PENDING, Status.CREATING, Status.RECONNECTING})
+
+
+class Verdict(enum.Enum):
+    RUN = "run"  # carry the command out
+    DONE = "done"  # nothing to do: ack
+    UNDO = "undo"  # the session must not exist: make sure it is deleted, then ack
+    UNKNOWN = "unknown"  # Postgres could not be asked: go ahead
+
+
+def create_verdict(row: tuple[int, str] | None, cmd: CreateSession) -> Verdict:
+    """What to do with a create, given the row's (generation, status) or None if gone."""
+    if row is None:
+        return Verdict.UNDO
+    generation, raw = row
+    status = Status(raw)
+    if generation != cmd.generation or status in TERMINAL:
+        return Verdict.UNDO
+    return Verdict.RUN if status in _CREATE_RUNS_IN else Verdict.DONE
+
+
+def delete_verdict(row: tuple[int, str] | None, cmd: DeleteSession) -> Verdict:
+    """What to do with a delete, given the row's (generation, status) or None if gone."""
+    if row is None:
+        return Verdict.RUN
+    generation, raw = row
+    if generation == cmd.generation and Status(raw) not in TERMINAL:
+        return Verdict.DONE
+    return Verdict.RUN
 
 
 class Fence:
@@ -46,24 +87,30 @@ class Fence:
         for row in rows:
             self._primed[row["id"]] = (row["generation"], row["status"], now)
 
-    async def is_current(self, cmd: CreateSession, fresh: bool = False) -> bool | None:
-        """True/False, or None when the database could not be asked. ``fresh`` skips the
-        primed batch read (after the Baileys call, which may have taken seconds)."""
-        primed = None if fresh else self._primed.pop(cmd.connection_id, None)
+    async def check_create(self, cmd: CreateSession, fresh: bool = False) -> Verdict:
+        """``fresh`` skips the primed batch read (after the Baileys call, which may have
+        taken seconds)."""
+        found, row = await self._read(cmd.connection_id, fresh)
+        return create_verdict(row, cmd) if found else Verdict.UNKNOWN
+
+    async def check_delete(self, cmd: DeleteSession) -> Verdict:
+        found, row = await self._read(cmd.connection_id, fresh=True)
+        return delete_verdict(row, cmd) if found else Verdict.UNKNOWN
+
+    async def _read(
+        self, connection_id: uuid.UUID, fresh: bool
+    ) -> tuple[bool, tuple[int, str] | None]:
+        """(asked, (generation, status) or None when there is no such row)."""
+        primed = None if fresh else self._primed.pop(connection_id, None)
         if primed is not None and time.monotonic() - primed[2] < _PRIMED_FOR_SECONDS:
-            generation, status = primed[0], primed[1]
-        else:
-            if self.pool is None:
-                return None
-            try:
-                row = await self.pool.fetchrow(
-                    "SELECT generation, status FROM connections WHERE id = $1",
-                    cmd.connection_id,
-                )
-            except _ERRORS as exc:
-                log.warning("fence check skipped, database unavailable: %s", exc)
-                return None
-            if row is None:
-                return False
-            generation, status = row["generation"], row["status"]
-        return bool(generation == cmd.generation and status != Status.DELETED)
+            return True, (primed[0], primed[1])
+        if self.pool is None:
+            return False, None
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT generation, status FROM connections WHERE id = $1", connection_id
+            )
+        except _ERRORS as exc:
+            log.warning("fence check skipped, database unavailable: %s", exc)
+            return False, None
+        return True, (None if row is None else (row["generation"], row["status"]))

@@ -1,9 +1,16 @@
 """Carries out one command against the Baileys server and maps the result to a JetStream action.
 
 success -> event + ``ack()``; retryable error -> event + ``nak(delay)``; permanent error or the
-last attempt -> dead letter + failed event + ``term()``. During the (slow) call the message is
-kept alive with ``in_progress()``. Events get ids derived from the command id and attempt, so a
-crash and redelivery republishes the same ids and nothing is counted twice.
+last delivery -> dead letter + failed event + ``term()``. During the (slow) call the message is
+kept alive with ``in_progress()`` and the row is held (``holds.py``) so the watchdog waits.
+
+Fencing (``fence.py``) before and after the call: a create runs only while its row still waits
+for that session; a session made for a row that moved on is deleted again.
+
+Event and dead-letter ids are derived from the command id, the message's stream sequence and
+its delivery count: a crash and redelivery of one message republishes the same ids (nothing is
+counted twice), while a re-driven or replayed command (a new message) gets new ones, so its
+history and dead letters are never swallowed as duplicates.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import TypedDict
 
+import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -44,10 +52,12 @@ from proto.names import Names
 from services.session_worker.baileys_client import BaileysClient, CreateSessionRequest
 from services.session_worker.breaker import Breaker
 from services.session_worker.errors import BaileysError, PermanentError, RetryableError
-from services.session_worker.fence import Fence
+from services.session_worker.fence import Fence, Verdict
+from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
 from zapbus.logs import fields
+from zapbus.outbox import untrack_delete
 from zapbus.tokens import webhook_url
 
 log = logging.getLogger("zapbus.session_worker")
@@ -75,6 +85,7 @@ class CommandHandler:
         fence: Fence,
         breaker: Breaker,
         max_concurrent_creates: int,
+        holds: Holds | None = None,
     ) -> None:
         self.js = js
         self.names = names
@@ -87,6 +98,7 @@ class CommandHandler:
         self.fence = fence
         self.breaker = breaker
         self.create_slots = asyncio.Semaphore(max_concurrent_creates)
+        self.holds = holds or Holds(None, heartbeat_seconds, heartbeat_seconds * 3)
 
     async def prime(self, msgs: list[Msg]) -> None:
         """Fence-check a fetched batch of creates with one query (see Fence.prime)."""
@@ -102,11 +114,13 @@ class CommandHandler:
 
     async def handle(self, msg: Msg) -> None:
         start = time.perf_counter()
-        attempt = msg.metadata.num_delivered or 1
+        # Deliveries of this message, which is what JetStream counts against max_deliver (an
+        # interrupted delivery, e.g. on SIGTERM, counts too).
+        delivery = msg.metadata.num_delivered or 1
         try:
             cmd = command_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await self._dead_letter(msg, None, str(exc), "undecodable", attempt)
+            await self._dead_letter(msg, None, str(exc), "undecodable", delivery)
             await msg.term()
             self.metrics.failures.labels("unknown", "undecodable").inc()
             log.error("undecodable command terminated", extra=fields(subject=msg.subject))
@@ -116,9 +130,10 @@ class CommandHandler:
         try:
             match cmd:
                 case CreateSession():
-                    outcome = await self._create(msg, cmd, attempt)
+                    with self.holds.hold(cmd.connection_id):
+                        outcome = await self._create(msg, cmd, delivery)
                 case DeleteSession():
-                    outcome = await self._delete(msg, cmd, attempt)
+                    outcome = await self._delete(msg, cmd, delivery)
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(Exception):
@@ -137,16 +152,22 @@ class CommandHandler:
                     command_id=str(cmd.command_id),
                     subject=msg.subject,
                     seq=msg.metadata.sequence.stream,
-                    delivered=attempt,
+                    delivered=delivery,
                     ms=round((time.perf_counter() - start) * 1000, 1),
                 ),
             )
 
     async def _create(self, msg: Msg, cmd: CreateSession, attempt: int) -> str:
-        if await self.fence.is_current(cmd) is False:
-            await msg.ack()  # superseded by a recreate or a delete: nothing to create
+        verdict = await self.fence.check_create(cmd)
+        if verdict is Verdict.DONE:
+            await msg.ack()  # an earlier copy made the session and the row moved past it
             return "fenced"
-        common = self._common(cmd, "create.started", attempt)
+        if verdict is Verdict.UNDO:
+            # Superseded, deleted or failed meanwhile. An earlier call (a timed-out POST the
+            # server finished, a copy re-driven by the watchdog) may have made the session:
+            # make sure it is gone, retrying like any call if the server does not answer.
+            return await self._undo_create(msg, cmd, attempt)
+        common = self._common(msg, cmd, "create.started", attempt)
         await self._emit(CreateStarted(**common, attempt=attempt))
         try:
             async with self._heartbeat(msg):
@@ -157,17 +178,39 @@ class CommandHandler:
             self.breaker.record(exc.server_down)
             return await self._on_error(msg, cmd, attempt, exc)
         self.breaker.record(server_down=False)
-        if await self.fence.is_current(cmd, fresh=True) is False:
-            # Recreated or deleted while we were creating: remove what we just made, so the
-            # Baileys server never keeps two sessions for one connection.
-            with contextlib.suppress(BaileysError):
-                await self.baileys.delete_session(cmd.session_name)
-            await msg.ack()
-            return "fenced"
-        common = self._common(cmd, "create.succeeded", attempt)
+        if await self.fence.check_create(cmd, fresh=True) is Verdict.UNDO:
+            # Recreated, deleted or failed while we were creating: remove what we just made,
+            # so no session lives behind a row that does not want it.
+            return await self._undo_create(msg, cmd, attempt)
+        common = self._common(msg, cmd, "create.succeeded", attempt)
         await self._emit(SessionCreated(**common, attempt=attempt, already_existed=already))
         await msg.ack()
         return "succeeded"
+
+    async def _undo_create(self, msg: Msg, cmd: CreateSession, attempt: int) -> str:
+        """Delete the session a fenced create may have made; ack once it is gone."""
+        start = time.perf_counter()
+        try:
+            async with self._heartbeat(msg):
+                await self.baileys.delete_session(cmd.session_name)
+        except BaileysError as exc:
+            self.metrics.baileys_seconds.labels("delete", "error").observe(
+                time.perf_counter() - start
+            )
+            if self.retry.is_last(attempt):
+                # The reconciler deletes whatever is left once the server answers again.
+                log.warning(
+                    "could not delete the session of a fenced create: %s",
+                    exc.reason,
+                    extra=fields(connection_id=str(cmd.connection_id)),
+                )
+                await msg.term()
+                return "fenced"
+            await msg.nak(delay=self.retry.delay(attempt))
+            return "retried"
+        self.metrics.baileys_seconds.labels("delete", "ok").observe(time.perf_counter() - start)
+        await msg.ack()
+        return "fenced"
 
     async def _create_once(self, cmd: CreateSession, attempt: int) -> bool:
         """Create the session unless an earlier attempt already did; True if it existed."""
@@ -194,6 +237,12 @@ class CommandHandler:
             self.metrics.baileys_seconds.labels(op, result).observe(time.perf_counter() - start)
 
     async def _delete(self, msg: Msg, cmd: DeleteSession, attempt: int) -> str:
+        if await self.fence.check_delete(cmd) is Verdict.DONE:
+            # The row's current generation wants this session again (a replayed create, or
+            # the reconciler's re-create): deleting it now would undo that.
+            await self._untrack(cmd)
+            await msg.ack()
+            return "fenced"
         start = time.perf_counter()
         try:
             async with self._heartbeat(msg):
@@ -206,7 +255,8 @@ class CommandHandler:
             )
             return await self._on_error(msg, cmd, attempt, exc)
         self.metrics.baileys_seconds.labels("delete", "ok").observe(time.perf_counter() - start)
-        await self._emit(SessionDeleted(**self._common(cmd, "session.deleted", attempt)))
+        await self._emit(SessionDeleted(**self._common(msg, cmd, "session.deleted", attempt)))
+        await self._untrack(cmd)
         await msg.ack()
         return "succeeded"
 
@@ -219,7 +269,7 @@ class CommandHandler:
             reason = exc.reason if permanent else f"gave up after {attempt} attempts: {exc.reason}"
             await self._dead_letter(msg, cmd, reason, why, attempt)
             if isinstance(cmd, CreateSession):
-                common = self._common(cmd, "create.failed", attempt)
+                common = self._common(msg, cmd, "create.failed", attempt)
                 await self._emit(CreateFailed(**common, attempt=attempt, reason=reason))
             await msg.term()
             self.metrics.failures.labels(cmd.kind, why).inc()
@@ -227,7 +277,7 @@ class CommandHandler:
         assert isinstance(exc, RetryableError)
         delay = self.retry.delay(attempt)
         if isinstance(cmd, CreateSession):
-            common = self._common(cmd, "create.retrying", attempt)
+            common = self._common(msg, cmd, "create.retrying", attempt)
             await self._emit(
                 CreateRetrying(
                     **common, attempt=attempt, reason=exc.reason, retry_in_seconds=round(delay, 2)
@@ -236,9 +286,24 @@ class CommandHandler:
         await msg.nak(delay=delay)
         return "retried"
 
-    def _common(self, cmd: CreateSession | DeleteSession, tag: str, attempt: int) -> _Common:
+    async def _untrack(self, cmd: DeleteSession) -> None:
+        """The delete is done (or no longer wanted): stop tracking it for re-drives."""
+        if self.fence.pool is None:
+            return
+        try:
+            await untrack_delete(self.fence.pool, cmd.session_name)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            # The watchdog re-drives it later; the delete is idempotent.
+            log.warning("delete done but still tracked: %s", exc)
+
+    def _common(
+        self, msg: Msg, cmd: CreateSession | DeleteSession, tag: str, delivery: int
+    ) -> _Common:
+        # Unique per message and delivery: the same on a redelivery's republish, new for a
+        # re-driven or replayed copy of the command (another message, another sequence).
+        run = f"{msg.metadata.sequence.stream}:{delivery}"
         return {
-            "event_id": uuid.uuid5(cmd.command_id, f"{tag}:{attempt}"),
+            "event_id": uuid.uuid5(cmd.command_id, f"{tag}:{run}"),
             "connection_id": cmd.connection_id,
             "generation": cmd.generation,
             "occurred_at": datetime.now(UTC),
@@ -275,7 +340,8 @@ class CommandHandler:
             stream_seq=msg.metadata.sequence.stream,
             failed_at=datetime.now(UTC),
         )
-        msg_id = f"dlq:{cmd.command_id}" if cmd else f"dlq:seq:{letter.stream_seq}"
+        # One letter per message given up on: a replay that fails again is a new letter.
+        msg_id = f"dlq:{cmd.command_id if cmd else 'undecodable'}:{letter.stream_seq}"
         await self.js.publish(
             self.names.dead_letter_subject,
             dead_letter_encoder.encode(letter),

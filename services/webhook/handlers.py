@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 import uuid
@@ -107,16 +106,19 @@ async def receive(request: web.Request) -> web.Response:
         case StatusReport(status=status, code=code, reason=reason):
             event = StatusReported(**common, status=status, code=code, reason=reason)  # type: ignore[arg-type]
             kind = "session.status"
-    # The sender's own delivery id when it gives one, else the body: a re-sent webhook is
-    # stored once (within JetStream's duplicate window).
-    dedupe = request.headers.get("webhook-id") or hashlib.sha256(body).hexdigest()
-    msg_id = f"wh:{connection_id}:{generation}:{dedupe}"[:200]
+    # De-duplicated only by an id the sender gave for this delivery: a re-sent webhook is
+    # then stored once (within JetStream's duplicate window). Never by the body: two identical
+    # bodies can be two real events (close 428, connected, close 428, connected ...); the
+    # state machine makes a true repeat a no-op anyway.
+    hdrs = {headers.CONNECTION_ID: str(connection_id)}
+    if delivery_id := request.headers.get("webhook-id"):
+        hdrs[headers.MSG_ID] = f"wh:{connection_id}:{generation}:{delivery_id}"[:200]
     try:
         ack = await request.app[js_key].publish(
             settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)]),
             event_encoder.encode(event),
             timeout=PUBLISH_TIMEOUT_SECONDS,
-            headers={headers.MSG_ID: msg_id, headers.CONNECTION_ID: str(connection_id)},
+            headers=hdrs,
         )
     except (nats.errors.Error, TimeoutError) as exc:
         metrics.events.labels(kind, "unavailable").inc()
@@ -135,4 +137,4 @@ async def receive(request: web.Request) -> web.Response:
         "seq": ack.seq,
         "generation": generation,
     }
-    return json_response({"accepted": True, "duplicate": ack.duplicate}, status=202)
+    return json_response({"accepted": True, "duplicate": bool(ack.duplicate)}, status=202)

@@ -1,0 +1,223 @@
+"""Drift: where what Postgres wants and what the Baileys server holds disagree. Pure functions.
+
+Wanted: a connection's current generation has a live session while its row is ``awaiting_qr``,
+``qr_ready``, ``pairing``, ``connected`` or ``reconnecting``; nothing is wanted for a terminal
+or deleted row, nor for any superseded generation (``pending`` and ``creating`` belong to the
+worker and the watchdog, and are left alone).
+
+Kinds of drift, and the repair each gets (``reconciler.py`` carries them out):
+
+* ``orphan``: live on the server, not wanted -> delete it through the command path;
+* ``lost``: wanted, missing on the server for two sweeps in a row and the row unchanged for the
+  grace period -> ``reconnecting`` and the create issued again (``failed`` after too many);
+* ``state``: the server's state contradicts the row -> a status event through the projector;
+* ``unknown``: named like zapbus's sessions but no connection here -> counted, deleted only when
+  configured to (another deployment may share the server).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timedelta
+
+import msgspec
+
+from proto.states import TERMINAL, Status
+from services.projector.transitions import state_for_report
+
+WANTED_LIVE: frozenset[Status] = frozenset(
+    {Status.AWAITING_QR, Status.QR_READY, Status.PAIRING, Status.CONNECTED, Status.RECONNECTING}
+)
+KINDS = ("orphan", "lost", "state", "unknown")
+LOST_REASON = "session lost on server"
+
+_SESSION_NAME = re.compile(r"^zb_([0-9a-f]{32})_g([0-9]{1,9})$")
+
+
+def parse_session_name(name: str) -> tuple[uuid.UUID, int] | None:
+    """(connection id, generation) of a zapbus session name, else None (not ours)."""
+    match = _SESSION_NAME.match(name)
+    if match is None:
+        return None
+    return uuid.UUID(hex=match.group(1)), int(match.group(2))
+
+
+class RowView(msgspec.Struct, frozen=True, kw_only=True):
+    """The part of a connection row the reconciler compares."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    generation: int
+    session_name: str
+    status: Status
+    updated_at: datetime
+    status_changed_at: datetime
+    misses: int = 0
+    recreates: int = 0
+    held_until: datetime | None = None
+
+
+class Observed(msgspec.Struct, frozen=True, kw_only=True):
+    """What the server was seen to hold. ``complete``: from the list route (a name not in
+    ``sessions`` is absent); otherwise only the names in ``probed`` were asked about."""
+
+    sessions: dict[str, str | None]  # name -> the server's state word, when it gave one
+    at: datetime
+    complete: bool
+    probed: frozenset[str] = frozenset()
+
+    def knows(self, name: str) -> bool:
+        return self.complete or name in self.probed
+
+
+class DriftItem(msgspec.Struct, frozen=True, kw_only=True):
+    kind: str
+    session_name: str
+    action: str  # what the repair does (or would do)
+    connection_id: uuid.UUID | None = None
+    tenant_id: uuid.UUID | None = None
+    generation: int | None = None
+    row_status: str | None = None
+    server_state: str | None = None
+    # state drift: the status the event reports; lost: "recreate" or "fail"
+    report: str | None = None
+    reason: str | None = None
+    ripe: bool = True  # False: seen, but not repaired yet (e.g. missing for one sweep only)
+
+
+class Policy(msgspec.Struct, frozen=True, kw_only=True):
+    grace_seconds: float = 30.0
+    max_recreates: int = 3
+    delete_unknown: bool = False
+
+
+class Drift(msgspec.Struct, frozen=True, kw_only=True):
+    items: list[DriftItem]
+    # row id -> consecutive sweeps its wanted session was missing (after this sweep)
+    misses: dict[uuid.UUID, int]
+
+
+def _state_report(row: RowView, state: str | None) -> tuple[str, str] | None:
+    """The status event to send when the server's ``state`` contradicts the row, else None."""
+    if state is None:
+        return None
+    target = state_for_report(state, None, None)
+    if target is None or target == row.status:
+        return None
+    why = f"server reports {state!r}"
+    if target == Status.CONNECTED:
+        return state, why
+    if target in TERMINAL:
+        return state, why
+    if row.status == Status.CONNECTED:
+        # Connected here, not there: the session dropped and nobody told us.
+        return "reconnecting", why
+    return None  # e.g. qr_ready here, "connecting" there: the same phase in other words
+
+
+def compute(
+    rows: dict[uuid.UUID, RowView],
+    observed: Observed,
+    deleting: dict[str, datetime],
+    now: datetime,
+    policy: Policy,
+) -> Drift:
+    """Compare ``rows`` (every wanted row, and every row an observed name points at) with
+    ``observed``. ``deleting``: session name -> when its pending delete was last driven."""
+    items: list[DriftItem] = []
+    misses: dict[uuid.UUID, int] = {}
+    grace = timedelta(seconds=policy.grace_seconds)
+    for name, state in sorted(observed.sessions.items()):
+        parsed = parse_session_name(name)
+        if parsed is None:
+            continue  # not a zapbus session: none of our business
+        cid, generation = parsed
+        row = rows.get(cid)
+        driven = deleting.get(name)
+        in_hand = driven is not None and driven > now - grace  # a delete is on its way
+        if row is None:
+            action = "delete" if policy.delete_unknown and not in_hand else "none"
+            items.append(
+                DriftItem(
+                    kind="unknown",
+                    session_name=name,
+                    action=action,
+                    connection_id=cid,
+                    generation=generation,
+                    server_state=state,
+                    reason="no connection of this deployment",
+                )
+            )
+            continue
+        superseded = generation != row.generation
+        if superseded or row.status in TERMINAL:
+            why = (
+                f"generation {generation} superseded by {row.generation}"
+                if superseded
+                else f"connection is {row.status.value}"
+            )
+            items.append(
+                DriftItem(
+                    kind="orphan",
+                    session_name=name,
+                    action="none (delete pending)" if in_hand else "delete",
+                    connection_id=cid,
+                    tenant_id=row.tenant_id,
+                    generation=generation,
+                    row_status=row.status.value,
+                    server_state=state,
+                    reason=f"live on the server but not wanted: {why}",
+                )
+            )
+            continue
+        if row.status in WANTED_LIVE and row.status_changed_at < observed.at:
+            report = _state_report(row, state)
+            if report is not None:
+                items.append(
+                    DriftItem(
+                        kind="state",
+                        session_name=name,
+                        action=f"report {report[0]!r}",
+                        connection_id=cid,
+                        tenant_id=row.tenant_id,
+                        generation=generation,
+                        row_status=row.status.value,
+                        server_state=state,
+                        report=report[0],
+                        reason=report[1],
+                    )
+                )
+    for row in rows.values():
+        if row.status not in WANTED_LIVE or not observed.knows(row.session_name):
+            continue
+        if row.session_name in observed.sessions:
+            if row.misses:
+                misses[row.id] = 0
+            continue
+        seen_missing = row.misses + 1
+        misses[row.id] = seen_missing
+        held = row.held_until is not None and row.held_until > now
+        settled = row.updated_at <= now - grace and row.status_changed_at < observed.at
+        ripe = seen_missing >= 2 and settled and not held
+        give_up = row.recreates >= policy.max_recreates
+        if ripe:
+            action = "fail" if give_up else "recreate"
+        else:
+            action = f"wait (missing {min(seen_missing, 2)}/2 sweeps"
+            action += ", row changed recently)" if not settled or held else ")"
+        items.append(
+            DriftItem(
+                kind="lost",
+                session_name=row.session_name,
+                action=action,
+                connection_id=row.id,
+                tenant_id=row.tenant_id,
+                generation=row.generation,
+                row_status=row.status.value,
+                report="fail" if give_up else "recreate",
+                reason=LOST_REASON,
+                ripe=ripe,
+            )
+        )
+    return Drift(items=items, misses=misses)

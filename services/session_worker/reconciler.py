@@ -1,0 +1,432 @@
+"""The reconciler: level-triggered repair of drift between Postgres and the Baileys server.
+
+Edges (commands, webhooks) make zapbus fast; this loop makes it true. Every
+``reconcile_interval_seconds`` one replica (a Postgres advisory lock) reads what the server
+holds (``GET /sessions``, or ``GET /sessions/{name}`` per wanted session where there is no
+list route), compares it with the rows (``drift.compute``) and repairs through the same paths
+as everything else, so each repair is fenced, retried, dead-lettered and in history:
+
+* orphan (and unknown, when allowed) -> a DeleteSession command through the outbox;
+* lost -> the row goes ``reconnecting`` ("session lost on server") and its CreateSession is
+  queued again for the same generation; after ``reconcile_max_recreates`` -> ``failed``;
+* state -> a ``reconcile.status`` event on SESSION_EVENTS, applied by the projector's state
+  machine like a webhook.
+
+It runs in the session worker: that is the role that talks to the Baileys server (its client,
+its breaker: no sweep while the breaker is open, since a server that does not answer would look
+empty), and it needs no state of its own beyond two columns on the row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import UTC, datetime
+
+import asyncpg
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proto import headers
+from proto.changes import ConnectionChanged
+from proto.commands import CreateSession
+from proto.events import EVENT_SUBJECT_KIND, SessionObserved, event_encoder
+from proto.names import Names
+from proto.states import Status
+from services.session_worker.baileys_client import BaileysClient
+from services.session_worker.breaker import Breaker
+from services.session_worker.drift import (
+    KINDS,
+    LOST_REASON,
+    WANTED_LIVE,
+    Drift,
+    DriftItem,
+    Observed,
+    Policy,
+    RowView,
+    compute,
+    parse_session_name,
+)
+from services.session_worker.errors import BaileysError
+from zapbus.logs import fields
+from zapbus.outbox import insert_outbox, queue_change, queue_delete
+
+log = logging.getLogger("zapbus.reconciler")
+
+_LOCK_ID = 0x7A62726E  # "zbrn"
+_PROBE_CONCURRENCY = 10
+_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+
+_ROWS = """
+SELECT id, tenant_id, generation, session_name, status, updated_at, status_changed_at,
+       reconcile_misses, reconcile_recreates, held_until
+FROM connections WHERE status = ANY($1::text[]) OR id = ANY($2::uuid[])
+"""
+
+
+class ReconcileMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sweeps = Counter(
+            "zapbus_reconcile_sweeps_total",
+            "Reconciler sweeps, by outcome (done, not_leader, server_unavailable, error).",
+            ["outcome"],
+            registry=registry,
+        )
+        self.found = Counter(
+            "zapbus_reconcile_drift_found_total",
+            "Drift found by the reconciler, by kind (orphan, lost, state, unknown).",
+            ["kind"],
+            registry=registry,
+        )
+        self.repairs = Counter(
+            "zapbus_reconcile_repairs_total",
+            "Repairs made by the reconciler, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.drift = Gauge(
+            "zapbus_reconcile_drift",
+            "Drift seen by the last sweep, by kind.",
+            ["kind"],
+            registry=registry,
+        )
+        self.persistent = Gauge(
+            "zapbus_reconcile_drift_persistent",
+            "Drift (by session) seen by the last sweep and the one before it too.",
+            registry=registry,
+        )
+        self.last_sweep = Gauge(
+            "zapbus_reconcile_last_sweep_timestamp_seconds",
+            "When the last complete sweep ended (Unix time).",
+            registry=registry,
+        )
+        for kind in KINDS:
+            self.found.labels(kind)
+            self.repairs.labels(kind)
+            self.drift.labels(kind).set(0)
+        for outcome in ("done", "not_leader", "server_unavailable", "error"):
+            self.sweeps.labels(outcome)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        js: JetStreamContext,
+        names: Names,
+        baileys: BaileysClient,
+        metrics: ReconcileMetrics,
+        interval_seconds: float,
+        policy: Policy,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.pool = pool
+        self.js = js
+        self.names = names
+        self.baileys = baileys
+        self.metrics = metrics
+        self.interval = interval_seconds
+        self.policy = policy
+        self.breaker = breaker
+        self._stopping = asyncio.Event()
+        self._previous: set[tuple[str, str]] = set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):
+                    await self._stopping.wait()
+            if self._stopping.is_set():
+                break
+            try:
+                await self.sweep()
+            except _DB_ERRORS as exc:
+                self.metrics.sweeps.labels("error").inc()
+                log.warning("reconcile sweep failed: %s", exc)
+
+    async def sweep(self, dry_run: bool = False, wait_for_lock: float = 0.0) -> Drift | None:
+        """One pass: observe, compare, repair (unless ``dry_run``). None when another
+        replica holds the lock (after ``wait_for_lock`` seconds) or the server did not answer."""
+        if self.breaker is not None and self.breaker.is_open:
+            self.metrics.sweeps.labels("server_unavailable").inc()
+            return None
+        async with self.pool.acquire() as lock:
+            if not await self._lock(lock, wait_for_lock):
+                self.metrics.sweeps.labels("not_leader").inc()
+                return None
+            try:
+                return await self._sweep_locked(dry_run)
+            finally:
+                await lock.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+
+    async def _lock(self, conn: asyncpg.Connection, wait: float) -> bool:
+        deadline = asyncio.get_running_loop().time() + wait
+        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
+            if asyncio.get_running_loop().time() >= deadline:
+                return False
+            await asyncio.sleep(0.2)
+        return True
+
+    async def _sweep_locked(self, dry_run: bool) -> Drift | None:
+        try:
+            observed = await self._observe()
+        except BaileysError as exc:
+            self.metrics.sweeps.labels("server_unavailable").inc()
+            log.warning("reconcile skipped, the Baileys server did not answer: %s", exc.reason)
+            return None
+        referenced = [p[0] for n in observed.sessions if (p := parse_session_name(n))]
+        rows = {
+            r["id"]: _row_view(r)
+            for r in await self.pool.fetch(_ROWS, [s.value for s in WANTED_LIVE], referenced)
+        }
+        deleting = {
+            r["session_name"]: r["last_driven_at"]
+            for r in await self.pool.fetch(
+                "SELECT session_name, last_driven_at FROM session_deletes"
+            )
+        }
+        drift = compute(rows, observed, deleting, datetime.now(UTC), self.policy)
+        self._count(drift)
+        if not dry_run:
+            await self._repair(drift, rows)
+            if observed.complete:
+                await self._forget_finished_deletes(observed)
+            self.metrics.sweeps.labels("done").inc()
+            self.metrics.last_sweep.set_to_current_time()
+        return drift
+
+    async def _observe(self) -> Observed:
+        at = datetime.now(UTC)
+        listed = await self.baileys.list_sessions()
+        if listed is not None:
+            return Observed(sessions={s.name: s.state for s in listed}, at=at, complete=True)
+        # No list route: ask for each session that should be live, and each pending delete.
+        names = [
+            r["session_name"]
+            for r in await self.pool.fetch(
+                "SELECT session_name FROM connections WHERE status = ANY($1::text[])"
+                " UNION SELECT session_name FROM session_deletes",
+                [s.value for s in WANTED_LIVE],
+            )
+        ]
+        limit = asyncio.Semaphore(_PROBE_CONCURRENCY)
+
+        async def probe(name: str) -> tuple[str, str | None, bool]:
+            async with limit:
+                found = await self.baileys.get_session(name)
+            return name, (found.state if found else None), found is not None
+
+        results = await asyncio.gather(*(probe(n) for n in names))
+        return Observed(
+            sessions={name: state for name, state, live in results if live},
+            at=at,
+            complete=False,
+            probed=frozenset(names),
+        )
+
+    def _count(self, drift: Drift) -> None:
+        by_kind = dict.fromkeys(KINDS, 0)
+        for item in drift.items:
+            by_kind[item.kind] += 1
+            self.metrics.found.labels(item.kind).inc()
+        for kind, n in by_kind.items():
+            self.metrics.drift.labels(kind).set(n)
+        current = {(i.kind, i.session_name) for i in drift.items}
+        self.metrics.persistent.set(len(current & self._previous))
+        self._previous = current
+        if drift.items:
+            log.info(
+                "drift found",
+                extra=fields(
+                    **{k: v for k, v in by_kind.items() if v},
+                    sessions=[f"{i.kind}:{i.session_name}" for i in drift.items[:20]],
+                ),
+            )
+
+    async def _repair(self, drift: Drift, rows: dict[uuid.UUID, RowView]) -> None:
+        if drift.misses:
+            ids, counts = zip(*drift.misses.items(), strict=True)
+            await self.pool.execute(
+                "UPDATE connections c SET reconcile_misses = u.n"
+                " FROM unnest($1::uuid[], $2::int[]) AS u(id, n) WHERE c.id = u.id",
+                list(ids),
+                list(counts),
+            )
+        for item in drift.items:
+            done = False
+            match item.kind:
+                case "orphan" | "unknown" if item.action == "delete":
+                    done = await self._delete(item)
+                case "lost" if item.ripe and item.connection_id in rows:
+                    done = await self._recover(item, rows[item.connection_id])
+                case "state":
+                    done = await self._report(item)
+            if done:
+                self.metrics.repairs.labels(item.kind).inc()
+                log.info(
+                    "drift repaired",
+                    extra=fields(
+                        kind=item.kind,
+                        connection_id=str(item.connection_id),
+                        generation=item.generation,
+                        action=item.action,
+                    ),
+                )
+
+    async def _delete(self, item: DriftItem) -> bool:
+        assert item.connection_id is not None and item.generation is not None
+        async with self.pool.acquire() as conn, conn.transaction():
+            cmd = await queue_delete(
+                conn,
+                self.names,
+                item.connection_id,
+                item.tenant_id or uuid.UUID(int=0),
+                item.generation,
+                item.session_name,
+            )
+            if item.kind == "orphan":
+                await _history(
+                    conn,
+                    item,
+                    "reconcile.session_deleted",
+                    item.row_status,
+                    False,
+                    item.reason,
+                    cmd.command_id,
+                )
+        return True
+
+    async def _recover(self, item: DriftItem, seen: RowView) -> bool:
+        """Re-create a lost session (same generation) or, past the limit, fail the row."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT status, generation, reconcile_recreates FROM connections"
+                " WHERE id = $1 FOR UPDATE",
+                seen.id,
+            )
+            if row is None or row["generation"] != seen.generation or row["status"] != seen.status:
+                return False  # the row moved since we looked: next sweep decides again
+            give_up = row["reconcile_recreates"] >= self.policy.max_recreates
+            if give_up:
+                target, reason = (
+                    Status.FAILED,
+                    f"{LOST_REASON} ({row['reconcile_recreates']} re-creates)",
+                )
+                command_id = None
+            else:
+                target, reason = Status.RECONNECTING, LOST_REASON
+                command_id = uuid.uuid4()
+                cmd = CreateSession(
+                    command_id=command_id,
+                    connection_id=seen.id,
+                    tenant_id=seen.tenant_id,
+                    generation=seen.generation,
+                    session_name=seen.session_name,
+                    requested_at=datetime.now(UTC),
+                )
+                await insert_outbox(conn, self.names, cmd)
+            await conn.execute(
+                "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
+                " qr_expires_at = NULL, reconcile_misses = 0,"
+                " reconcile_recreates = reconcile_recreates + $4::int,"
+                " command_id = coalesce($5, command_id), attempts = 0,"
+                " updated_at = now(), status_changed_at = now() WHERE id = $1",
+                seen.id,
+                target.value,
+                reason,
+                0 if give_up else 1,
+                command_id,
+            )
+            event = "reconcile.failed" if give_up else "reconcile.recreated"
+            await _history(conn, item, event, target.value, True, reason, command_id)
+            await queue_change(
+                conn,
+                self.names,
+                ConnectionChanged(
+                    connection_id=seen.id,
+                    generation=seen.generation,
+                    status=target.value,
+                    status_reason=reason,
+                    qr=None,
+                    qr_seq=0,
+                    qr_expires_at=None,
+                    cause=event,
+                    changed_at=datetime.now(UTC),
+                ),
+            )
+        return True
+
+    async def _report(self, item: DriftItem) -> bool:
+        assert item.connection_id is not None and item.generation is not None
+        assert item.report is not None
+        event = SessionObserved(
+            event_id=uuid.uuid4(),
+            connection_id=item.connection_id,
+            generation=item.generation,
+            occurred_at=datetime.now(UTC),
+            status=item.report,
+            reason=item.reason,
+        )
+        await self.js.publish(
+            self.names.event_subject(EVENT_SUBJECT_KIND[SessionObserved]),
+            event_encoder.encode(event),
+            headers={
+                headers.MSG_ID: str(event.event_id),
+                headers.CONNECTION_ID: str(event.connection_id),
+            },
+        )
+        return True
+
+    async def _forget_finished_deletes(self, observed: Observed) -> None:
+        """A tracked delete whose session the complete list no longer shows is done."""
+        await self.pool.execute(
+            "DELETE FROM session_deletes WHERE requested_at < $1"
+            " AND NOT (session_name = ANY($2::text[]))",
+            observed.at,
+            list(observed.sessions),
+        )
+
+
+def _row_view(r: asyncpg.Record) -> RowView:
+    return RowView(
+        id=r["id"],
+        tenant_id=r["tenant_id"],
+        generation=r["generation"],
+        session_name=r["session_name"],
+        status=Status(r["status"]),
+        updated_at=r["updated_at"],
+        status_changed_at=r["status_changed_at"],
+        misses=r["reconcile_misses"],
+        recreates=r["reconcile_recreates"],
+        held_until=r["held_until"],
+    )
+
+
+async def _history(
+    conn: asyncpg.Connection,
+    item: DriftItem,
+    event_type: str,
+    to_status: str | None,
+    applied: bool,
+    reason: str | None,
+    command_id: uuid.UUID | None,
+) -> None:
+    await conn.execute(
+        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
+        " from_status, to_status, applied, reason, command_id, occurred_at)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+        uuid.uuid4(),
+        item.connection_id,
+        item.generation,
+        event_type,
+        item.row_status,
+        to_status,
+        applied,
+        reason,
+        command_id,
+    )
