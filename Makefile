@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: venv deps-system run test lint bench clean
+.PHONY: venv deps-system run test lint bench soak clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,14 @@ lint: venv
 	echo "$(BIN)/ruff check ."; $(BIN)/ruff check . || status=1; \
 	echo "$(BIN)/mypy"; $(BIN)/mypy || status=1; \
 	exit $$status
+
+# The seeded fault-schedule soak: `make soak SEED=7 STEPS=80` replays one schedule;
+# `make soak MINUTES=30` runs random seeds for that long and prints any failing seed.
+SEED ?=
+STEPS ?= 60
+MINUTES ?= 0
+soak: deps-system venv
+	$(BIN)/python -m tests.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS) --minutes $(MINUTES)
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)

@@ -386,11 +386,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--minutes", type=float, default=0, help="random seeds for this long")
     args = parser.parse_args(argv)
-    seeds = [args.seed] if args.seed is not None else None
     deadline = time.monotonic() + args.minutes * 60
     runs = failures = total_steps = 0
     while True:
-        seed = seeds.pop() if seeds else random.SystemRandom().randrange(1, 10**9)
+        seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
         work = Path(tempfile.mkdtemp(prefix="zapbus-soak-"))
         try:
             report = asyncio.run(run_schedule(work, seed, args.steps))
@@ -400,12 +399,6 @@ def main(argv: list[str] | None = None) -> int:
         total_steps += args.steps
         failures += not report.ok
         print(report.summary(), flush=True)
-        if (
-            seeds is not None
-            and not seeds
-            and (args.seed is not None or time.monotonic() > deadline)
-        ):
-            break
         if args.seed is not None or time.monotonic() > deadline:
             break
     print(f"{runs} schedules, {total_steps} steps, {failures} failed", flush=True)

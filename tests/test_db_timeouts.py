@@ -7,6 +7,7 @@ handshake); asyncpg's TimeoutError is answered like any unavailable dependency.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
@@ -21,6 +22,7 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from services.gateway.app import create_app as create_gateway
+from tests.stack import FAST_SIM, start_stack
 from zapbus import db
 from zapbus.config import Settings
 from zapbus.localinfra import PostgresServer
@@ -132,3 +134,33 @@ async def test_gateway_answers_503_within_its_timeouts_when_postgres_hangs(
     deadline = time.monotonic() + 15
     while not await served():
         assert time.monotonic() < deadline, "the gateway did not recover after SIGCONT"
+
+
+async def test_worker_keeps_its_command_while_postgres_hangs(
+    settings: Settings, postgres: PostgresServer
+) -> None:
+    """The worker's checks against a hung database are bounded and heartbeated: JetStream
+    never hands the command to a second copy (ack_wait is shorter than the hang)."""
+    await db.migrate(postgres.dsn)
+    slow = msgspec.structs.replace(FAST_SIM, create_delay=(1.0, 1.0))
+    async with start_stack(
+        msgspec.structs.replace(settings, database_url=postgres.dsn, db_schema="public"),
+        slow,
+        ack_wait_seconds=1.5,
+        db_command_timeout_seconds=TIMEOUT,
+        db_acquire_timeout_seconds=TIMEOUT,
+        reconcile_interval_seconds=3600,
+    ) as stack:
+        connection = await stack.create("hung")
+        await stack.wait_status(connection["id"], "creating")
+        with hung(postgres):
+            # The fault lasts longer than ack_wait; the outcome is awaited below.
+            await asyncio.sleep(4.0)
+        await stack.wait_status(connection["id"], "qr_ready", timeout=30)
+        async with stack.http.get(f"{stack.worker_url}/metrics") as r:
+            text = await r.text()
+        assert 'zapbus_worker_commands_started_total{kind="create"} 1.0' in text, [
+            line for line in text.splitlines() if "commands_started" in line
+        ]
+        stats = await stack.sim("GET", "/_sim/stats")
+        assert stats["created"] == {connection["session_name"]: 1}

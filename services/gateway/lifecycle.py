@@ -199,7 +199,8 @@ async def recreate_connection(
         row = await conn.fetchrow(
             f"UPDATE connections SET generation = $2, session_name = $3, status = $4,"
             f" status_reason = NULL, qr = NULL, qr_seq = 0, qr_expires_at = NULL, attempts = 0,"
-            f" command_id = $5, redrives = 0, updated_at = now(), status_changed_at = now()"
+            f" command_id = $5, redrives = 0, reconcile_misses = 0, reconcile_recreates = 0,"
+            f" updated_at = now(), status_changed_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,
             generation,

@@ -51,13 +51,19 @@ from proto.events import (
 from proto.names import Names
 from services.session_worker.baileys_client import BaileysClient, CreateSessionRequest
 from services.session_worker.breaker import Breaker
-from services.session_worker.errors import BaileysError, PermanentError, RetryableError
+from services.session_worker.errors import (
+    Action,
+    BaileysError,
+    PermanentError,
+    action_for,
+    clean_reason,
+)
 from services.session_worker.fence import Fence, Verdict
 from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
 from zapbus.logs import fields
-from zapbus.outbox import untrack_delete
+from zapbus.outbox import queue_delete, untrack_delete
 from zapbus.tokens import webhook_url
 
 log = logging.getLogger("zapbus.session_worker")
@@ -128,12 +134,16 @@ class CommandHandler:
         self.metrics.in_flight.inc()
         outcome = "error"
         try:
-            match cmd:
-                case CreateSession():
-                    with self.holds.hold(cmd.connection_id):
-                        outcome = await self._create(msg, cmd, delivery)
-                case DeleteSession():
-                    outcome = await self._delete(msg, cmd, delivery)
+            # Heartbeat from the first fence check to the ack: a slow database (each call is
+            # bounded by its timeouts) or a slow server never lets ack_wait run out, so no
+            # second copy of this command runs in parallel.
+            async with self._heartbeat(msg):
+                match cmd:
+                    case CreateSession():
+                        with self.holds.hold(cmd.connection_id):
+                            outcome = await self._create(msg, cmd, delivery)
+                    case DeleteSession():
+                        outcome = await self._delete(msg, cmd, delivery)
         except asyncio.CancelledError:
             outcome = "interrupted"
             with contextlib.suppress(Exception):
@@ -170,10 +180,9 @@ class CommandHandler:
         common = self._common(msg, cmd, "create.started", attempt)
         await self._emit(CreateStarted(**common, attempt=attempt))
         try:
-            async with self._heartbeat(msg):
-                await self.breaker.wait_closed()
-                async with self.create_slots:
-                    already = await self._create_once(cmd, attempt)
+            await self.breaker.wait_closed()
+            async with self.create_slots:
+                already = await self._create_once(cmd, attempt)
         except BaileysError as exc:
             self.breaker.record(exc.server_down)
             return await self._on_error(msg, cmd, attempt, exc)
@@ -191,13 +200,12 @@ class CommandHandler:
         """Delete the session a fenced create may have made; ack once it is gone."""
         start = time.perf_counter()
         try:
-            async with self._heartbeat(msg):
-                await self.baileys.delete_session(cmd.session_name)
+            await self.baileys.delete_session(cmd.session_name)
         except BaileysError as exc:
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
             )
-            if self.retry.is_last(attempt):
+            if action_for(exc, self.retry.is_last(attempt)) is Action.GIVE_UP:
                 # The reconciler deletes whatever is left once the server answers again.
                 log.warning(
                     "could not delete the session of a fenced create: %s",
@@ -245,9 +253,8 @@ class CommandHandler:
             return "fenced"
         start = time.perf_counter()
         try:
-            async with self._heartbeat(msg):
-                await self.breaker.wait_closed()
-                await self.baileys.delete_session(cmd.session_name)
+            await self.breaker.wait_closed()
+            await self.baileys.delete_session(cmd.session_name)
         except BaileysError as exc:
             self.breaker.record(exc.server_down)
             self.metrics.baileys_seconds.labels("delete", "error").observe(
@@ -263,18 +270,23 @@ class CommandHandler:
     async def _on_error(
         self, msg: Msg, cmd: CreateSession | DeleteSession, attempt: int, exc: BaileysError
     ) -> str:
-        permanent = isinstance(exc, PermanentError)
-        if permanent or self.retry.is_last(attempt):
+        if action_for(exc, self.retry.is_last(attempt)) is Action.GIVE_UP:
+            permanent = isinstance(exc, PermanentError)
             why = "permanent" if permanent else "exhausted"
             reason = exc.reason if permanent else f"gave up after {attempt} attempts: {exc.reason}"
+            reason = clean_reason(reason)
             await self._dead_letter(msg, cmd, reason, why, attempt)
             if isinstance(cmd, CreateSession):
                 common = self._common(msg, cmd, "create.failed", attempt)
                 await self._emit(CreateFailed(**common, attempt=attempt, reason=reason))
+                if not permanent:
+                    # A timed-out POST may have made the session after all: a failed row
+                    # keeps none (the watchdog re-drives the delete; the reconciler is the
+                    # backstop). A permanent refusal made nothing.
+                    await self._queue_delete(cmd)
             await msg.term()
             self.metrics.failures.labels(cmd.kind, why).inc()
             return "failed"
-        assert isinstance(exc, RetryableError)
         delay = self.retry.delay(attempt)
         if isinstance(cmd, CreateSession):
             common = self._common(msg, cmd, "create.retrying", attempt)
@@ -285,6 +297,27 @@ class CommandHandler:
             )
         await msg.nak(delay=delay)
         return "retried"
+
+    async def _queue_delete(self, cmd: CreateSession) -> None:
+        """Queue the deletion of a given-up create's session, through the outbox."""
+        if self.fence.pool is None:
+            return
+        try:
+            async with self.fence.pool.acquire() as conn, conn.transaction():
+                await queue_delete(
+                    conn,
+                    self.names,
+                    cmd.connection_id,
+                    cmd.tenant_id,
+                    cmd.generation,
+                    cmd.session_name,
+                )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning(
+                "could not queue the delete of a failed create (the reconciler will): %s",
+                exc,
+                extra=fields(connection_id=str(cmd.connection_id)),
+            )
 
     async def _untrack(self, cmd: DeleteSession) -> None:
         """The delete is done (or no longer wanted): stop tracking it for re-drives."""
