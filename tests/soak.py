@@ -356,7 +356,13 @@ async def run_schedule(
 ) -> Report:
     report = Report(seed=seed, steps=steps)
     rng = random.Random(seed)
-    sim = msgspec.structs.replace(SIM, seed=seed)
+    # Half the schedules get a sender without delivery ids and with duplicated deliveries:
+    # replays and copies then reach the state machine instead of JetStream's dedupe.
+    bare = rng.random() < 0.5
+    sim = msgspec.structs.replace(
+        SIM, seed=seed, webhook_ids=not bare, webhook_duplicate_rate=0.2 if bare else 0.0
+    )
+    report.schedule.append(f"sender: {'no webhook-id, 20 % duplicated' if bare else 'webhook-id'}")
     start = time.monotonic()
     async with process_stack(workdir, sim, ENV) as stack:
         driver = Driver(stack, rng, report)

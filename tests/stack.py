@@ -63,6 +63,8 @@ class Stack:
     http: aiohttp.ClientSession
     pool: asyncpg.Pool
     apps: dict[str, web.Application]
+    # name -> the AppRunner serving it; a test may stop one and put its replacement here
+    runners: dict[str, web.AppRunner]
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.api_key}"}
@@ -95,7 +97,7 @@ class Stack:
             return await r.json(content_type=None)
 
 
-async def _serve(app: web.Application, port: int) -> web.AppRunner:
+async def serve(app: web.Application, port: int) -> web.AppRunner:
     runner = web.AppRunner(app, shutdown_timeout=2.0)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
@@ -129,12 +131,12 @@ async def start_stack(
     }
     if sim is not None:
         apps["sim"] = create_sim(msgspec.structs.replace(sim, port=ports["sim"]))
-    runners: list[web.AppRunner] = []
+    runners: dict[str, web.AppRunner] = {}
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
     http = aiohttp.ClientSession()
     try:
         for name, app in apps.items():
-            runners.append(await _serve(app, ports[name]))
+            runners[name] = await serve(app, ports[name])
         _, key = await create_tenant(pool, f"tenant-{uuid.uuid4().hex[:6]}")
         tenant_id = await pool.fetchval("SELECT id FROM tenants ORDER BY created_at DESC LIMIT 1")
         yield Stack(
@@ -150,9 +152,10 @@ async def start_stack(
             http=http,
             pool=pool,
             apps=apps,
+            runners=runners,
         )
     finally:
         await http.close()
-        for runner in reversed(runners):
+        for runner in reversed(list(runners.values())):
             await runner.cleanup()
         await pool.close()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 from aiohttp import web
+from nats.js.api import StreamInfo
 
 from proto import headers
 from proto.commands import CreateSession, command_encoder
@@ -22,6 +25,19 @@ async def _post(stack: Stack, path: str, **kw: Any) -> tuple[int, Any]:
     hdrs = {**stack.auth(), **kw.pop("headers", {})}
     async with stack.http.post(f"{stack.gateway_url}{path}", headers=hdrs, **kw) as r:
         return r.status, await r.json(content_type=None)
+
+
+async def _get(stack: Stack, path: str) -> tuple[int, Any]:
+    async with stack.http.get(f"{stack.gateway_url}{path}", headers=stack.auth()) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _command_stream(stack: Stack) -> StreamInfo:
+    nc = await bus.connect(stack.settings.nats_url, "zapbus-test-probe")
+    try:
+        return await nc.jetstream().stream_info(stack.settings.names.commands_stream)
+    finally:
+        await nc.close()
 
 
 async def _commands_settled(stack: Stack) -> bool:
@@ -54,6 +70,52 @@ async def test_same_idempotency_key_gives_one_connection(stack: Stack) -> None:
         )
         == 1
     )
+
+    # At once: so that the requests race inside Postgres, every pooled connection is opened
+    # first (the pool grows on demand, and opening one takes longer than a create).
+    await asyncio.gather(*(_get(stack, "/v1/connections") for _ in range(20)))
+    same = await asyncio.gather(
+        *(
+            _post(
+                stack, "/v1/connections", json={"name": "race"}, headers={"Idempotency-Key": "r1"}
+            )
+            for _ in range(20)
+        )
+    )
+    assert [status for status, _ in same] == [202] * 20, same
+    assert len({body["id"] for _, body in same}) == 1, same
+    # The same key with different bodies at once: one wins, every other one is a 422.
+    different = await asyncio.gather(
+        *(
+            _post(
+                stack,
+                "/v1/connections",
+                json={"name": f"race-{i}"},
+                headers={"Idempotency-Key": "r2"},
+            )
+            for i in range(20)
+        )
+    )
+    by_status = collections.Counter(status for status, _ in different)
+    assert by_status == {202: 1, 422: 19}, different
+    assert all(b["type"].endswith("/idempotency-key-reused") for s, b in different if s == 422)
+    won = next(b for s, b in different if s == 202)
+    rows = await stack.pool.fetch(
+        "SELECT id, name, session_name, idempotency_key FROM connections ORDER BY created_at"
+    )
+    assert [(str(r["id"]), r["name"], r["idempotency_key"]) for r in rows] == [
+        (first["id"], "sales", "order-42"),
+        (same[0][1]["id"], "race", "r1"),
+        (won["id"], won["name"], "r2"),
+    ]
+    for connection_id in (same[0][1]["id"], won["id"]):
+        await stack.wait_status(connection_id, "qr_ready")
+    await wait_for("the commands to settle", lambda: _commands_settled(stack))
+    # One create command each (JetStream stored three in all), one session each.
+    info = await _command_stream(stack)
+    assert info.state.last_seq == 3
+    stats = await stack.sim("GET", "/_sim/stats")
+    assert stats["created"] == {r["session_name"]: 1 for r in rows}
 
 
 async def test_recreate_fences_old_generation_commands_and_webhooks(stack: Stack) -> None:

@@ -102,7 +102,8 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         consumer,
         handler,
         concurrency=settings.worker_concurrency,
-        grace_seconds=settings.shutdown_grace_seconds * 0.8,
+        # the rest of the grace is for handing interrupted commands back
+        grace_seconds=settings.shutdown_grace_seconds * 0.6,
     )
 
 

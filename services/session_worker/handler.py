@@ -31,6 +31,7 @@ from nats.js import JetStreamContext
 
 from proto import headers
 from proto.commands import (
+    Command,
     CreateSession,
     DeadLetter,
     DeleteSession,
@@ -67,6 +68,12 @@ from zapbus.outbox import queue_delete, untrack_delete
 from zapbus.tokens import webhook_url
 
 log = logging.getLogger("zapbus.session_worker")
+
+
+def _attempts_used(msg: Msg) -> int:
+    """Attempts spent by earlier copies of this command (header set by ``_hand_back``)."""
+    raw = (msg.headers or {}).get(headers.ATTEMPTS_USED, "0")
+    return int(raw) if raw.isdigit() else 0
 
 
 class _Common(TypedDict):
@@ -120,13 +127,15 @@ class CommandHandler:
 
     async def handle(self, msg: Msg) -> None:
         start = time.perf_counter()
-        # Deliveries of this message, which is what JetStream counts against max_deliver (an
-        # interrupted delivery, e.g. on SIGTERM, counts too).
+        # The attempt is this message's delivery count plus what earlier copies spent: a
+        # command interrupted by a shutdown is handed back as a copy that keeps its count
+        # (_hand_back), so a SIGTERM does not spend an attempt.
         delivery = msg.metadata.num_delivered or 1
+        attempt = _attempts_used(msg) + delivery
         try:
             cmd = command_decoder.decode(msg.data)
         except msgspec.DecodeError as exc:
-            await self._dead_letter(msg, None, str(exc), "undecodable", delivery)
+            await self._dead_letter(msg, None, str(exc), "undecodable", attempt)
             await msg.term()
             self.metrics.failures.labels("unknown", "undecodable").inc()
             log.error("undecodable command terminated", extra=fields(subject=msg.subject))
@@ -141,13 +150,12 @@ class CommandHandler:
                 match cmd:
                     case CreateSession():
                         with self.holds.hold(cmd.connection_id):
-                            outcome = await self._create(msg, cmd, delivery)
+                            outcome = await self._create(msg, cmd, attempt)
                     case DeleteSession():
-                        outcome = await self._delete(msg, cmd, delivery)
+                        outcome = await self._delete(msg, cmd, attempt)
         except asyncio.CancelledError:
             outcome = "interrupted"
-            with contextlib.suppress(Exception):
-                await asyncio.shield(msg.nak())
+            await asyncio.shield(self._hand_back(msg, cmd, attempt))
             raise
         finally:
             self.metrics.in_flight.dec()
@@ -163,6 +171,7 @@ class CommandHandler:
                     subject=msg.subject,
                     seq=msg.metadata.sequence.stream,
                     delivered=delivery,
+                    attempt=attempt,
                     ms=round((time.perf_counter() - start) * 1000, 1),
                 ),
             )
@@ -270,6 +279,11 @@ class CommandHandler:
     async def _on_error(
         self, msg: Msg, cmd: CreateSession | DeleteSession, attempt: int, exc: BaileysError
     ) -> str:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # Shutdown: aiohttp may turn the cancellation of a call into a connection error.
+            # The call did not fail; it was interrupted (handed back, no attempt spent).
+            raise asyncio.CancelledError
         if action_for(exc, self.retry.is_last(attempt)) is Action.GIVE_UP:
             permanent = isinstance(exc, PermanentError)
             why = "permanent" if permanent else "exhausted"
@@ -297,6 +311,23 @@ class CommandHandler:
             )
         await msg.nak(delay=delay)
         return "retried"
+
+    async def _hand_back(self, msg: Msg, cmd: Command, attempt: int) -> None:
+        """Shutdown mid-command: queue a copy that has not spent this attempt, then ack this
+        message (a plain nak would count a delivery). If the copy cannot be queued, nak."""
+        hdrs = {
+            headers.MSG_ID: f"{cmd.command_id}:resume:{msg.metadata.sequence.stream}",
+            headers.COMMAND_ID: str(cmd.command_id),
+            headers.CONNECTION_ID: str(cmd.connection_id),
+            headers.ATTEMPTS_USED: str(attempt - 1),
+        }
+        try:
+            await self.js.publish(msg.subject, msg.data, headers=hdrs, timeout=2.0)
+            await msg.ack()
+        except Exception as exc:
+            log.warning("could not hand back an interrupted command, nak: %r", exc)
+            with contextlib.suppress(Exception):
+                await msg.nak()
 
     async def _queue_delete(self, cmd: CreateSession) -> None:
         """Queue the deletion of a given-up create's session, through the outbox."""
@@ -330,11 +361,11 @@ class CommandHandler:
             log.warning("delete done but still tracked: %s", exc)
 
     def _common(
-        self, msg: Msg, cmd: CreateSession | DeleteSession, tag: str, delivery: int
+        self, msg: Msg, cmd: CreateSession | DeleteSession, tag: str, attempt: int
     ) -> _Common:
-        # Unique per message and delivery: the same on a redelivery's republish, new for a
-        # re-driven or replayed copy of the command (another message, another sequence).
-        run = f"{msg.metadata.sequence.stream}:{delivery}"
+        # Unique per message and attempt: the same on a crash's redelivery republish, new for
+        # a re-driven, replayed or handed-back copy (another message, another sequence).
+        run = f"{msg.metadata.sequence.stream}:{attempt}"
         return {
             "event_id": uuid.uuid5(cmd.command_id, f"{tag}:{run}"),
             "connection_id": cmd.connection_id,
