@@ -26,7 +26,11 @@ WORKER_ENV = {
     "ZAPBUS_RETRY_MAX_SECONDS": "1",
     "ZAPBUS_ACK_WAIT_SECONDS": "3",
     "ZAPBUS_OUTBOX_POLL_SECONDS": "0.2",
-    "ZAPBUS_WATCHDOG_DEADLINE_SECONDS": "8",
+    # Past the longest stall a correct system shows here (a QR webhook held up by a NATS
+    # restart: 5 s publish timeout plus ~3 s of the simulator's retries; a killed worker's
+    # command: ack_wait plus the restart), so the watchdog fails nothing that would finish;
+    # still short enough to fail a create that is truly stuck within the test's wait.
+    "ZAPBUS_WATCHDOG_DEADLINE_SECONDS": "20",
     "ZAPBUS_WATCHDOG_INTERVAL_SECONDS": "1",
 }
 
@@ -121,7 +125,7 @@ async def _sim_stats(stack: ProcessStack) -> dict[str, Any]:
         return body
 
 
-async def test_chaos_every_accepted_create_ends_final_and_one_session_each(workdir: Path) -> None:
+async def test_chaos_every_accepted_create_reaches_qr_ready_one_session_each(workdir: Path) -> None:
     sim = SimConfig(
         port=0,
         create_delay=(0.05, 0.3),
@@ -178,7 +182,7 @@ async def test_chaos_every_accepted_create_ends_final_and_one_session_each(workd
         ]
         # Every fault hit work in flight: creates accepted but not yet qr_ready, and for a
         # worker SIGKILL or NATS restart commands the worker was in the middle of.
-        assert all(u > 0 and (f is None or f > 0) for _, u, f, _ in hits), inflicted
+        assert all(u > 0 and (f is None or f > 0) for _, u, f, _ in hits), "; ".join(inflicted)
 
         async def all_settled() -> list[dict[str, Any]] | None:
             rows = await _statuses(stack)
@@ -214,6 +218,8 @@ async def test_chaos_every_accepted_create_ends_final_and_one_session_each(workd
                 "outbox relay pass failed",
                 "command not finished",
                 "fence check skipped",
+                "stuck connection re-driven",
+                "stuck connection failed",
             )
         }
         print(f"what the services logged about the faults: {felt}")
