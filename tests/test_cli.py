@@ -5,10 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
 
+from proto.commands import CreateSession, DeadLetter, dead_letter_encoder
+from zapbus import bus
 from zapbus.config import Settings
 from zapbus.tenants import tenant_for_key
 
@@ -61,3 +65,48 @@ def test_bad_configuration_names_the_variable() -> None:
     out = subprocess.run([ZAPBUS, "migrate"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "ZAPBUS_GATEWAY_PORT" in out.stderr
+
+
+async def test_dlq_list_shows_every_letter_with_its_connection(settings: Settings) -> None:
+    """More than a hundred letters, with gaps (replayed ones removed): every one is listed,
+    its stream sequence first and its connection on the same line."""
+    nc = await bus.connect(settings.nats_url, "test-dlq")
+    js = nc.jetstream()
+    await bus.ensure_streams(js, settings.names)
+    letters = {}
+    try:
+        for n in range(130):
+            cmd = CreateSession(
+                command_id=uuid.uuid4(),
+                connection_id=uuid.uuid4(),
+                tenant_id=uuid.uuid4(),
+                generation=1,
+                session_name=f"s{n}",
+                requested_at=datetime.now(UTC),
+            )
+            letter = DeadLetter(
+                command=cmd,
+                raw="{}",
+                subject="x",
+                error=f"boom {n}",
+                reason="exhausted",
+                deliveries=5,
+                stream_seq=n,
+                failed_at=datetime.now(UTC),
+            )
+            ack = await js.publish(
+                settings.names.dead_letter_subject, dead_letter_encoder.encode(letter)
+            )
+            letters[ack.seq] = cmd.connection_id
+        for seq in list(letters)[10:20]:  # replayed: gone from the stream
+            await js.delete_msg(settings.names.dead_letter_stream, seq)
+            del letters[seq]
+    finally:
+        await nc.close()
+    listed = run(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.strip().splitlines()
+    assert len(lines) == len(letters) == 120
+    for line, (seq, connection_id) in zip(lines, sorted(letters.items()), strict=True):
+        assert line.split("\t")[0] == str(seq)
+        assert str(connection_id) in line
