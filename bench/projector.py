@@ -63,7 +63,7 @@ async def _publish(js: JetStreamContext, settings: Settings, events: list[Event]
         await asyncio.gather(
             *(
                 js.publish(
-                    names.event_subject(EVENT_SUBJECT_KIND[type(ev)]),
+                    names.event_subject(EVENT_SUBJECT_KIND[type(ev)], ev.connection_id),
                     event_encoder.encode(ev),
                     timeout=10,
                     headers={

@@ -69,6 +69,12 @@ class StatusReported(_Event, frozen=True, kw_only=True, tag="status.reported"):
     reason: str | None = None
 
 
+class WebhookIgnored(_Event, frozen=True, kw_only=True, tag="webhook.ignored"):
+    """A well-formed delivery reporting nothing zapbus uses (kept in history, never applied)."""
+
+    event: str
+
+
 class SessionObserved(StatusReported, frozen=True, kw_only=True, tag="reconcile.status"):
     """The reconciler read the session's state on the Baileys server and it contradicts the row.
 
@@ -86,6 +92,7 @@ Event = (
     | QrUpdated
     | StatusReported
     | SessionObserved
+    | WebhookIgnored
 )
 
 EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
@@ -97,6 +104,7 @@ EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
     QrUpdated: "qr",
     StatusReported: "status",
     SessionObserved: "status",
+    WebhookIgnored: "status",
 }
 
 

@@ -7,6 +7,8 @@ they never see each other's streams. Nothing outside this module spells a subjec
 from __future__ import annotations
 
 import re
+import uuid
+import zlib
 
 import msgspec
 
@@ -17,12 +19,19 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
     """Names of the zapbus streams, subjects and durable consumers in one namespace."""
 
     namespace: str = "zapbus"
+    # Events are split by connection into this many partitions, each projected by one
+    # projector at a time, so a connection's events are applied in order (1: no split).
+    event_partitions: int = 1
 
     def __post_init__(self) -> None:
         if not _NAMESPACE.match(self.namespace):
             raise ValueError(
                 f"namespace {self.namespace!r} must match {_NAMESPACE.pattern} "
                 "(it becomes part of subjects and stream names)"
+            )
+        if not 1 <= self.event_partitions <= 64:
+            raise ValueError(
+                f"event_partitions must be within [1, 64], got {self.event_partitions}"
             )
 
     # -- commands: a work queue, one message per command, removed once acked --
@@ -51,13 +60,30 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
     def events_subjects(self) -> str:
         return f"{self.namespace}.evt.session.>"
 
-    def event_subject(self, kind: str) -> str:
-        """Subject of one event kind, e.g. ``zapbus.evt.session.qr``."""
-        return f"{self.namespace}.evt.session.{kind}"
+    def event_partition(self, connection_id: uuid.UUID) -> int:
+        """The partition of a connection's events (stable: crc32 of the id's bytes)."""
+        return zlib.crc32(connection_id.bytes) % self.event_partitions
+
+    def event_subject(self, kind: str, connection_id: uuid.UUID) -> str:
+        """Subject of one event of a connection, e.g. ``zapbus.evt.session.qr`` or, with
+        partitions, ``zapbus.evt.session.p3.qr``."""
+        if self.event_partitions == 1:
+            return f"{self.namespace}.evt.session.{kind}"
+        return f"{self.namespace}.evt.session.p{self.event_partition(connection_id)}.{kind}"
+
+    def partition_subjects(self, partition: int) -> str:
+        """What the projector of one partition consumes."""
+        if self.event_partitions == 1:
+            return self.events_subjects
+        return f"{self.namespace}.evt.session.p{partition}.>"
+
+    def projector_consumer_of(self, partition: int) -> str:
+        """Durable consumer of one partition (``projector`` when there is one)."""
+        return "projector" if self.event_partitions == 1 else f"projector_p{partition}"
 
     @property
     def projector_consumer(self) -> str:
-        return "projector"
+        return self.projector_consumer_of(0)
 
     # -- dead letters: commands that exhausted their attempts or failed for good --
     @property
@@ -67,6 +93,24 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def dead_letter_subject(self) -> str:
         return f"{self.namespace}.dlq.session"
+
+    # -- advisories: JetStream's notice that a command exhausted the worker's max_deliver --
+    @property
+    def advisories_stream(self) -> str:
+        return f"{self.namespace.upper()}_CMD_ADVISORIES"
+
+    @property
+    def max_deliveries_subject(self) -> str:
+        """What the server publishes when a command reached the worker consumer's max_deliver
+        (payload: ``stream_seq``, ``deliveries``); the advisories stream captures it."""
+        return (
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES."
+            f"{self.commands_stream}.{self.worker_consumer}"
+        )
+
+    @property
+    def dead_letterer_consumer(self) -> str:
+        return "dead_letterer"
 
     # -- changes: a snapshot per applied transition, for live updates (SSE) --
     @property
@@ -88,4 +132,5 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
             self.events_stream,
             self.dead_letter_stream,
             self.changes_stream,
+            self.advisories_stream,
         )

@@ -13,12 +13,9 @@ from aiohttp.test_utils import TestServer
 
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
-from services.session_worker.baileys_client import (
-    BaileysClient,
-    CreateSessionRequest,
-    ServerSession,
-)
-from services.session_worker.errors import PermanentError, RetryableError
+from zapbus.dialects.base import CreateSessionRequest, ServerSession
+from zapbus.dialects.errors import PermanentError, RetryableError
+from zapbus.dialects.seed import SeedDialect as BaileysClient
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Serve = Callable[[list[web.RouteDef]], Awaitable[BaileysClient]]

@@ -15,9 +15,8 @@ from typing import Any
 
 import msgspec
 
-from services.projector.app import projector_key
-from services.projector.consumer import Projector
 from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from zapbus import bus
 from zapbus.config import Settings
 
 QUICK_QRS = msgspec.structs.replace(FAST_SIM, qr_first_seconds=0.4, qr_next_seconds=0.25, qr_max=4)
@@ -42,13 +41,22 @@ async def _row(stack: Stack, connection_id: str) -> dict[str, Any]:
 
 async def _caught_up(stack: Stack) -> None:
     """Wait until the projector has acknowledged every event in the stream."""
-    projector = stack.apps["projector"][projector_key]
-    assert isinstance(projector, Projector)
+    names = stack.settings.names
+    nc = await bus.connect(stack.settings.nats_url, "zapbus-test")
+    try:
 
-    async def idle() -> bool:
-        return await projector.consumer.pending() == (0, 0)
+        async def idle() -> bool:
+            for partition in range(names.event_partitions):
+                info = await nc.jetstream().consumer_info(
+                    names.events_stream, names.projector_consumer_of(partition)
+                )
+                if info.num_pending or info.num_ack_pending:
+                    return False
+            return True
 
-    await wait_for("the projector to catch up", idle)
+        await wait_for("the projector to catch up", idle)
+    finally:
+        await nc.close()
 
 
 async def _duplicates_seen(stack: Stack) -> float:

@@ -17,7 +17,9 @@ async def _publish(stack: Stack, *events: Event) -> None:
         js = nc.jetstream()
         for event in events:
             await js.publish(
-                stack.settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)]),
+                stack.settings.names.event_subject(
+                    EVENT_SUBJECT_KIND[type(event)], event.connection_id
+                ),
                 event_encoder.encode(event),
                 headers={headers.MSG_ID: str(event.event_id)},
             )
@@ -78,7 +80,7 @@ async def test_a_redelivered_batch_changes_nothing(stack: Stack) -> None:
     nc = await bus.connect(stack.settings.nats_url, "zapbus-test")
     try:
         await nc.jetstream().publish(
-            stack.settings.names.event_subject("qr"),
+            stack.settings.names.event_subject("qr", event.connection_id),
             event_encoder.encode(event),
             headers={headers.MSG_ID: f"again-{event.event_id}"},
         )

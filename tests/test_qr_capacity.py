@@ -12,9 +12,15 @@ from typing import Any
 import pytest
 
 from services.gateway import qr
-from services.webhook.payloads import MAX_QR_CHARS, PayloadError, QrReport, parse
 from tests.stack import Stack, wait_for
+from zapbus.dialects.reports import MAX_QR_CHARS, Delivery, PayloadError, QrReport
+from zapbus.dialects.seed import SeedDialect
 from zapbus.tokens import webhook_token
+
+
+def parse(body: bytes) -> Delivery:
+    return SeedDialect.parse_webhook(body, {}, "")
+
 
 LONGEST = ("2@" + "A1b/+," * MAX_QR_CHARS)[:MAX_QR_CHARS]  # byte mode, like Baileys' QRs
 
@@ -25,7 +31,7 @@ def _hook(qr_text: str) -> bytes:
 
 def test_the_limit_is_what_the_largest_qr_code_holds() -> None:
     assert len(LONGEST) == MAX_QR_CHARS
-    assert parse(_hook(LONGEST)) == (None, QrReport(qr=LONGEST))
+    assert parse(_hook(LONGEST)).reports == [QrReport(qr=LONGEST)]
     for media in (qr.SVG, qr.PNG):
         assert qr.render(LONGEST, media)
     with pytest.raises(PayloadError, match=r"data\.qr"):

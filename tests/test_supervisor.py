@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proto.names import Names
-from services.projector.app import build_projector
+from services.projector.app import projector_loop
 from zapbus import bus
 from zapbus.config import Settings, load_settings
 from zapbus.httpkit import base_app
@@ -167,7 +167,12 @@ async def test_the_projector_is_restarted_after_a_nats_api_error(
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(bare_nats)
     policy = RestartPolicy(first_delay=0.05, max_delay=0.2, max_failures=1000)
-    app.cleanup_ctx.append(runner_ctx("projector", runner_key, build_projector, policy))
+    # One projector loop (no partition leases), so its own failures reach the supervisor.
+    app.cleanup_ctx.append(runner_ctx("projector", runner_key, projector_loop, policy))
+    # The settings fixture declared the streams (as `zapbus migrate` does): remove them.
+    nc = await bus.connect(settings.nats_url, "test-supervisor")
+    await bus.delete_streams(nc.jetstream(), settings.names)
+    await nc.close()
     client = await make_client(app)
     js = app[js_key]
 

@@ -26,6 +26,13 @@ def verify_webhook_token(
     return hmac.compare_digest(expected.encode(), token.encode())
 
 
+def webhook_signing_key(secret: str, connection_id: uuid.UUID, generation: int) -> str:
+    """A secret of one connection generation that the server puts on its webhooks, where its
+    dialect can (WAHA's HMAC key, fazer's verify token); derived, so never stored."""
+    mac = hmac.new(secret.encode(), f"sign:{connection_id}:{generation}".encode(), hashlib.sha256)
+    return mac.hexdigest()
+
+
 def webhook_url(base: str, secret: str, connection_id: uuid.UUID, generation: int) -> str:
     """The URL given to the Baileys server for one generation of a connection."""
     token = webhook_token(secret, connection_id, generation)

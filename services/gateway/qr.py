@@ -45,7 +45,7 @@ def negotiate(accept: str) -> str | None:
 
 
 # The error-correction level: "L" holds the most data (2953 bytes in the largest code, which
-# is what services/webhook/payloads.py MAX_QR_CHARS allows), and screens need no more.
+# is what zapbus/dialects/reports.py MAX_QR_CHARS allows), and screens need no more.
 ERROR_LEVEL = "l"
 
 

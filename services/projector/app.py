@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from aiohttp import web
 from nats.js import api as js_api
+from prometheus_client import Counter
 
 from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
+from services.projector.partitions import Lease, PartitionOwner
+from services.projector.retention import Retention, RetentionMetrics
 from services.projector.transitions import QrPolicy
 from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
+from zapbus.dlq import MaxDeliveries
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import (
     Runner,
@@ -22,16 +26,21 @@ from zapbus.runtime import (
     runner_ctx,
     settings_key,
 )
+from zapbus.streamusage import StreamUsage
+from zapbus.topology import dead_letterer_config
 
 projector_key = web.AppKey("projector", Runner)
 watchdog_key = web.AppKey("watchdog", Runner)
+dead_letterer_key = web.AppKey("dead_letterer", Runner)
+stream_usage_key = web.AppKey("stream_usage", Runner)
+retention_key = web.AppKey("retention", Runner)
 
 
-def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
+def consumer_config(settings: Settings, partition: int = 0) -> js_api.ConsumerConfig:
     names = settings.names
     return js_api.ConsumerConfig(
-        durable_name=names.projector_consumer,
-        filter_subject=names.events_subjects,
+        durable_name=names.projector_consumer_of(partition),
+        filter_subject=names.partition_subjects(partition),
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.ALL,
         ack_wait=30.0,
@@ -40,22 +49,37 @@ def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
     )
 
 
-def build_projector(app: web.Application) -> Projector:
+def projector_loop(
+    app: web.Application, lease: Lease | None = None, metrics: ProjectorMetrics | None = None
+) -> Projector:
+    """The projector of one partition (of every event when ``lease`` is None)."""
     settings = app[settings_key]
+    partition = lease.partition if lease is not None else 0
     return Projector(
         consumer=DurableConsumer(
-            app[js_key], settings.names.events_stream, consumer_config(settings)
+            app[js_key], settings.names.events_stream, consumer_config(settings, partition)
         ),
         pool=app[pool_key],
         nc=app[nats_key],
         names=settings.names,
-        metrics=ProjectorMetrics(app[registry_key]),
+        metrics=metrics or ProjectorMetrics(app[registry_key]),
         policy=QrPolicy(
             first_ttl_seconds=settings.qr_first_ttl_seconds,
             next_ttl_seconds=settings.qr_next_ttl_seconds,
             max_refreshes=settings.qr_max_refreshes,
         ),
         batch=settings.projector_batch,
+        lease=lease,
+    )
+
+
+def build_projector(app: web.Application) -> PartitionOwner:
+    """One projector loop per partition this process holds (see partitions.py)."""
+    metrics = ProjectorMetrics(app[registry_key])  # one set, shared by every partition
+    return PartitionOwner(
+        app[pool_key],
+        app[settings_key].event_partitions,
+        lambda lease: projector_loop(app, lease, metrics),
     )
 
 
@@ -71,6 +95,31 @@ def build_watchdog(app: web.Application) -> Watchdog:
     )
 
 
+def build_dead_letterer(app: web.Application) -> MaxDeliveries:
+    """Commands that exhausted the worker's max_deliver become dead letters (zapbus/dlq.py)."""
+    settings = app[settings_key]
+    return MaxDeliveries(
+        DurableConsumer(
+            app[js_key], settings.names.advisories_stream, dead_letterer_config(settings)
+        ),
+        app[js_key],
+        settings.names,
+        Counter(
+            "zapbus_worker_dead_letters_total",
+            "Commands sent to the dead-letter stream, by kind (here: after max_deliver).",
+            ["kind"],
+            registry=app[registry_key],
+        ),
+    )
+
+
+def build_retention(app: web.Application) -> Retention:
+    settings = app[settings_key]
+    return Retention(
+        app[pool_key], settings.history_retention_days, RetentionMetrics(app[registry_key])
+    )
+
+
 def create_app(settings: Settings) -> web.Application:
     app = base_app("projector")
     app[settings_key] = settings
@@ -78,4 +127,13 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(nats_ctx("projector"))
     app.cleanup_ctx.append(runner_ctx("projector", projector_key, build_projector))
     app.cleanup_ctx.append(runner_ctx("watchdog", watchdog_key, build_watchdog))
+    app.cleanup_ctx.append(runner_ctx("dead_letterer", dead_letterer_key, build_dead_letterer))
+    app.cleanup_ctx.append(
+        runner_ctx(
+            "stream_usage",
+            stream_usage_key,
+            lambda app: StreamUsage(app[js_key], settings.names, app[registry_key]),
+        )
+    )
+    app.cleanup_ctx.append(runner_ctx("retention", retention_key, build_retention))
     return app

@@ -22,6 +22,7 @@ from proto.changes import ConnectionChanged, change_encoder
 from proto.events import Event, event_decoder, event_type
 from proto.names import Names
 from services.projector.metrics import ProjectorMetrics
+from services.projector.partitions import Lease, LeaseLost
 from services.projector.store import Applied, project
 from services.projector.transitions import QrPolicy
 from zapbus.consumer import DurableConsumer
@@ -49,6 +50,7 @@ class Projector:
         policy: QrPolicy,
         batch: int = 256,
         fetch_timeout: float = 1.0,
+        lease: Lease | None = None,
     ) -> None:
         self.consumer = consumer
         self.pool = pool
@@ -58,6 +60,8 @@ class Projector:
         self.policy = policy
         self.batch = batch
         self.fetch_timeout = fetch_timeout
+        # The partition this loop projects; every batch checks it still holds it.
+        self.lease = lease
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -77,8 +81,21 @@ class Projector:
                         await msg.nak()
                     break
                 ahead = asyncio.ensure_future(self.consumer.fetch(self.batch, self.fetch_timeout))
-                if msgs:
-                    await self.handle_batch(msgs)
+                if msgs and not await self.handle_batch(msgs):
+                    # The batch went back; so does the one fetched behind it, or it would be
+                    # applied before the events it follows.
+                    for msg in await ahead:
+                        await msg.nak()
+                    if self._stopping.is_set():
+                        break
+                    # Handed back at once, fetched again only after the pause: redeliveries
+                    # are served before newer messages, so the order holds.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(_RETRY_DELAY_SECONDS):
+                            await self._stopping.wait()
+                    ahead = asyncio.ensure_future(
+                        self.consumer.fetch(self.batch, self.fetch_timeout)
+                    )
         finally:
             if not ahead.done():
                 ahead.cancel()  # what it may have received is redelivered after ack_wait
@@ -124,7 +141,8 @@ class Projector:
         if failed:
             log.warning("%d change notifications not published", failed)
 
-    async def handle_batch(self, msgs: list[Msg]) -> None:
+    async def handle_batch(self, msgs: list[Msg]) -> bool:
+        """Project one batch; False when it was handed back for redelivery."""
         start = time.perf_counter()
         events: list[Event] = []
         good: list[Msg] = []
@@ -142,30 +160,43 @@ class Projector:
                 )
                 await msg.term()
         if not events:
-            return
+            return True
         try:
             results = await self._project(events)
+        except LeaseLost:
+            log.warning("partition lease lost; handing the batch back and stopping")
+            self._stopping.set()
+            for msg in good:
+                await msg.nak()
+            return False
         except _POISON as exc:
             # One event Postgres refuses must not stop the projector for good: find it.
             log.warning("batch refused (%s); projecting it event by event", exc)
-            await self._one_by_one(good, events, start)
-            return
+            return await self._one_by_one(good, events, start)
         except _TRANSIENT as exc:
             log.warning("projection failed, will retry: %s", exc, extra=fields(batch=len(good)))
             self.metrics.batch_failures.inc()
             for msg in good:
-                await msg.nak(delay=_RETRY_DELAY_SECONDS)
-            return
+                await msg.nak()
+            return False
         await self._finish(good, results, start)
+        return True
 
     async def _project(self, events: list[Event]) -> list[Applied]:
         async with self.pool.acquire() as conn, conn.transaction():
+            if self.lease is not None and not await self.lease.held(conn):
+                raise LeaseLost
             return await project(conn, events, self.policy)
 
-    async def _one_by_one(self, msgs: list[Msg], events: list[Event], start: float) -> None:
+    async def _one_by_one(self, msgs: list[Msg], events: list[Event], start: float) -> bool:
         for i, (msg, event) in enumerate(zip(msgs, events, strict=True)):
             try:
                 results = await self._project([event])
+            except LeaseLost:
+                self._stopping.set()
+                for rest in msgs[i:]:
+                    await rest.nak()
+                return False
             except _POISON as exc:
                 self.metrics.events.labels(event_type(event), "rejected").inc()
                 log.error(
@@ -183,9 +214,10 @@ class Projector:
                 log.warning("projection failed, will retry: %s", exc)
                 self.metrics.batch_failures.inc()
                 for rest in msgs[i:]:
-                    await rest.nak(delay=_RETRY_DELAY_SECONDS)
-                return
+                    await rest.nak()
+                return False
             await self._finish([msg], results, start)
+        return True
 
     async def _finish(self, good: list[Msg], results: list[Applied], start: float) -> None:
         for msg in good:

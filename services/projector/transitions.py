@@ -41,6 +41,7 @@ from proto.events import (
     SessionCreated,
     SessionDeleted,
     StatusReported,
+    WebhookIgnored,
 )
 from proto.states import RANK, TERMINAL, Status
 
@@ -211,6 +212,8 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
             # gateway's delete makes a row `deleted` (a session the reconciler removed from
             # a failed row leaves it failed). Recorded in history, never applied.
             return Outcome(row=row, applied=False, reason="session removed from the server")
+        case WebhookIgnored(event=name):
+            return Outcome(row=row, applied=False, reason=f"not used: {name}")
         case QrUpdated(qr=qr, occurred_at=at):
             return _qr(row, qr, at, policy)
         case StatusReported(status=status, code=code, reason=reason):

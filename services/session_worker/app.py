@@ -8,7 +8,6 @@ import aiohttp
 from aiohttp import web
 from nats.js import api as js_api
 
-from services.session_worker.baileys_client import BaileysClient
 from services.session_worker.breaker import Breaker
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import Policy
@@ -20,6 +19,7 @@ from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
 from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
+from zapbus.dialects import make_dialect
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
@@ -60,7 +60,8 @@ async def breaker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 def build_consumer(app: web.Application) -> CommandConsumer:
     settings = app[settings_key]
-    baileys = BaileysClient(
+    baileys = make_dialect(
+        settings.baileys_kind,
         app[http_key],
         settings.baileys_url,
         settings.baileys_api_key,
@@ -113,7 +114,8 @@ def build_reconciler(app: web.Application) -> Reconciler:
         pool=app[pool_key],
         js=app[js_key],
         names=settings.names,
-        baileys=BaileysClient(
+        baileys=make_dialect(
+            settings.baileys_kind,
             app[http_key],
             settings.baileys_url,
             settings.baileys_api_key,

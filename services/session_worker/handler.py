@@ -50,19 +50,14 @@ from proto.events import (
     event_type,
 )
 from proto.names import Names
-from services.session_worker.baileys_client import BaileysClient, CreateSessionRequest
+from services.session_worker.actions import Action, action_for
 from services.session_worker.breaker import Breaker
-from services.session_worker.errors import (
-    Action,
-    BaileysError,
-    PermanentError,
-    action_for,
-    clean_reason,
-)
 from services.session_worker.fence import Fence, Verdict
 from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
+from zapbus.dialects.base import CreateSessionRequest, Dialect
+from zapbus.dialects.errors import BaileysError, PermanentError, clean_reason
 from zapbus.logs import fields
 from zapbus.outbox import queue_delete, untrack_delete
 from zapbus.tokens import webhook_url
@@ -89,7 +84,7 @@ class CommandHandler:
         self,
         js: JetStreamContext,
         names: Names,
-        baileys: BaileysClient,
+        baileys: Dialect,
         retry: RetryPolicy,
         metrics: WorkerMetrics,
         webhook_base_url: str,
@@ -376,7 +371,7 @@ class CommandHandler:
 
     async def _emit(self, event: Event) -> None:
         await self.js.publish(
-            self.names.event_subject(EVENT_SUBJECT_KIND[type(event)]),
+            self.names.event_subject(EVENT_SUBJECT_KIND[type(event)], event.connection_id),
             event_encoder.encode(event),
             headers={
                 headers.MSG_ID: str(event.event_id),

@@ -35,7 +35,6 @@ from proto.commands import CreateSession
 from proto.events import EVENT_SUBJECT_KIND, SessionObserved, event_encoder
 from proto.names import Names
 from proto.states import Status
-from services.session_worker.baileys_client import BaileysClient
 from services.session_worker.breaker import Breaker
 from services.session_worker.drift import (
     KINDS,
@@ -49,7 +48,8 @@ from services.session_worker.drift import (
     compute,
     parse_session_name,
 )
-from services.session_worker.errors import BaileysError
+from zapbus.dialects.base import Dialect
+from zapbus.dialects.errors import BaileysError
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
 
@@ -116,7 +116,7 @@ class Reconciler:
         pool: asyncpg.Pool,
         js: JetStreamContext,
         names: Names,
-        baileys: BaileysClient,
+        baileys: Dialect,
         metrics: ReconcileMetrics,
         interval_seconds: float,
         policy: Policy,
@@ -373,7 +373,7 @@ class Reconciler:
             reason=item.reason,
         )
         await self.js.publish(
-            self.names.event_subject(EVENT_SUBJECT_KIND[SessionObserved]),
+            self.names.event_subject(EVENT_SUBJECT_KIND[SessionObserved], event.connection_id),
             event_encoder.encode(event),
             headers={
                 headers.MSG_ID: str(event.event_id),

@@ -6,19 +6,37 @@ import logging
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import nats.errors
 from aiohttp import web
 
 from proto import headers
-from proto.events import EVENT_SUBJECT_KIND, Event, QrUpdated, StatusReported, event_encoder
+from proto.events import (
+    EVENT_SUBJECT_KIND,
+    Event,
+    QrUpdated,
+    StatusReported,
+    WebhookIgnored,
+    event_encoder,
+)
+from services.webhook.app_keys import dialect_key
 from services.webhook.metrics import metrics_key
-from services.webhook.payloads import PayloadError, QrReport, StatusReport, Unknown, parse
 from zapbus import signing
+from zapbus.dialects.errors import BaileysError
+from zapbus.dialects.reports import (
+    PayloadError,
+    QrReport,
+    QrToFetch,
+    Report,
+    StatusReport,
+    Unknown,
+    checked_qr,
+)
 from zapbus.httpkit import ProblemError, json_response, log_fields_key
 from zapbus.logs import fields
 from zapbus.runtime import js_key, settings_key
-from zapbus.tokens import session_name, verify_webhook_token
+from zapbus.tokens import session_name, verify_webhook_token, webhook_signing_key
 
 log = logging.getLogger("zapbus.webhook")
 
@@ -71,14 +89,24 @@ async def receive(request: web.Request) -> web.Response:
             raise ProblemError(
                 401, "invalid-webhook-signature", "Invalid webhook signature", str(exc)
             ) from None
+    dialect = request.app[dialect_key]
     try:
-        session, report = parse(body)
+        delivery = dialect.parse_webhook(
+            body,
+            request.headers,
+            webhook_signing_key(settings.webhook_secret, connection_id, generation),
+        )
     except PayloadError as exc:
         metrics.events.labels("unknown", "rejected_payload").inc()
         raise ProblemError(
             400, "invalid-webhook-payload", "Invalid webhook payload", str(exc), field=exc.field
         ) from None
-    if session is not None and session != session_name(connection_id, generation):
+    except signing.SignatureError as exc:
+        metrics.events.labels("unknown", "rejected_signature").inc()
+        raise ProblemError(
+            401, "invalid-webhook-signature", "Invalid webhook signature", str(exc)
+        ) from None
+    if delivery.session is not None and delivery.session != session_name(connection_id, generation):
         metrics.events.labels("unknown", "rejected_session").inc()
         raise ProblemError(
             400,
@@ -87,54 +115,88 @@ async def receive(request: web.Request) -> web.Response:
             "session does not belong to this webhook URL",
             field="session",
         )
-    common = {
+    events = [
+        (kind, event)
+        for report in delivery.reports
+        for kind, event in await _events(request, report, connection_id, generation)
+    ]
+    # De-duplicated only by an id the sender gave for this delivery: a re-sent webhook is
+    # then stored once (within JetStream's duplicate window). Never by the body: two identical
+    # bodies can be two real events (close 428, connected, close 428, connected ...); the
+    # state machine makes a true repeat a no-op anyway.
+    outcomes = []
+    for i, (kind, event) in enumerate(events):
+        hdrs = {headers.CONNECTION_ID: str(connection_id)}
+        if delivery.delivery_id:
+            suffix = f":{i}" if i else ""
+            hdrs[headers.MSG_ID] = (
+                f"wh:{connection_id}:{generation}:{delivery.delivery_id}"[:190] + suffix
+            )
+        try:
+            ack = await request.app[js_key].publish(
+                settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)], connection_id),
+                event_encoder.encode(event),
+                timeout=PUBLISH_TIMEOUT_SECONDS,
+                headers=hdrs,
+            )
+        except (nats.errors.Error, TimeoutError) as exc:
+            metrics.events.labels(kind, "unavailable").inc()
+            log.warning("event not stored: %s", exc, extra=fields(connection_id=str(connection_id)))
+            raise ProblemError(
+                503,
+                "event-store-unavailable",
+                "Event store unavailable",
+                "the event was not stored; send it again",
+            ) from None
+        outcome = "ignored" if kind == "other" else "duplicate" if ack.duplicate else "accepted"
+        metrics.events.labels(kind, outcome).inc()
+        outcomes.append((kind, outcome, ack))
+    request[log_fields_key] = {
+        "event": ",".join(k for k, _, _ in outcomes),
+        "outcome": ",".join(o for _, o, _ in outcomes),
+        "seq": [a.seq for _, _, a in outcomes],
+        "generation": generation,
+    }
+    stored = sum(1 for _, _, a in outcomes if not a.duplicate)  # new events in the stream
+    if all(k == "other" for k, _, _ in outcomes):
+        reply = {"accepted": False, "reason": "event not used", "stored": stored}
+        return json_response(reply, status=202)
+    duplicate = all(a.duplicate for k, _, a in outcomes if k != "other")
+    return json_response(
+        {"accepted": True, "duplicate": bool(duplicate), "stored": stored}, status=202
+    )
+
+
+async def _events(
+    request: web.Request, report: Report, connection_id: uuid.UUID, generation: int
+) -> list[tuple[str, Event]]:
+    """The bus events of one report (metric kind, event)."""
+    common: dict[str, Any] = {
         "event_id": uuid.uuid4(),
         "connection_id": connection_id,
         "generation": generation,
         "occurred_at": datetime.now(UTC),
     }
-    event: Event
     match report:
-        case Unknown(name=name):
-            metrics.events.labels("other", "ignored").inc()
-            ignored: dict[str, object] = {"event": name, "outcome": "ignored"}
-            request[log_fields_key] = ignored
-            return json_response({"accepted": False, "reason": "event not used"}, status=202)
         case QrReport(qr=qr):
-            event = QrUpdated(**common, qr=qr)  # type: ignore[arg-type]
-            kind = "qr.update"
+            return [("qr.update", QrUpdated(**common, qr=qr))]
         case StatusReport(status=status, code=code, reason=reason):
-            event = StatusReported(**common, status=status, code=code, reason=reason)  # type: ignore[arg-type]
-            kind = "session.status"
-    # De-duplicated only by an id the sender gave for this delivery: a re-sent webhook is
-    # then stored once (within JetStream's duplicate window). Never by the body: two identical
-    # bodies can be two real events (close 428, connected, close 428, connected ...); the
-    # state machine makes a true repeat a no-op anyway.
-    hdrs = {headers.CONNECTION_ID: str(connection_id)}
-    if delivery_id := request.headers.get("webhook-id"):
-        hdrs[headers.MSG_ID] = f"wh:{connection_id}:{generation}:{delivery_id}"[:200]
-    try:
-        ack = await request.app[js_key].publish(
-            settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)]),
-            event_encoder.encode(event),
-            timeout=PUBLISH_TIMEOUT_SECONDS,
-            headers=hdrs,
-        )
-    except (nats.errors.Error, TimeoutError) as exc:
-        metrics.events.labels(kind, "unavailable").inc()
-        log.warning("event not stored: %s", exc, extra=fields(connection_id=str(connection_id)))
-        raise ProblemError(
-            503,
-            "event-store-unavailable",
-            "Event store unavailable",
-            "the event was not stored; send it again",
-        ) from None
-    outcome = "duplicate" if ack.duplicate else "accepted"
-    metrics.events.labels(kind, outcome).inc()
-    request[log_fields_key] = {
-        "event": kind,
-        "outcome": outcome,
-        "seq": ack.seq,
-        "generation": generation,
-    }
-    return json_response({"accepted": True, "duplicate": bool(ack.duplicate)}, status=202)
+            event = StatusReported(**common, status=status, code=code, reason=reason)
+            return [("session.status", event)]
+        case QrToFetch():
+            # The server shows a QR but does not send it (WAHA): ask for it now. It may have
+            # moved on already (then there is nothing to show): not an error.
+            name = session_name(connection_id, generation)
+            try:
+                fetched = await request.app[dialect_key].fetch_qr(name)
+            except BaileysError as exc:
+                log.warning(
+                    "QR not fetched: %s", exc.reason, extra=fields(connection_id=str(connection_id))
+                )
+                return []
+            if fetched is None:
+                return []
+            return [("qr.update", QrUpdated(**common, qr=checked_qr(fetched, "qr")))]
+        case Unknown(name=name):
+            return [("other", WebhookIgnored(**common, event=name))]
+    return [("other", WebhookIgnored(**common, event=type(report).__name__))]

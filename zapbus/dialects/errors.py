@@ -1,4 +1,4 @@
-"""What can go wrong when calling the Baileys server, and what JetStream does about it.
+"""What can go wrong when calling a Baileys server (any dialect), and what the worker does.
 
     BaileysError                 reason: the server's text, at most 300 chars, no control chars
     ├── RetryableError           -> nak(delay); on the last attempt: dead letter + failed + term()
@@ -13,14 +13,14 @@
 A 404 is only an error where the route itself must exist (create); on ``GET`` or ``DELETE
 /sessions/{name}`` it means "no such session", and on ``GET /sessions`` "no list route".
 An undecodable command is terminated at once (``term()``), since no retry can fix it.
-``action_for`` below is the one place that maps an error to what JetStream is told.
+``services/session_worker/actions.py`` is the one place that maps an error to what JetStream
+is told.
 A 409 "already exists" on create is not an error: the session exists, which is what we wanted
 (so is a 2xx + "success": false whose error says the session already exists).
 """
 
 from __future__ import annotations
 
-import enum
 import re
 import unicodedata
 
@@ -84,17 +84,3 @@ def error_for_failure(status: int, detail: str) -> BaileysError:
     if _PERMANENT_TEXT.search(detail):
         return PermanentError(reason, status)
     return RetryableError(reason, status)
-
-
-class Action(enum.Enum):
-    """What the worker tells JetStream about a command whose call failed."""
-
-    RETRY = "retry"  # event create.retrying, nak(delay): delivered again later
-    GIVE_UP = "give_up"  # dead letter + create.failed (+ a delete of what may exist), term()
-
-
-def action_for(error: BaileysError, last_delivery: bool) -> Action:
-    """The one map of errors to JetStream actions (see the tree in this module's docstring)."""
-    if isinstance(error, PermanentError) or last_delivery:
-        return Action.GIVE_UP
-    return Action.RETRY

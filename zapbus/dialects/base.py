@@ -1,0 +1,94 @@
+"""One interface to every Baileys server zapbus can drive, whatever HTTP and webhook dialect it
+speaks. Each dialect is one module in this package holding everything about that server: its
+client calls and its webhook parsing (``seed.py``, ``evolution.py``, ``waha.py``, ``fazer.py``).
+Supporting a fifth server means adding one file and naming it in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from typing import ClassVar, Literal
+
+import aiohttp
+import msgspec
+
+from zapbus.dialects.reports import Delivery
+
+Login = Literal["qr", "code"]
+
+
+class ServerSession(msgspec.Struct, frozen=True):
+    """A session as the Baileys server reports it; ``state`` in the server's own words."""
+
+    name: str
+    state: str | None = None
+
+
+class CreateSessionRequest(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    webhook_url: str
+    login: Login = "qr"
+    phone_number: str | None = None  # E.164 with its "+", for code login (and fazer)
+    # A secret of this connection generation that the server puts on its webhooks (WAHA's
+    # HMAC key, fazer's verify token), checked by ``Dialect.parse_webhook``.
+    webhook_secret: str = ""
+
+
+class CreateSessionResult(msgspec.Struct, frozen=True, kw_only=True):
+    already_existed: bool
+    pairing_code: str | None = None  # when the server answers the create with it
+
+
+class Dialect(ABC):
+    """A Baileys server's HTTP API (instance side) and its webhooks (class side)."""
+
+    kind: ClassVar[str]
+    # Can it link a device by a pairing code typed on the phone (instead of a QR)?
+    code_login: ClassVar[bool] = True
+
+    def __init__(
+        self, http: aiohttp.ClientSession, base_url: str, api_key: str, timeout_seconds: float
+    ) -> None:
+        self.http = http
+        self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
+        self.short_timeout = aiohttp.ClientTimeout(total=min(10.0, timeout_seconds))
+
+    @abstractmethod
+    async def create_session(self, req: CreateSessionRequest) -> CreateSessionResult:
+        """Create the session (slow: 10-30 s on real servers); 'already exists' is success."""
+
+    @abstractmethod
+    async def get_session(self, name: str) -> ServerSession | None:
+        """The session called ``name``, with its state when the server says it; None if none."""
+
+    @abstractmethod
+    async def list_sessions(self) -> list[ServerSession] | None:
+        """Every session the server holds; None when it has no list route."""
+
+    @abstractmethod
+    async def delete_session(self, name: str) -> bool:
+        """Delete (and log out) the session; False when there was none."""
+
+    async def request_pairing_code(self, name: str, phone_number: str) -> str:
+        """A pairing code for ``phone_number`` (RetryableError until the server can)."""
+        raise NotImplementedError(f"{self.kind} cannot link by pairing code")
+
+    async def fetch_qr(self, name: str) -> str | None:
+        """The QR the server shows now, where the dialect does not push it; None if none."""
+        return None
+
+    @abstractmethod
+    async def healthy(self) -> bool:
+        """Does the server answer?"""
+
+    async def session_exists(self, name: str) -> bool:
+        return await self.get_session(name) is not None
+
+    @classmethod
+    @abstractmethod
+    def parse_webhook(cls, body: bytes, headers: Mapping[str, str], secret: str) -> Delivery:
+        """What one webhook delivery reports. ``secret`` is the connection generation's
+        ``webhook_secret``. Raises ``PayloadError`` (400) or ``SignatureError`` (401)."""
