@@ -7,29 +7,24 @@ lets tests drive the simulated phone (scan, logout), replay webhooks and change 
 from __future__ import annotations
 
 import hmac
-import re
 from collections.abc import AsyncIterator
-from typing import Any, Literal, TypeGuard
+from typing import Literal
 
 import aiohttp
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
-from yarl import URL
 
 from .config import SimConfig
+from .dialects import sim_dialect
+from .dialects.common import fail as _fail
+from .dialects.common import ok as _ok
+from .keys import CONFIG_KEY, DIALECT_KEY, HTTP_KEY, METRICS_KEY, REGISTRY_KEY
 from .metrics import SimMetrics
 from .sessions import SessionRegistry
 
 __all__ = ["CONFIG_KEY", "HTTP_KEY", "METRICS_KEY", "REGISTRY_KEY", "create_app"]
-
-CONFIG_KEY = web.AppKey("config", SimConfig)
-METRICS_KEY = web.AppKey("metrics", SimMetrics)
-HTTP_KEY = web.AppKey("http", aiohttp.ClientSession)
-REGISTRY_KEY = web.AppKey("registry", SessionRegistry)
-
-_NAME = re.compile(r"[A-Za-z0-9_-]{1,100}")
 
 
 class _ReplayBody(msgspec.Struct):
@@ -50,104 +45,19 @@ class _ConfigPatch(msgspec.Struct, forbid_unknown_fields=True):
     list_route: bool | None = None
 
 
-def _fail(status: int, error: str) -> web.Response:
-    return web.json_response({"success": False, "error": error}, status=status)
-
-
-def _ok(data: Any = None, status: int = 200) -> web.Response:
-    body: dict[str, Any] = {"success": True}
-    if data is not None:
-        body["data"] = data
-    return web.json_response(body, status=status)
-
-
 def _registry(request: web.Request) -> SessionRegistry:
     return request.app[REGISTRY_KEY]
 
 
 @web.middleware
 async def api_key_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Reject ``/sessions...`` requests whose ``X-API-Key`` is not the configured key."""
-    if request.path == "/sessions" or request.path.startswith("/sessions/"):
-        given = request.headers.get("X-API-Key", "").encode()
+    """Reject the dialect's API requests whose API key is not the configured key."""
+    dialect = request.app[DIALECT_KEY]
+    if dialect.protects(request.path):
+        given = request.headers.get(dialect.api_key_header, "").encode()
         if not hmac.compare_digest(given, request.app[CONFIG_KEY].api_key.encode()):
             return _fail(401, "invalid api key")
     return await handler(request)
-
-
-def _valid_webhook_url(value: object) -> TypeGuard[str]:
-    if not isinstance(value, str):
-        return False
-    try:
-        url = URL(value)
-    except (TypeError, ValueError):
-        return False
-    return url.scheme in ("http", "https") and bool(url.host)
-
-
-async def create_session(request: web.Request) -> web.Response:
-    """``POST /sessions``: reserve the name, wait the create delay, then create (or fail)."""
-    registry = _registry(request)
-    try:
-        body = msgspec.json.decode(await request.read(), type=dict[str, Any])
-    except msgspec.MsgspecError:
-        return _fail(400, "invalid json body")
-    name = body.get("name")
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        return _fail(400, "invalid session name")
-    webhook_url = body.get("webhookUrl")
-    if not _valid_webhook_url(webhook_url):
-        return _fail(400, "invalid webhookUrl")
-    if not registry.reserve(name):
-        request.app[METRICS_KEY].create_requests.labels("conflict").inc()
-        return _fail(409, "session already exists")
-    config, rng = registry.config, registry.rng
-    fail = rng.random() < config.fail_rate
-    hang = rng.random() < config.timeout_rate
-    created = False
-    try:
-        if await registry.pause(rng.uniform(*config.create_delay)):
-            return _fail(503, "shutting down")
-        if fail:
-            request.app[METRICS_KEY].create_requests.labels("failed").inc()
-            return _fail(500, "internal error")
-        registry.create(name, webhook_url)
-        created = True
-    finally:
-        if not created:
-            registry.release(name)
-    if hang:
-        request.app[METRICS_KEY].create_requests.labels("hung").inc()
-        await registry.pause(config.hang_seconds)
-    else:
-        request.app[METRICS_KEY].create_requests.labels("created").inc()
-    return _ok({"name": name, "status": "connecting"}, status=201)
-
-
-async def list_sessions(request: web.Request) -> web.Response:
-    """``GET /sessions``: every live session (404 when the list route is switched off)."""
-    registry = _registry(request)
-    if not registry.config.list_route:
-        return _fail(404, "not found")
-    return _ok([s.snapshot() for s in registry.live.values()])
-
-
-async def get_session(request: web.Request) -> web.Response:
-    """``GET /sessions/{name}``."""
-    session = _registry(request).live.get(request.match_info["name"])
-    if session is None:
-        return _fail(404, "session not found")
-    return _ok(session.snapshot())
-
-
-async def delete_session(request: web.Request) -> web.Response:
-    """``DELETE /sessions/{name}``: stop and remove the session."""
-    registry = _registry(request)
-    if registry.rng.random() < registry.config.delete_fail_rate:
-        return _fail(500, "internal error")
-    if not registry.delete(request.match_info["name"]):
-        return _fail(404, "session not found")
-    return _ok()
 
 
 async def sim_scan(request: web.Request) -> web.Response:
@@ -158,6 +68,16 @@ async def sim_scan(request: web.Request) -> web.Response:
         return _fail(404, "session not found")
     if result == "not_showing_qr":
         return _fail(409, "session is not showing a qr code")
+    return _ok()
+
+
+async def sim_enter_code(request: web.Request) -> web.Response:
+    """``POST /_sim/sessions/{name}/enter-code``: the user types the pairing code."""
+    result = _registry(request).enter_code(request.match_info["name"])
+    if result == "missing":
+        return _fail(404, "session not found")
+    if result == "not_showing_qr":
+        return _fail(409, "no pairing code was issued")
     return _ok()
 
 
@@ -241,7 +161,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
-    registry = SessionRegistry(app[CONFIG_KEY], app[HTTP_KEY], app[METRICS_KEY])
+    registry = SessionRegistry(app[CONFIG_KEY], app[HTTP_KEY], app[METRICS_KEY], app[DIALECT_KEY])
     app[REGISTRY_KEY] = registry
     yield
     await registry.close()
@@ -254,6 +174,8 @@ async def _on_shutdown(app: web.Application) -> None:
 def create_app(config: SimConfig) -> web.Application:
     """Build the simulator app; sessions and the webhook client live in ``cleanup_ctx``."""
     app = web.Application(middlewares=[api_key_middleware])
+    dialect = sim_dialect(config.kind)
+    app[DIALECT_KEY] = dialect
     app[CONFIG_KEY] = config
     app[METRICS_KEY] = SimMetrics()
     # Registry after the HTTP client: cleanup runs in reverse, so tasks stop before it closes.
@@ -265,10 +187,8 @@ def create_app(config: SimConfig) -> web.Application:
             web.get("/health", health),
             web.get("/healthz", healthz),
             web.get("/metrics", metrics),
-            web.post("/sessions", create_session),
-            web.get("/sessions", list_sessions),
-            web.get("/sessions/{name}", get_session),
-            web.delete("/sessions/{name}", delete_session),
+            *dialect.routes(),
+            web.post("/_sim/sessions/{name}/enter-code", sim_enter_code),
             web.post("/_sim/sessions/{name}/scan", sim_scan),
             web.post("/_sim/sessions/{name}/logout", sim_logout),
             web.post("/_sim/sessions/{name}/replay", sim_replay),

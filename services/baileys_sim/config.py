@@ -22,6 +22,8 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     host: str = "127.0.0.1"
     port: int = 3100
+    # The server dialect it speaks (services/baileys_sim/dialects/)
+    kind: str = "seed"
     api_key: str = "dev-baileys-key"
     # POST /sessions sleeps uniform(lo, hi) seconds before answering.
     create_delay: tuple[float, float] = (10.0, 30.0)
@@ -111,6 +113,7 @@ def _parse_bool(text: str) -> bool:
 # variable -> (SimConfig field, parser)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_HOST": ("host", _parse_nonempty),
+    "ZAPBUS_SIM_KIND": ("kind", _parse_nonempty),
     "ZAPBUS_SIM_PORT": ("port", int),
     "ZAPBUS_BAILEYS_API_KEY": ("api_key", _parse_nonempty),
     "ZAPBUS_SIM_CREATE_DELAY": ("create_delay", parse_delay),

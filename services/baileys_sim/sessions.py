@@ -22,6 +22,8 @@ import aiohttp
 import msgspec
 
 from .config import SimConfig
+from .dialects import sim_dialect
+from .dialects.base import SimDialect, SimEvent
 from .metrics import SimMetrics
 from .webhooks import Outgoing, OutQueue, WebhookSender
 
@@ -32,6 +34,8 @@ SCAN_CONNECT_DELAY = 0.05  # between the 515 restart close and "connected"
 Status = Literal["connecting", "qr", "connected"]
 ReplayMode = Literal["duplicate", "reverse"]
 ScanResult = Literal["ok", "missing", "not_showing_qr"]
+CreateOutcome = Literal["created", "exists", "failed", "shutting_down"]
+DeleteOutcome = Literal["deleted", "missing", "failed"]
 
 
 @dataclass(eq=False)
@@ -41,6 +45,12 @@ class SimSession:
     name: str
     webhook_url: str
     status: Status = "connecting"
+    # What the create carried that the dialect's webhooks use (WAHA's HMAC key, fazer's
+    # verify token; the phone number of a code login).
+    secret: str = ""
+    phone_number: str | None = None
+    pairing_code: str | None = None
+    qr: str | None = None  # the QR shown now (servers that do not push it are asked for it)
     qr_count: int = 0
     sent: list[Outgoing] = field(default_factory=list)
     queue: OutQueue = field(default_factory=asyncio.Queue)
@@ -59,15 +69,23 @@ def make_qr(rng: random.Random) -> str:
     return "2@" + ",".join([ref, *keys])
 
 
-def _status(name: str, status: str, **extra: Any) -> dict[str, Any]:
-    return {"event": "session.status", "session": name, "data": {"status": status, **extra}}
+def make_pairing_code(rng: random.Random) -> str:
+    """Eight characters from Baileys' pairing alphabet (no 0, O, 1, I)."""
+    return "".join(rng.choice("ABCDEFGHJKLMNPQRSTVWXYZ23456789") for _ in range(8))
 
 
 class SessionRegistry:
     """Live sessions, name reservations, creation counts and webhook delivery."""
 
-    def __init__(self, config: SimConfig, http: aiohttp.ClientSession, metrics: SimMetrics):
+    def __init__(
+        self,
+        config: SimConfig,
+        http: aiohttp.ClientSession,
+        metrics: SimMetrics,
+        dialect: SimDialect | None = None,
+    ):
         self.config = config  # replaced as a whole by PATCH /_sim/config
+        self.dialect = dialect or sim_dialect(config.kind)
         self.rng = random.Random(config.seed)
         self.live: dict[str, SimSession] = {}
         self.created_count: Counter[str] = Counter()
@@ -97,19 +115,59 @@ class SessionRegistry:
         """Give up a reservation (the creation attempt failed)."""
         self._reserved.discard(name)
 
-    def create(self, name: str, webhook_url: str) -> SimSession:
+    def create(
+        self, name: str, webhook_url: str, secret: str = "", phone_number: str | None = None
+    ) -> SimSession:
         """Create the session, queue its first webhooks and start its tasks."""
         self._reserved.discard(name)
-        session = SimSession(name=name, webhook_url=webhook_url)
+        session = SimSession(
+            name=name, webhook_url=webhook_url, secret=secret, phone_number=phone_number
+        )
         self.live[name] = session
         self.created_count[name] += 1
         self._metrics.sessions_created.inc()
         self._metrics.sessions_live.set(len(self.live))
-        self._emit(session, _status(name, "connecting"))
+        self._happen(session, SimEvent(what="connecting"))
         self._emit_qr(session)
         session.sender = self._spawn(self.webhooks.run(webhook_url, session.queue), name)
         session.lifecycle = self._spawn(self._qr_loop(session, self.config), name)
         return session
+
+    async def create_flow(
+        self, name: str, webhook_url: str, secret: str = "", phone_number: str | None = None
+    ) -> CreateOutcome:
+        """A create as a slow, flaky server does it: reserve the name, wait the create delay,
+        then create (or fail); sometimes create and then hang before answering."""
+        if not self.reserve(name):
+            self._metrics.create_requests.labels("conflict").inc()
+            return "exists"
+        config, rng = self.config, self.rng
+        fail = rng.random() < config.fail_rate
+        hang = rng.random() < config.timeout_rate
+        created = False
+        try:
+            if await self.pause(rng.uniform(*config.create_delay)):
+                return "shutting_down"
+            if fail:
+                self._metrics.create_requests.labels("failed").inc()
+                return "failed"
+            self.create(name, webhook_url, secret, phone_number)
+            created = True
+        finally:
+            if not created:
+                self.release(name)
+        if hang:
+            self._metrics.create_requests.labels("hung").inc()
+            await self.pause(config.hang_seconds)
+        else:
+            self._metrics.create_requests.labels("created").inc()
+        return "created"
+
+    def delete_flow(self, name: str) -> DeleteOutcome:
+        """A delete, failing at the configured rate."""
+        if self.rng.random() < self.config.delete_fail_rate:
+            return "failed"
+        return "deleted" if self.delete(name) else "missing"
 
     async def pause(self, seconds: float) -> bool:
         """Sleep ``seconds``, cut short when the app shuts down; True if it was cut short."""
@@ -142,9 +200,29 @@ class SessionRegistry:
         self._stop_lifecycle(session)
         session.status = "connected"
         if not silent:
-            self._emit(session, _status(name, "close", statusReason=515, reason="restartRequired"))
-            self._emit(session, _status(name, "connected"), delay=SCAN_CONNECT_DELAY)
+            self._happen(session, SimEvent(what="restart_required"))
+            self._happen(session, SimEvent(what="connected"), delay=SCAN_CONNECT_DELAY)
         return "ok"
+
+    def pairing_code(self, name: str, phone_number: str) -> str | None:
+        """A pairing code for the session (None when it has no open socket yet: Baileys
+        answers 428 "Connection Closed" then). One per session; asking again gives a new one."""
+        session = self.live.get(name)
+        if session is None or session.status != "qr":
+            return None
+        session.phone_number = phone_number
+        session.pairing_code = make_pairing_code(self.rng)
+        self._happen(session, SimEvent(what="pairing_code", code=session.pairing_code))
+        return session.pairing_code
+
+    def enter_code(self, name: str) -> ScanResult:
+        """The user typed the pairing code on the phone: as a scan."""
+        session = self.live.get(name)
+        if session is None:
+            return "missing"
+        if session.pairing_code is None:
+            return "not_showing_qr"
+        return self.scan(name)
 
     def restart(self) -> list[str]:
         """The server restarted and kept nothing: every session vanishes without a webhook
@@ -161,7 +239,7 @@ class SessionRegistry:
         if session is None or session.status != "connected":
             return False
         session.status = "connecting"
-        self._emit(session, _status(name, "close", statusReason=428, reason="connectionClosed"))
+        self._happen(session, SimEvent(what="closed"))
         return True
 
     def reconnect(self, name: str) -> bool:
@@ -169,7 +247,7 @@ class SessionRegistry:
         if session is None or session.status != "connecting" or session.qr_count == 0:
             return False
         session.status = "connected"
-        self._emit(session, _status(name, "connected"))
+        self._happen(session, SimEvent(what="connected"))
         return True
 
     def logout(self, name: str) -> bool:
@@ -178,7 +256,7 @@ class SessionRegistry:
         if session is None:
             return False
         self._stop_lifecycle(session)
-        self._emit(session, _status(name, "close", statusReason=401, reason="loggedOut"))
+        self._happen(session, SimEvent(what="logged_out"))
         self._end(session)
         return True
 
@@ -250,17 +328,20 @@ class SessionRegistry:
         session.queue.put_nowait(None)
         self._metrics.sessions_live.set(len(self.live))
 
-    def _emit(self, session: SimSession, event: dict[str, Any], delay: float = 0.0) -> None:
-        msg_id = f"msg_{uuid.uuid4().hex}" if self.config.webhook_ids else ""
-        item = Outgoing(msgspec.json.encode(event), delay, msg_id)
-        session.sent.append(item)
-        session.queue.put_nowait(item)
+    def _happen(self, session: SimSession, event: SimEvent, delay: float = 0.0) -> None:
+        """Queue the webhooks the dialect's server sends when ``event`` happens."""
+        for out in self.dialect.render(session, event):
+            msg_id = f"msg_{uuid.uuid4().hex}" if self.config.webhook_ids else ""
+            item = Outgoing(msgspec.json.encode(out.body), delay, msg_id, out.headers)
+            session.sent.append(item)
+            session.queue.put_nowait(item)
+            delay = 0.0
 
     def _emit_qr(self, session: SimSession) -> None:
         session.qr_count += 1
         session.status = "qr"
-        qr = make_qr(self.rng)
-        self._emit(session, {"event": "qr.update", "session": session.name, "data": {"qr": qr}})
+        session.qr = make_qr(self.rng)
+        self._happen(session, SimEvent(what="qr", qr=session.qr))
 
     async def _qr_loop(self, session: SimSession, config: SimConfig) -> None:
         wait = config.qr_first_seconds
@@ -270,6 +351,5 @@ class SessionRegistry:
                 break
             self._emit_qr(session)
             wait = config.qr_next_seconds
-        reason = "QR refs attempts ended"
-        self._emit(session, _status(session.name, "close", statusReason=408, reason=reason))
+        self._happen(session, SimEvent(what="qr_refs_ended"))
         self._end(session)

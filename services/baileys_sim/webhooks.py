@@ -34,6 +34,7 @@ class Outgoing(NamedTuple):
     body: bytes
     delay: float = 0.0
     msg_id: str = ""
+    headers: dict[str, str] = {}  # noqa: RUF012 (never mutated; a dialect's own signature)
 
 
 OutQueue = asyncio.Queue[Outgoing | None]  # None: the sender stops after what is queued
@@ -65,7 +66,7 @@ class WebhookSender:
                 await asyncio.sleep(item.delay)
             copies = 2 if self._rng.random() < self._duplicate_rate() else 1
             for _ in range(copies):
-                await self.deliver(url, item.body, item.msg_id)
+                await self.deliver(url, item.body, item.msg_id, item.headers)
 
     def _headers(self, body: bytes, msg_id: str) -> dict[str, str]:
         secret = self._signing_secret()
@@ -74,7 +75,9 @@ class WebhookSender:
         msg_id = msg_id or "msg_" + hashlib.sha256(body).hexdigest()[:24]
         return {**_JSON_HEADERS, **signed_headers(secret, msg_id, int(time.time()), body)}
 
-    async def deliver(self, url: str, body: bytes, msg_id: str = "") -> bool:
+    async def deliver(
+        self, url: str, body: bytes, msg_id: str = "", extra: dict[str, str] | None = None
+    ) -> bool:
         """POST ``body`` to ``url``, retrying non-2xx answers and connection errors."""
         reason = ""
         attempts = WEBHOOK_RETRIES + 1
@@ -83,7 +86,10 @@ class WebhookSender:
                 await asyncio.sleep(WEBHOOK_BACKOFF_SECONDS * 2 ** (attempt - 1))
             try:
                 async with self._http.post(
-                    url, data=body, headers=self._headers(body, msg_id), timeout=WEBHOOK_TIMEOUT
+                    url,
+                    data=body,
+                    headers={**self._headers(body, msg_id), **(extra or {})},
+                    timeout=WEBHOOK_TIMEOUT,
                 ) as resp:
                     if 200 <= resp.status < 300:
                         self.sent += 1

@@ -12,7 +12,7 @@ import aiohttp
 
 from zapbus.dialects.base import Dialect
 
-KINDS = ("seed",)
+KINDS = ("seed", "evolution", "waha", "fazer")
 
 
 def dialect_class(kind: str) -> type[Dialect]:
