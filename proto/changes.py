@@ -25,6 +25,8 @@ class ConnectionChanged(msgspec.Struct, frozen=True, kw_only=True):
     qr_expires_at: datetime | None
     cause: str  # the event type that caused it, e.g. "qr.updated"
     changed_at: datetime
+    pairing_code: str | None = None
+    pairing_code_expires_at: datetime | None = None
 
 
 change_encoder = msgspec.json.Encoder()

@@ -26,6 +26,9 @@ class _SessionCommand(msgspec.Struct, frozen=True, kw_only=True):
 class CreateSession(_SessionCommand, frozen=True, kw_only=True, tag="session.create"):
     """Create the Baileys session of one generation of a connection."""
 
+    login: str = "qr"  # "qr" | "code"
+    phone_number: str | None = None  # E.164, for code login
+
     @property
     def kind(self) -> str:
         return "create"
@@ -39,7 +42,17 @@ class DeleteSession(_SessionCommand, frozen=True, kw_only=True, tag="session.del
         return "delete"
 
 
-Command = CreateSession | DeleteSession
+class RequestPairingCode(_SessionCommand, frozen=True, kw_only=True, tag="session.pairing_code"):
+    """Ask the server for a pairing code for ``phone_number`` (code login)."""
+
+    phone_number: str
+
+    @property
+    def kind(self) -> str:
+        return "pairing_code"
+
+
+Command = CreateSession | DeleteSession | RequestPairingCode
 
 command_encoder = msgspec.json.Encoder()
 command_decoder = msgspec.json.Decoder(Command)

@@ -69,6 +69,13 @@ class StatusReported(_Event, frozen=True, kw_only=True, tag="status.reported"):
     reason: str | None = None
 
 
+class PairingCodeShown(_Event, frozen=True, kw_only=True, tag="pairing_code.updated"):
+    """A pairing code to type on the phone (code login): asked for by the worker, or pushed
+    by the server."""
+
+    code: str
+
+
 class WebhookIgnored(_Event, frozen=True, kw_only=True, tag="webhook.ignored"):
     """A well-formed delivery reporting nothing zapbus uses (kept in history, never applied)."""
 
@@ -93,6 +100,7 @@ Event = (
     | StatusReported
     | SessionObserved
     | WebhookIgnored
+    | PairingCodeShown
 )
 
 EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
@@ -105,6 +113,7 @@ EVENT_SUBJECT_KIND: dict[type[_Event], str] = {
     StatusReported: "status",
     SessionObserved: "status",
     WebhookIgnored: "status",
+    PairingCodeShown: "qr",
 }
 
 

@@ -10,6 +10,7 @@ class Status(enum.StrEnum):
     CREATING = "creating"
     AWAITING_QR = "awaiting_qr"
     QR_READY = "qr_ready"
+    CODE_READY = "code_ready"  # code login: a pairing code to type on the phone is shown
     PAIRING = "pairing"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
@@ -31,6 +32,7 @@ RANK: dict[Status, int] = {
     Status.CREATING: 1,
     Status.AWAITING_QR: 2,
     Status.QR_READY: 3,
+    Status.CODE_READY: 3,
     Status.PAIRING: 4,
     Status.CONNECTED: 5,
     Status.RECONNECTING: 5,

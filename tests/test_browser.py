@@ -160,3 +160,33 @@ async def test_page_refuses_a_wrong_key_and_creates_on_enter(
     rows = page.locator("#connections tbody tr")
     await expect(rows).to_have_count(1)
     await expect(rows.locator("td.name")).to_have_text("Support")
+
+
+async def test_page_links_by_code_shown_large_and_grouped(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    page = await browser.new_page(viewport={"width": 1100, "height": 760})
+    page.set_default_timeout(WAIT_MS)
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    await _sign_in(page, stack)
+    await page.get_by_role("button", name="New connection").click()
+    await page.get_by_label("Name").fill("By code")
+    await page.get_by_label("Phone number (optional)").fill("+5511987654321")
+    await page.get_by_role("button", name="Create").click()
+
+    code = page.locator("#pairing-code")
+    await expect(code).to_be_visible()
+    await expect(code).to_have_text(re.compile(r"^[A-Z0-9]{4}-[A-Z0-9]{4}$"))
+    await expect(page.locator("#qr-status")).to_have_attribute("data-status", "code_ready")
+    await expect(page.locator("#qr-image")).to_be_hidden()
+    await expect(page.get_by_text("Link with phone number instead")).to_be_visible()
+    shot = tmp_path / "code-modal.png"
+    await page.locator("#qr-dialog").screenshot(path=shot)
+    _keep(shot)
+
+    session = await _session_name(stack, "By code")
+    await stack.sim("POST", f"/_sim/sessions/{session}/enter-code")
+    await expect(page.locator("#qr-status")).to_have_attribute("data-status", "connected")
+    await expect(code).to_be_hidden()
+    assert not errors, errors

@@ -116,6 +116,7 @@ async def test_every_v1_route_is_404_for_another_tenant(stack: Stack) -> None:
         ("GET", f"/v1/connections/{cid}"),
         ("DELETE", f"/v1/connections/{cid}"),
         ("POST", f"/v1/connections/{cid}/recreate"),
+        ("POST", f"/v1/connections/{cid}/pairing-code"),
         ("GET", f"/v1/connections/{cid}/history"),
         ("GET", f"/v1/connections/{cid}/qr"),
         ("GET", f"/v1/connections/{cid}/events"),

@@ -13,6 +13,7 @@ from proto.events import (
     CreateRetrying,
     CreateStarted,
     Event,
+    PairingCodeShown,
     QrUpdated,
     SessionCreated,
     SessionDeleted,
@@ -63,8 +64,14 @@ def st(word: str, code: int | None = None, reason: str | None = None, t: float =
     return ev(StatusReported, t, status=word, code=code, reason=reason)
 
 
+def code(text: str = "ABCD1234", t: float = 100.0) -> Event:
+    return ev(PairingCodeShown, t, code=text)
+
+
 def row(status: Status, **kw: Any) -> Row:
     """A plausible row in ``status``: qr_ready shows a QR received at T0, and so on."""
+    if status == Status.CODE_READY:
+        kw = {"login": "code", "pairing_code": "WXYZ9876", "pairing_code_expires_at": at(180), **kw}
     if status == Status.QR_READY:
         kw = {"qr": "2@old", "qr_seq": 1, "qr_expires_at": at(60), **kw}
     elif status not in (Status.PENDING, Status.CREATING, Status.AWAITING_QR):
@@ -183,6 +190,16 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.RECONNECTING, st("close", 428), None),
     (S.RECONNECTING, st("connecting"), None),
     (S.RECONNECTING, st("close", 401), S.LOGGED_OUT),
+    (S.CODE_READY, st("close", 515), S.PAIRING),
+    (S.CODE_READY, st("connected"), S.CONNECTED),
+    (S.CODE_READY, st("close", 428), S.RECONNECTING),
+    (S.CODE_READY, st("close", 401, "loggedOut"), S.LOGGED_OUT),
+    (S.CODE_READY, st("connecting"), None),
+    (S.CODE_READY, code("WXYZ9876"), None),
+    (S.CODE_READY, code("NEWC0DE1"), S.CODE_READY),
+    (S.CODE_READY, created(), None),
+    (S.QR_READY, code(), None),  # QR login: a code is never shown
+    (S.RECONNECTING, code(), None),
     *[(t, e, None) for t in sorted(TERMINAL) for e in ALL_EVENTS_IGNORED],
     *[(t, ev(SessionDeleted), None) for t in sorted(TERMINAL - {S.DELETED})],
     (S.DELETED, ev(SessionDeleted), None),
@@ -308,3 +325,22 @@ def test_attempts_never_go_down_and_a_later_attempt_clears_the_retry_reason() ->
 def test_default_policy_is_used_when_none_is_given() -> None:
     out = apply(row(S.AWAITING_QR), qr("2@a", 0))
     assert out.row.qr_expires_at == at(QrPolicy().first_ttl_seconds)
+
+
+def test_code_login_shows_the_code_and_a_qr_rotation_never_replaces_it() -> None:
+    r = row(S.AWAITING_QR, login="code")
+    r = apply(r, qr("2@first", t=1), POLICY).row
+    assert (r.status, r.qr, r.pairing_code) == (S.AWAITING_QR, "2@first", None)
+    r = apply(r, code("ABCD1234", t=2), POLICY).row
+    assert (r.status, r.pairing_code, r.qr) == (S.CODE_READY, "ABCD1234", "2@first")
+    assert r.pairing_code_expires_at == at(2 + POLICY.pairing_code_ttl_seconds)
+    out = apply(r, qr("2@second", t=30), POLICY)
+    assert out.applied and out.row.status == S.CODE_READY
+    assert (out.row.pairing_code, out.row.qr) == ("ABCD1234", "2@second")  # the code stays
+    linked = apply(out.row, st("close", 515, t=40), POLICY).row
+    assert (linked.status, linked.pairing_code, linked.qr) == (S.PAIRING, None, None)
+
+
+def test_a_code_before_the_session_reports_anything_still_shows() -> None:
+    out = apply(row(S.CREATING, login="code"), code(), POLICY)
+    assert out.applied and out.row.status == S.CODE_READY

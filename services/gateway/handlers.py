@@ -13,14 +13,26 @@ from services.gateway import qr, sse
 from services.gateway.app_keys import hub_key, qr_renderer_key, relay_key, stream_slots_key
 from services.gateway.auth import tenant_key
 from services.gateway.lifecycle import (
+    CodeNotAvailable,
     ConnectionDeleted,
     IdempotencyConflict,
+    PhoneNumberRequired,
+    TooSoon,
     create_connection,
     delete_connection,
     recreate_connection,
+    request_pairing_code,
 )
-from services.gateway.models import ConnectionList, History, QrCode, create_decoder
+from services.gateway.models import (
+    ConnectionList,
+    History,
+    QrCode,
+    RecreateConnection,
+    create_decoder,
+    recreate_decoder,
+)
 from services.gateway.store import change_of, get_connection, history, list_connections
+from zapbus.dialects import dialect_class
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
 
@@ -67,10 +79,17 @@ async def create(request: web.Request) -> web.Response:
             "Invalid Idempotency-Key",
             f"1 to {MAX_IDEMPOTENCY_KEY} printable characters",
         )
+    _check_login(request, req.login, req.phone_number)
     tenant = request[tenant_key]
     try:
         connection, created = await create_connection(
-            request.app[pool_key], request.app[settings_key].names, tenant.id, name, idem
+            request.app[pool_key],
+            request.app[settings_key].names,
+            tenant.id,
+            name,
+            idem,
+            req.login,
+            req.phone_number,
         )
     except IdempotencyConflict:
         raise ProblemError(
@@ -83,6 +102,31 @@ async def create(request: web.Request) -> web.Response:
         request.app[relay_key].kick()
     location = f"/v1/connections/{connection.id}"
     return json_response(connection, status=202, headers={"Location": location})
+
+
+def _check_login(
+    request: web.Request, login: str | None, phone_number: str | None, needs_phone: bool = True
+) -> None:
+    """Code login needs a phone number and a server that can give codes (else 422)."""
+    if login != "code":
+        return
+    if phone_number is None and needs_phone:
+        raise ProblemError(
+            422,
+            "invalid-body",
+            "Invalid request body",
+            'login "code" needs phone_number, in E.164 (e.g. +5511987654321)',
+            field="phone_number",
+        )
+    kind = request.app[settings_key].baileys_kind
+    if not dialect_class(kind).code_login:
+        raise ProblemError(
+            422,
+            "login-method-unsupported",
+            "Login method unsupported",
+            f'the Baileys server ({kind}) cannot link by pairing code; use login "qr"',
+            field="login",
+        )
 
 
 async def get_one(request: web.Request) -> web.Response:
@@ -156,14 +200,64 @@ async def get_history(request: web.Request) -> web.Response:
     return json_response(History(items=entries, next_cursor=cursor))
 
 
+async def new_pairing_code(request: web.Request) -> web.Response:
+    """``POST /v1/connections/{id}/pairing-code``: ask for a new code (code login, not linked
+    yet); rate-limited. The code arrives on the resource and as an SSE event."""
+    settings = request.app[settings_key]
+    try:
+        connection = await request_pairing_code(
+            request.app[pool_key],
+            settings.names,
+            request[tenant_key].id,
+            _connection_id(request),
+            settings.pairing_code_min_interval_seconds,
+        )
+    except CodeNotAvailable as exc:
+        raise ProblemError(
+            409, "pairing-code-unavailable", "No pairing code now", exc.why, status_now=exc.status
+        ) from None
+    except TooSoon as exc:
+        err = ProblemError(
+            429,
+            "too-many-requests",
+            "Too many requests",
+            f"a new code was asked for recently; try again in {exc.retry_after} s",
+        )
+        err.response.headers["Retry-After"] = str(exc.retry_after)
+        raise err from None
+    if connection is None:
+        raise _not_found()
+    request.app[relay_key].kick()
+    return json_response(connection, status=202)
+
+
 async def recreate(request: web.Request) -> web.Response:
+    body = await request.read()
+    try:
+        req = recreate_decoder.decode(body) if body.strip() else RecreateConnection()
+    except msgspec.ValidationError as exc:
+        raise ProblemError(422, "invalid-body", "Invalid request body", str(exc)) from None
+    except msgspec.DecodeError:
+        raise ProblemError(400, "malformed-json", "Malformed JSON", "send a JSON object") from None
+    # the phone number may be the row's own (checked in the transaction)
+    _check_login(request, req.login, req.phone_number, needs_phone=False)
     try:
         connection = await recreate_connection(
             request.app[pool_key],
             request.app[settings_key].names,
             request[tenant_key].id,
             _connection_id(request),
+            req.login,
+            req.phone_number,
         )
+    except PhoneNumberRequired:
+        raise ProblemError(
+            422,
+            "invalid-body",
+            "Invalid request body",
+            'login "code" needs phone_number, in E.164 (e.g. +5511987654321)',
+            field="phone_number",
+        ) from None
     except ConnectionDeleted:
         raise ProblemError(
             409,
@@ -243,6 +337,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/connections/{id}", get_one)
     app.router.add_delete("/v1/connections/{id}", delete)
     app.router.add_post("/v1/connections/{id}/recreate", recreate)
+    app.router.add_post("/v1/connections/{id}/pairing-code", new_pairing_code)
     app.router.add_get("/v1/connections/{id}/history", get_history)
     app.router.add_get("/v1/connections/{id}/qr", get_qr)
     app.router.add_get("/v1/connections/{id}/events", get_events)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 import asyncpg
 import msgspec
 
-from proto.commands import CreateSession, DeleteSession
+from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from proto.names import Names
 from proto.states import Status
 from services.gateway.models import Connection
@@ -28,8 +28,11 @@ class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
 
 
-def request_hash(name: str) -> bytes:
-    return hashlib.sha256(msgspec.json.encode({"name": name})).digest()
+def request_hash(name: str, login: str = "qr", phone_number: str | None = None) -> bytes:
+    request: dict[str, str] = {"name": name}
+    if login != "qr" or phone_number is not None:
+        request |= {"login": login, "phone_number": phone_number or ""}
+    return hashlib.sha256(msgspec.json.encode(request)).digest()
 
 
 # One statement, so one round trip, atomic on its own: the row, its create command and its
@@ -38,8 +41,9 @@ def request_hash(name: str) -> bytes:
 _CREATE = f"""
 WITH c AS (
     INSERT INTO connections (id, tenant_id, name, generation, session_name, status,
-        idempotency_key, request_hash, command_id, created_at, updated_at, status_changed_at)
-    VALUES ($1, $2, $3, 1, $4, 'pending', $5, $6, $7, $8, $8, $8)
+        idempotency_key, request_hash, command_id, created_at, updated_at, status_changed_at,
+        login, phone_number)
+    VALUES ($1, $2, $3, 1, $4, 'pending', $5, $6, $7, $8, $8, $8, $18, $19)
     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
     RETURNING {_COLUMNS}
 ), command AS (
@@ -61,6 +65,8 @@ async def create_connection(
     tenant_id: uuid.UUID,
     name: str,
     idempotency_key: str | None,
+    login: str = "qr",
+    phone_number: str | None = None,
 ) -> tuple[Connection, bool]:
     """Insert the connection and its create command atomically, in one round trip.
 
@@ -68,7 +74,7 @@ async def create_connection(
     earlier identical request, whose connection is returned instead.
     """
     connection_id = uuid.uuid4()
-    digest = request_hash(name)
+    digest = request_hash(name, login, phone_number)
     now = datetime.now(UTC)
     cmd = CreateSession(
         command_id=uuid.uuid4(),
@@ -77,6 +83,8 @@ async def create_connection(
         generation=1,
         session_name=session_name(connection_id, 1),
         requested_at=now,
+        login=login,
+        phone_number=phone_number,
     )
     connection = Connection(
         id=connection_id,
@@ -92,6 +100,8 @@ async def create_connection(
         created_at=now,
         updated_at=now,
         status_changed_at=now,
+        login=login,
+        phone_number=phone_number,
     )
     row = await pool.fetchrow(
         _CREATE,
@@ -106,6 +116,8 @@ async def create_connection(
         *command_row(names, cmd),
         *change_row(names, change_of(connection, "create.requested")),
         uuid.uuid4(),
+        login,
+        phone_number,
     )
     if row is not None:
         return _to_connection(row), True
@@ -166,8 +178,90 @@ class ConnectionDeleted(Exception):
     """The connection was deleted; it cannot be recreated."""
 
 
+class PhoneNumberRequired(Exception):
+    """Code login without a phone number."""
+
+
+class CodeNotAvailable(Exception):
+    """No pairing code can be asked for now (with the row's status, or "not code login")."""
+
+    def __init__(self, status: str, why: str) -> None:
+        super().__init__(why)
+        self.status = status
+        self.why = why
+
+
+class TooSoon(Exception):
+    """A new pairing code was asked for too recently (with seconds to wait)."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(retry_after)
+        self.retry_after = retry_after
+
+
+async def request_pairing_code(
+    pool: asyncpg.Pool,
+    names: Names,
+    tenant_id: uuid.UUID,
+    connection_id: uuid.UUID,
+    min_interval_seconds: float,
+) -> Connection | None:
+    """Queue a request for a new pairing code (code login only, while not linked yet);
+    at most one per ``min_interval_seconds``."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            f"SELECT {_COLUMNS}, tenant_id, pairing_code_requested_at,"
+            " now() - pairing_code_requested_at AS since FROM connections"
+            " WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+            connection_id,
+            tenant_id,
+        )
+        if row is None:
+            return None
+        if row["login"] != "code" or not row["phone_number"]:
+            raise CodeNotAvailable(row["status"], "this connection links by QR code")
+        if row["status"] not in (Status.AWAITING_QR, Status.CODE_READY):
+            raise CodeNotAvailable(row["status"], f"no code can be asked for in {row['status']}")
+        since = row["since"]
+        if since is not None and since.total_seconds() < min_interval_seconds:
+            raise TooSoon(max(1, int(min_interval_seconds - since.total_seconds()) + 1))
+        cmd = RequestPairingCode(
+            command_id=uuid.uuid4(),
+            connection_id=connection_id,
+            tenant_id=tenant_id,
+            generation=row["generation"],
+            session_name=row["session_name"],
+            requested_at=datetime.now(UTC),
+            phone_number=row["phone_number"],
+        )
+        await conn.execute(
+            "UPDATE connections SET pairing_code_requested_at = now() WHERE id = $1",
+            connection_id,
+        )
+        await insert_outbox(conn, names, cmd)
+        await conn.execute(
+            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
+            " from_status, to_status, applied, command_id, occurred_at)"
+            " VALUES ($1, $2, $3, 'pairing_code.requested', $4, $4, false, $5, now())",
+            uuid.uuid4(),
+            connection_id,
+            row["generation"],
+            row["status"],
+            cmd.command_id,
+        )
+        record = dict(row)
+        for extra in ("tenant_id", "pairing_code_requested_at", "since"):
+            record.pop(extra)
+        return msgspec.convert(record, Connection)
+
+
 async def recreate_connection(
-    pool: asyncpg.Pool, names: Names, tenant_id: uuid.UUID, connection_id: uuid.UUID
+    pool: asyncpg.Pool,
+    names: Names,
+    tenant_id: uuid.UUID,
+    connection_id: uuid.UUID,
+    login: str | None = None,
+    phone_number: str | None = None,
 ) -> Connection | None:
     """Move to the next generation: a new session name, the old session deleted.
 
@@ -177,7 +271,7 @@ async def recreate_connection(
     now = datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction():
         old = await conn.fetchrow(
-            "SELECT generation, session_name, status FROM connections"
+            "SELECT generation, session_name, status, login, phone_number FROM connections"
             " WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
             connection_id,
             tenant_id,
@@ -187,6 +281,10 @@ async def recreate_connection(
         if old["status"] == Status.DELETED:
             raise ConnectionDeleted
         generation = old["generation"] + 1
+        login = login or old["login"]
+        phone_number = phone_number or old["phone_number"]
+        if login == "code" and not phone_number:
+            raise PhoneNumberRequired
         create = CreateSession(
             command_id=uuid.uuid4(),
             connection_id=connection_id,
@@ -194,12 +292,16 @@ async def recreate_connection(
             generation=generation,
             session_name=session_name(connection_id, generation),
             requested_at=now,
+            login=login,
+            phone_number=phone_number,
         )
         delete = _delete_command(tenant_id, connection_id, old, now)
         row = await conn.fetchrow(
             f"UPDATE connections SET generation = $2, session_name = $3, status = $4,"
             f" status_reason = NULL, qr = NULL, qr_seq = 0, qr_expires_at = NULL, attempts = 0,"
             f" command_id = $5, redrives = 0, reconcile_misses = 0, reconcile_recreates = 0,"
+            f" login = $6, phone_number = $7, pairing_code = NULL,"
+            f" pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
             f" updated_at = now(), status_changed_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,
@@ -207,6 +309,8 @@ async def recreate_connection(
             create.session_name,
             Status.PENDING.value,
             create.command_id,
+            login,
+            phone_number,
         )
         await insert_outbox(conn, names, delete)
         await insert_outbox(conn, names, create)

@@ -4,17 +4,32 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=100)]
 
 
+Login = Literal["qr", "code"]
+# E.164: "+", a country code that does not start with 0, 8 to 15 digits in all.
+PhoneNumber = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{7,14}$")]
+
+
 class CreateConnection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    """Body of ``POST /v1/connections``."""
+    """Body of ``POST /v1/connections``. ``login`` "code": the user types a pairing code on
+    the phone with ``phone_number`` (E.164) instead of scanning a QR."""
 
     name: Name
+    login: Login = "qr"
+    phone_number: PhoneNumber | None = None
+
+
+class RecreateConnection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Optional body of ``POST /v1/connections/{id}/recreate``: change how it links."""
+
+    login: Login | None = None
+    phone_number: PhoneNumber | None = None
 
 
 class Connection(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,6 +48,12 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     created_at: datetime
     updated_at: datetime
     status_changed_at: datetime
+    login: str = "qr"
+    phone_number: str | None = None
+    # code login: the code to type on the phone (WhatsApp > Linked devices > Link with phone
+    # number) while ``code_ready``, and when it stops working
+    pairing_code: str | None = None
+    pairing_code_expires_at: datetime | None = None
 
 
 class QrCode(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,6 +88,7 @@ class History(msgspec.Struct, frozen=True, kw_only=True):
 
 
 create_decoder = msgspec.json.Decoder(CreateConnection)
+recreate_decoder = msgspec.json.Decoder(RecreateConnection)
 
 
 class Problem(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,6 +15,7 @@ from services.gateway.models import (
     History,
     Problem,
     QrCode,
+    RecreateConnection,
 )
 from services.gateway.sse import LiveEvent
 from zapbus.httpkit import json_response
@@ -65,11 +66,21 @@ _AUTH = {
 }
 _FOUND = {**_AUTH, "404": _problem("no such connection for this tenant")}
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the connection's URL"}}
+_RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds to wait"}}
 
 
 def build() -> dict[str, Any]:
     _, components = msgspec.json.schema_components(
-        [CreateConnection, Connection, ConnectionList, History, QrCode, Problem, LiveEvent],
+        [
+            CreateConnection,
+            RecreateConnection,
+            Connection,
+            ConnectionList,
+            History,
+            QrCode,
+            Problem,
+            LiveEvent,
+        ],
         ref_template=_REF,
     )
     # The models keep ``status`` a plain str; the document names the values it takes.
@@ -137,9 +148,28 @@ def build() -> dict[str, Any]:
             "post": {
                 "summary": "Start the next generation with a new session",
                 "operationId": "recreateConnection",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": _ref("RecreateConnection")}},
+                },
                 "responses": {
                     "202": _json("next generation pending", "Connection", _LOCATION),
+                    "400": _problem("malformed JSON"),
                     "409": _problem("the connection was deleted"),
+                    "422": _problem("invalid body, or a login the server cannot do"),
+                    **_FOUND,
+                },
+            },
+        },
+        "/v1/connections/{id}/pairing-code": {
+            "parameters": [_ID],
+            "post": {
+                "summary": "Ask for a new pairing code (code login, before it is linked)",
+                "operationId": "requestPairingCode",
+                "responses": {
+                    "202": _json("a new code is on its way", "Connection"),
+                    "409": _problem("not code login, or not waiting to be linked"),
+                    "429": _problem("asked too recently", _RETRY_AFTER),
                     **_FOUND,
                 },
             },

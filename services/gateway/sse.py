@@ -40,10 +40,15 @@ class LiveEvent(msgspec.Struct, frozen=True, kw_only=True):
     qr_expires_at: str | None
     cause: str
     changed_at: str
+    pairing_code: str | None = None
+    pairing_code_expires_at: str | None = None
 
 
 def _frame(seq: int, change: ConnectionChanged) -> bytes:
-    name = "qr" if change.cause == "qr.updated" and change.qr else "status"
+    if change.cause == "pairing_code.updated" and change.pairing_code:
+        name = "pairing_code"
+    else:
+        name = "qr" if change.cause == "qr.updated" and change.qr else "status"
     data = LiveEvent(
         id=change.connection_id,
         generation=change.generation,
@@ -54,6 +59,10 @@ def _frame(seq: int, change: ConnectionChanged) -> bytes:
         qr_expires_at=change.qr_expires_at.isoformat() if change.qr_expires_at else None,
         cause=change.cause,
         changed_at=change.changed_at.isoformat(),
+        pairing_code=change.pairing_code,
+        pairing_code_expires_at=(
+            change.pairing_code_expires_at.isoformat() if change.pairing_code_expires_at else None
+        ),
     )
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), _json.encode(data))
 

@@ -14,7 +14,8 @@ from services.gateway.models import Connection, HistoryEntry
 
 COLUMNS = (
     "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
-    " attempts, created_at, updated_at, status_changed_at"
+    " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
+    " pairing_code_expires_at"
 )
 
 
@@ -33,6 +34,8 @@ def change_of(c: Connection, cause: str) -> ConnectionChanged:
         qr_expires_at=c.qr_expires_at,
         cause=cause,
         changed_at=c.updated_at,
+        pairing_code=c.pairing_code,
+        pairing_code_expires_at=c.pairing_code_expires_at,
     )
 
 

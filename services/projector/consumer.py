@@ -128,6 +128,8 @@ class Projector:
                 qr_expires_at=row.qr_expires_at,
                 cause=event_type(r.event),
                 changed_at=now,
+                pairing_code=row.pairing_code,
+                pairing_code_expires_at=row.pairing_code_expires_at,
             )
             try:
                 # Core publish to the stream's subject: stored by JetStream, not waited for.

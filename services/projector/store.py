@@ -24,7 +24,8 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _LOAD = """
-SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts
+SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts, login,
+       pairing_code, pairing_code_expires_at
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -33,11 +34,12 @@ FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 _UPDATE = """
 UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.qr,
     qr_seq = u.qr_seq, qr_expires_at = u.qr_expires_at, attempts = u.attempts,
-    last_event_at = u.at, updated_at = now(),
+    last_event_at = u.at, updated_at = now(), pairing_code = u.code,
+    pairing_code_expires_at = u.code_expires_at,
     status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-            $7::int[], $8::timestamptz[])
-    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at)
+            $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[])
+    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at)
 WHERE c.id = u.id
 """
 
@@ -64,6 +66,9 @@ async def project(
             qr_seq=r["qr_seq"],
             qr_expires_at=r["qr_expires_at"],
             attempts=r["attempts"],
+            login=r["login"],
+            pairing_code=r["pairing_code"],
+            pairing_code_expires_at=r["pairing_code_expires_at"],
         )
         for r in await conn.fetch(_LOAD, ids)
     }
@@ -114,10 +119,12 @@ async def project(
                 rows[cid].qr_expires_at,
                 rows[cid].attempts,
                 at,
+                rows[cid].pairing_code,
+                rows[cid].pairing_code_expires_at,
             )
             for cid, at in changed.items()
         ]
-        await conn.execute(_UPDATE, *_columns(updates, 8))
+        await conn.execute(_UPDATE, *_columns(updates, 10))
     if history:
         await conn.execute(_HISTORY, *_columns(history, 11))
     return results

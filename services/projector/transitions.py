@@ -37,6 +37,7 @@ from proto.events import (
     CreateRetrying,
     CreateStarted,
     Event,
+    PairingCodeShown,
     QrUpdated,
     SessionCreated,
     SessionDeleted,
@@ -56,12 +57,17 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     qr_seq: int = 0
     qr_expires_at: datetime | None = None
     attempts: int = 0
+    login: str = "qr"
+    pairing_code: str | None = None
+    pairing_code_expires_at: datetime | None = None
 
 
 class QrPolicy(msgspec.Struct, frozen=True, kw_only=True):
     first_ttl_seconds: float = 60.0
     next_ttl_seconds: float = 20.0
     max_refreshes: int = 6
+    # How long WhatsApp accepts a pairing code (about three minutes).
+    pairing_code_ttl_seconds: float = 180.0
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -120,14 +126,21 @@ def _can_move(current: Status, target: Status) -> bool:
     if target == Status.RECONNECTING:
         return RANK[current] >= RANK[Status.QR_READY]
     if current == Status.RECONNECTING:
-        return target in (Status.CONNECTED, Status.QR_READY, Status.PAIRING)
+        return target in (Status.CONNECTED, Status.QR_READY, Status.CODE_READY, Status.PAIRING)
     return RANK[target] > RANK[current]
 
 
 def _move(row: Row, target: Status, reason: str | None = None, **changes: object) -> Row:
-    """The row in ``target``; a QR is only kept while the row stays ``qr_ready``."""
-    if target != Status.QR_READY:
+    """The row in ``target``. A QR is only kept while the row shows one (``qr_ready``; and in
+    code login ``awaiting_qr``/``code_ready``, where it is the fallback beside the code); a
+    pairing code only while ``code_ready``."""
+    keeps_qr = target == Status.QR_READY or (
+        row.login == "code" and target in (Status.AWAITING_QR, Status.CODE_READY)
+    )
+    if not keeps_qr:
         changes = {"qr": None, "qr_expires_at": None, **changes}
+    if target != Status.CODE_READY:
+        changes = {"pairing_code": None, "pairing_code_expires_at": None, **changes}
     return msgspec.structs.replace(row, status=target, status_reason=reason, **changes)
 
 
@@ -178,8 +191,21 @@ def _worker_event(row: Row, event: Event) -> Outcome:
     return Outcome(row=new, applied=new != row, reason=reason)
 
 
+def _pairing_code(row: Row, code: str, at: datetime, policy: QrPolicy) -> Outcome:
+    """A pairing code: shown (``code_ready``) in code login, until the session connects."""
+    if row.login != "code" or code == row.pairing_code:
+        return Outcome(row=row, applied=False)
+    if row.status != Status.CODE_READY and not _can_move(row.status, Status.CODE_READY):
+        return Outcome(row=row, applied=False)
+    expires = at + timedelta(seconds=policy.pairing_code_ttl_seconds)
+    new = _move(row, Status.CODE_READY, pairing_code=code, pairing_code_expires_at=expires)
+    return Outcome(row=new, applied=True)
+
+
 def _qr(row: Row, qr: str, at: datetime, policy: QrPolicy) -> Outcome:
     ignored = Outcome(row=row, applied=False)
+    if row.login == "code":
+        return _fallback_qr(row, qr, at, policy)
     accepts_qr = row.status == Status.QR_READY or _can_move(row.status, Status.QR_READY)
     if qr == row.qr or not accepts_qr:
         return ignored
@@ -194,6 +220,32 @@ def _qr(row: Row, qr: str, at: datetime, policy: QrPolicy) -> Outcome:
         return Outcome(row=new, applied=True, reason="qr refresh limit reached")
     seq = row.qr_seq + 1
     new = _move(row, Status.QR_READY, qr=qr, qr_seq=seq, qr_expires_at=at + _ttl(policy, seq))
+    return Outcome(row=new, applied=True)
+
+
+def _fallback_qr(row: Row, qr: str, at: datetime, policy: QrPolicy) -> Outcome:
+    """Code login: a QR is kept beside the code as a fallback; it never moves the row out of
+    ``code_ready`` (nor replaces the code the user is typing). Before the code, it shows the
+    session is up (``awaiting_qr``)."""
+    if qr == row.qr or row.status not in (
+        Status.PENDING,
+        Status.CREATING,
+        Status.AWAITING_QR,
+        Status.CODE_READY,
+    ):
+        return Outcome(row=row, applied=False)
+    target = Status.CODE_READY if row.status == Status.CODE_READY else Status.AWAITING_QR
+    seq = row.qr_seq + 1
+    new = _move(
+        row,
+        target,
+        row.status_reason if target == row.status else None,
+        qr=qr,
+        qr_seq=seq,
+        qr_expires_at=at + _ttl(policy, seq),
+        pairing_code=row.pairing_code,
+        pairing_code_expires_at=row.pairing_code_expires_at,
+    )
     return Outcome(row=new, applied=True)
 
 
@@ -212,6 +264,8 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
             # gateway's delete makes a row `deleted` (a session the reconciler removed from
             # a failed row leaves it failed). Recorded in history, never applied.
             return Outcome(row=row, applied=False, reason="session removed from the server")
+        case PairingCodeShown(code=code, occurred_at=at):
+            return _pairing_code(row, code, at, policy)
         case WebhookIgnored(event=name):
             return Outcome(row=row, applied=False, reason=f"not used: {name}")
         case QrUpdated(qr=qr, occurred_at=at):

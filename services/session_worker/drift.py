@@ -27,7 +27,14 @@ from proto.states import TERMINAL, Status
 from services.projector.transitions import state_for_report
 
 WANTED_LIVE: frozenset[Status] = frozenset(
-    {Status.AWAITING_QR, Status.QR_READY, Status.PAIRING, Status.CONNECTED, Status.RECONNECTING}
+    {
+        Status.AWAITING_QR,
+        Status.QR_READY,
+        Status.CODE_READY,
+        Status.PAIRING,
+        Status.CONNECTED,
+        Status.RECONNECTING,
+    }
 )
 KINDS = ("orphan", "lost", "state", "unknown")
 LOST_REASON = "session lost on server"

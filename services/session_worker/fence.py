@@ -25,7 +25,7 @@ import uuid
 
 import asyncpg
 
-from proto.commands import CreateSession, DeleteSession
+from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from proto.states import TERMINAL, Status
 
 log = logging.getLogger("zapbus.session_worker")
@@ -52,6 +52,14 @@ def create_verdict(row: tuple[int, str] | None, cmd: CreateSession) -> Verdict:
     if generation != cmd.generation or status in TERMINAL:
         return Verdict.UNDO
     return Verdict.RUN if status in _CREATE_RUNS_IN else Verdict.DONE
+
+
+def pairing_code_verdict(row: tuple[int, str] | None, cmd: RequestPairingCode) -> Verdict:
+    """A pairing code is asked for only while the generation waits to be linked."""
+    if row is None or row[0] != cmd.generation:
+        return Verdict.DONE
+    waiting = (Status.CREATING, Status.AWAITING_QR, Status.CODE_READY, Status.RECONNECTING)
+    return Verdict.RUN if Status(row[1]) in waiting else Verdict.DONE
 
 
 def delete_verdict(row: tuple[int, str] | None, cmd: DeleteSession) -> Verdict:
@@ -92,6 +100,10 @@ class Fence:
         taken seconds)."""
         found, row = await self._read(cmd.connection_id, fresh)
         return create_verdict(row, cmd) if found else Verdict.UNKNOWN
+
+    async def check_pairing_code(self, cmd: RequestPairingCode) -> Verdict:
+        found, row = await self._read(cmd.connection_id, fresh=True)
+        return pairing_code_verdict(row, cmd) if found else Verdict.UNKNOWN
 
     async def check_delete(self, cmd: DeleteSession) -> Verdict:
         found, row = await self._read(cmd.connection_id, fresh=True)

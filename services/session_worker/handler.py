@@ -35,7 +35,9 @@ from proto.commands import (
     CreateSession,
     DeadLetter,
     DeleteSession,
+    RequestPairingCode,
     command_decoder,
+    command_encoder,
     dead_letter_encoder,
 )
 from proto.events import (
@@ -44,6 +46,7 @@ from proto.events import (
     CreateRetrying,
     CreateStarted,
     Event,
+    PairingCodeShown,
     SessionCreated,
     SessionDeleted,
     event_encoder,
@@ -60,7 +63,7 @@ from zapbus.dialects.base import CreateSessionRequest, Dialect
 from zapbus.dialects.errors import BaileysError, PermanentError, clean_reason
 from zapbus.logs import fields
 from zapbus.outbox import queue_delete, untrack_delete
-from zapbus.tokens import webhook_url
+from zapbus.tokens import webhook_signing_key, webhook_url
 
 log = logging.getLogger("zapbus.session_worker")
 
@@ -148,6 +151,8 @@ class CommandHandler:
                             outcome = await self._create(msg, cmd, attempt)
                     case DeleteSession():
                         outcome = await self._delete(msg, cmd, attempt)
+                    case RequestPairingCode():
+                        outcome = await self._pairing_code(msg, cmd, attempt)
         except asyncio.CancelledError:
             outcome = "interrupted"
             await asyncio.shield(self._hand_back(msg, cmd, attempt))
@@ -197,6 +202,53 @@ class CommandHandler:
             return await self._undo_create(msg, cmd, attempt)
         common = self._common(msg, cmd, "create.succeeded", attempt)
         await self._emit(SessionCreated(**common, attempt=attempt, already_existed=already))
+        if cmd.login == "code" and cmd.phone_number:
+            await self._ask_for_code(msg, cmd, attempt)
+        await msg.ack()
+        return "succeeded"
+
+    async def _ask_for_code(self, msg: Msg, cmd: CreateSession, attempt: int) -> None:
+        """Code login: queue the one request for this generation's pairing code (the server
+        can give it once its socket is open; until then it answers 428 and the request is
+        retried). The same message id for every copy of the create: asked once."""
+        assert cmd.phone_number is not None
+        ask = RequestPairingCode(
+            command_id=uuid.uuid5(cmd.command_id, "pairing_code"),
+            connection_id=cmd.connection_id,
+            tenant_id=cmd.tenant_id,
+            generation=cmd.generation,
+            session_name=cmd.session_name,
+            requested_at=datetime.now(UTC),
+            phone_number=cmd.phone_number,
+        )
+        await self.js.publish(
+            self.names.command_subject(ask.kind),
+            command_encoder.encode(ask),
+            headers={
+                headers.MSG_ID: f"{ask.command_id}:g{cmd.generation}",
+                headers.COMMAND_ID: str(ask.command_id),
+                headers.CONNECTION_ID: str(ask.connection_id),
+            },
+        )
+
+    async def _pairing_code(self, msg: Msg, cmd: RequestPairingCode, attempt: int) -> str:
+        if await self.fence.check_pairing_code(cmd) is Verdict.DONE:
+            await msg.ack()  # linked, failed or superseded meanwhile: no code wanted
+            return "fenced"
+        start = time.perf_counter()
+        try:
+            await self.breaker.wait_closed()
+            code = await self.baileys.request_pairing_code(cmd.session_name, cmd.phone_number)
+        except BaileysError as exc:
+            self.metrics.baileys_seconds.labels("pairing_code", "error").observe(
+                time.perf_counter() - start
+            )
+            return await self._on_error(msg, cmd, attempt, exc)
+        self.metrics.baileys_seconds.labels("pairing_code", "ok").observe(
+            time.perf_counter() - start
+        )
+        common = self._common(msg, cmd, "pairing_code.updated", attempt)
+        await self._emit(PairingCodeShown(**common, code=code))
         await msg.ack()
         return "succeeded"
 
@@ -239,7 +291,15 @@ class CommandHandler:
                 self.webhook_base_url, self.webhook_secret, cmd.connection_id, cmd.generation
             )
             created = await self.baileys.create_session(
-                CreateSessionRequest(name=cmd.session_name, webhook_url=url)
+                CreateSessionRequest(
+                    name=cmd.session_name,
+                    webhook_url=url,
+                    login="code" if cmd.login == "code" else "qr",
+                    phone_number=cmd.phone_number,
+                    webhook_secret=webhook_signing_key(
+                        self.webhook_secret, cmd.connection_id, cmd.generation
+                    ),
+                )
             )
             return created.already_existed
         except BaileysError:
@@ -271,9 +331,7 @@ class CommandHandler:
         await msg.ack()
         return "succeeded"
 
-    async def _on_error(
-        self, msg: Msg, cmd: CreateSession | DeleteSession, attempt: int, exc: BaileysError
-    ) -> str:
+    async def _on_error(self, msg: Msg, cmd: Command, attempt: int, exc: BaileysError) -> str:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             # Shutdown: aiohttp may turn the cancellation of a call into a connection error.
@@ -355,9 +413,7 @@ class CommandHandler:
             # The watchdog re-drives it later; the delete is idempotent.
             log.warning("delete done but still tracked: %s", exc)
 
-    def _common(
-        self, msg: Msg, cmd: CreateSession | DeleteSession, tag: str, attempt: int
-    ) -> _Common:
+    def _common(self, msg: Msg, cmd: Command, tag: str, attempt: int) -> _Common:
         # Unique per message and attempt: the same on a crash's redelivery republish, new for
         # a re-driven, replayed or handed-back copy (another message, another sequence).
         run = f"{msg.metadata.sequence.stream}:{attempt}"
@@ -384,7 +440,7 @@ class CommandHandler:
     async def _dead_letter(
         self,
         msg: Msg,
-        cmd: CreateSession | DeleteSession | None,
+        cmd: Command | None,
         error: str,
         reason: str,
         attempt: int,

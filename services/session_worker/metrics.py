@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from zapbus.consumer import PendingGauges
 from zapbus.httpkit import LATENCY_BUCKETS
 
-COMMAND_KINDS = ("create", "delete")
+COMMAND_KINDS = ("create", "delete", "pairing_code")
 OUTCOMES = ("succeeded", "retried", "failed", "fenced")
 FAILURE_REASONS = ("permanent", "exhausted")
 

@@ -15,6 +15,7 @@ from proto import headers
 from proto.events import (
     EVENT_SUBJECT_KIND,
     Event,
+    PairingCodeShown,
     QrUpdated,
     StatusReported,
     WebhookIgnored,
@@ -25,6 +26,7 @@ from services.webhook.metrics import metrics_key
 from zapbus import signing
 from zapbus.dialects.errors import BaileysError
 from zapbus.dialects.reports import (
+    PairingCodeReport,
     PayloadError,
     QrReport,
     QrToFetch,
@@ -197,6 +199,8 @@ async def _events(
             if fetched is None:
                 return []
             return [("qr.update", QrUpdated(**common, qr=checked_qr(fetched, "qr")))]
+        case PairingCodeReport(code=code):
+            return [("pairing_code", PairingCodeShown(**common, code=code))]
         case Unknown(name=name):
             return [("other", WebhookIgnored(**common, event=name))]
     return [("other", WebhookIgnored(**common, event=type(report).__name__))]

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter
 EVENT_OUTCOMES = {
     "qr.update": ("accepted", "duplicate", "unavailable"),
     "session.status": ("accepted", "duplicate", "unavailable"),
+    "pairing_code": ("accepted", "duplicate", "unavailable"),
     "other": ("ignored", "unavailable"),
     "unknown": ("rejected_token", "rejected_signature", "rejected_payload", "rejected_session"),
 }

@@ -193,6 +193,18 @@ function openQr(id) {
     status.textContent = label(c.status);
     status.dataset.status = c.status;
     $("#qr-reason").textContent = c.status_reason || "";
+    if (c.status === "code_ready" && c.pairing_code) {
+      const code = c.pairing_code;
+      const grouped = code.length === 8 ? `${code.slice(0, 4)}-${code.slice(4)}` : code;
+      $("#qr-title").textContent = "Link with a code";
+      $("#qr-help").hidden = true;
+      $("#qr-image").hidden = true;
+      $("#qr-wait").hidden = true;
+      $("#code-box").hidden = false;
+      $("#pairing-code").textContent = grouped;
+      return refresh();
+    }
+    $("#code-box").hidden = true;
     if (c.status === "qr_ready" && c.qr) {
       $("#qr-seq").textContent = `code ${c.qr_seq} · refreshes by itself`;
       if (state.shownSeq !== c.qr_seq) {
@@ -231,16 +243,19 @@ $("#key-form").addEventListener("submit", (e) => {
 });
 $("#new-connection").addEventListener("click", () => {
   $("#new-name").value = "";
+  $("#new-phone").value = "";
   $("#new-dialog").showModal();
 });
 $("#new-cancel").addEventListener("click", () => $("#new-dialog").close());
 $("#new-form").addEventListener("submit", async (e) => {
   e.preventDefault();
   const name = $("#new-name").value.trim();
+  const phone = $("#new-phone").value.trim();
   if (!name) return;
   $("#new-dialog").close();
+  const body = phone ? { name, login: "code", phone_number: phone } : { name };
   try {
-    const c = await api("POST", "/v1/connections", { name });
+    const c = await api("POST", "/v1/connections", body);
     await refresh();
     openQr(c.id);
   } catch (err) {

@@ -1,0 +1,98 @@
+"""Pairing by code, end to end (seed dialect): the code shows, a QR rotation never changes it,
+typing it links the phone; a new code on request, rate-limited; bad input refused clearly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from zapbus.config import Settings
+
+ROTATING = msgspec.structs.replace(FAST_SIM, qr_first_seconds=0.3, qr_next_seconds=0.3, qr_max=50)
+PHONE = "+5511987654321"
+
+
+async def _post(stack: Stack, path: str, body: Any = None) -> tuple[int, Any]:
+    async with stack.http.post(f"{stack.gateway_url}{path}", json=body, headers=stack.auth()) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def test_code_login_shows_a_code_that_survives_qr_rotations_and_links(
+    settings: Settings,
+) -> None:
+    async with start_stack(settings, ROTATING, qr_max_refreshes=50) as stack:
+        status, created = await _post(
+            stack, "/v1/connections", {"name": "by code", "login": "code", "phone_number": PHONE}
+        )
+        assert status == 202, created
+        assert (created["login"], created["phone_number"]) == ("code", PHONE)
+        shown = await stack.wait_status(created["id"], "code_ready")
+        code = shown["pairing_code"]
+        assert code and len(code) == 8 and shown["pairing_code_expires_at"]
+        seq = shown["qr_seq"]
+
+        async def rotated() -> Any:
+            _, body = await stack.get(created["id"])
+            return body if body["qr_seq"] >= seq + 2 else None
+
+        later = await wait_for("two more QR rotations", rotated)
+        assert (later["status"], later["pairing_code"]) == ("code_ready", code)
+
+        name = created["session_name"]
+        await stack.sim("POST", f"/_sim/sessions/{name}/enter-code")
+        linked = await stack.wait_status(created["id"], "connected")
+        assert linked["pairing_code"] is None
+
+
+async def test_a_new_code_on_request_is_rate_limited(settings: Settings) -> None:
+    async with start_stack(settings, pairing_code_min_interval_seconds=60) as stack:
+        status, created = await _post(
+            stack, "/v1/connections", {"name": "again", "login": "code", "phone_number": PHONE}
+        )
+        first = (await stack.wait_status(created["id"], "code_ready"))["pairing_code"]
+        path = f"/v1/connections/{created['id']}/pairing-code"
+        status, body = await _post(stack, path)
+        assert status == 202, body
+
+        async def replaced() -> Any:
+            _, now = await stack.get(created["id"])
+            return now if now["pairing_code"] not in (None, first) else None
+
+        await wait_for("a new code", replaced)
+        async with stack.http.post(f"{stack.gateway_url}{path}", headers=stack.auth()) as r:
+            assert r.status == 429
+            assert r.content_type == "application/problem+json"
+            assert int(r.headers["Retry-After"]) > 0
+
+        qr_login = await stack.create("by qr")
+        status, body = await _post(stack, f"/v1/connections/{qr_login['id']}/pairing-code")
+        assert status == 409 and body["type"].endswith("/pairing-code-unavailable")
+
+
+async def test_bad_code_login_requests_are_refused_clearly(settings: Settings) -> None:
+    async with start_stack(settings) as stack:
+        for body, field in [
+            ({"name": "x", "login": "code"}, "phone_number"),
+            ({"name": "x", "login": "code", "phone_number": "11987654321"}, None),
+            ({"name": "x", "login": "code", "phone_number": "+0123456789"}, None),
+            ({"name": "x", "login": "sms", "phone_number": PHONE}, None),
+        ]:
+            status, problem = await _post(stack, "/v1/connections", body)
+            assert status == 422, (body, problem)
+            assert problem["type"].endswith("/invalid-body")
+            if field:
+                assert problem["field"] == field
+        created = await stack.create("switch")
+        status, body = await _post(
+            stack, f"/v1/connections/{created['id']}/recreate", {"login": "code"}
+        )
+        assert status == 422 and body["field"] == "phone_number"
+        status, body = await _post(
+            stack,
+            f"/v1/connections/{created['id']}/recreate",
+            {"login": "code", "phone_number": PHONE},
+        )
+        assert status == 202 and (body["login"], body["generation"]) == ("code", 2)
+        await stack.wait_status(created["id"], "code_ready")
