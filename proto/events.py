@@ -49,6 +49,7 @@ class CreateFailed(_Event, frozen=True, kw_only=True, tag="create.failed"):
 
     attempt: int
     reason: str
+    reason_code: str | None = None  # gave_up | bad_credentials | server_refused
 
 
 class SessionDeleted(_Event, frozen=True, kw_only=True, tag="session.deleted"):

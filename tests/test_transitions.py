@@ -21,7 +21,7 @@ from proto.events import (
     event_type,
 )
 from proto.states import TERMINAL, Status
-from services.projector.transitions import QrPolicy, Row, apply, state_for_report
+from services.projector.transitions import REASON_CODES, QrPolicy, Row, apply, state_for_report
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 CID = uuid.uuid4()
@@ -138,7 +138,7 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.PENDING, st("connecting"), S.AWAITING_QR),
     (S.PENDING, st("open"), S.CONNECTED),
     (S.PENDING, st("close", 515), S.PAIRING),
-    (S.PENDING, st("close", 428), None),
+    (S.PENDING, st("close", 428, "Connection Terminated"), S.RECONNECTING),
     (S.PENDING, st("close", 401), S.LOGGED_OUT),
     (S.PENDING, ev(SessionDeleted), None),
     (S.CREATING, started(2), S.CREATING),
@@ -153,8 +153,8 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.AWAITING_QR, st("connecting"), None),
     (S.AWAITING_QR, qr(), S.QR_READY),
     (S.AWAITING_QR, failed(), S.FAILED),
-    (S.AWAITING_QR, st("close", 440), S.CONFLICT),
-    (S.AWAITING_QR, st("close", 428), None),
+    (S.AWAITING_QR, st("close", 440, "connectionReplaced"), S.RECONNECTING),
+    (S.AWAITING_QR, st("close", 428, "Connection Terminated"), S.RECONNECTING),
     (S.QR_READY, qr("2@newer"), S.QR_READY),
     (S.QR_READY, qr("2@old"), None),
     (S.QR_READY, st("close", 515, "restartRequired"), S.PAIRING),
@@ -177,7 +177,7 @@ TABLE: list[tuple[S, Event, S | None]] = [
     (S.CONNECTED, st("connecting"), None),
     (S.CONNECTED, st("close"), S.RECONNECTING),
     (S.CONNECTED, st("close", 401, "loggedOut"), S.LOGGED_OUT),
-    (S.CONNECTED, st("close", 440), S.CONFLICT),
+    (S.CONNECTED, st("close", 440, "connectionReplaced"), S.RECONNECTING),
     (S.CONNECTED, st("close", 403), S.FAILED),
     (S.CONNECTED, st("close", 411), S.FAILED),
     (S.CONNECTED, st("close", 500), S.FAILED),
@@ -344,3 +344,61 @@ def test_code_login_shows_the_code_and_a_qr_rotation_never_replaces_it() -> None
 def test_a_code_before_the_session_reports_anything_still_shows() -> None:
     out = apply(row(S.CREATING, login="code"), code(), POLICY)
     assert out.applied and out.row.status == S.CODE_READY
+
+
+# --- what 2026 servers report (reason codes, 440 loops, 408s, unreachable, passkey) -----------
+
+LOOP = QrPolicy(conflict_loop_count=3, conflict_loop_window_seconds=60)
+
+
+def test_440_reconnects_until_it_loops_within_the_window() -> None:
+    r = row(S.CONNECTED)
+    for n, t in enumerate((10.0, 20.0), start=1):
+        r = apply(r, st("close", 440, "connectionReplaced", t=t), LOOP).row
+        assert (r.status, r.reason_code, r.conflicts) == (S.RECONNECTING, "connection_replaced", n)
+        r = apply(r, st("connected", t=t + 1), LOOP).row
+        assert r.status == S.CONNECTED
+    r = apply(r, st("close", 440, "connectionReplaced", t=30.0), LOOP).row
+    assert (r.status, r.reason_code) == (S.CONFLICT, "connection_replaced")
+
+
+def test_440s_spread_beyond_the_window_never_end_the_generation() -> None:
+    r = row(S.CONNECTED)
+    for t in (0.0, 70.0, 140.0, 210.0):
+        r = apply(r, st("close", 440, t=t), LOOP).row
+        assert r.status == S.RECONNECTING
+        r = apply(r, st("connected", t=t + 1), LOOP).row
+    assert r.status == S.CONNECTED
+
+
+@pytest.mark.parametrize(
+    ("report", "status", "reason_code"),
+    [
+        (st("close", 408, QRS_END), S.QR_EXPIRED, "qr_refs_ended"),
+        (st("close", 401, "loggedOut"), S.LOGGED_OUT, "logged_out"),
+        (st("close", 403, "forbidden"), S.FAILED, "server_refused"),
+        (st("close", None, "reconnect_loop_detected"), S.FAILED, "conflict_loop"),
+        (st("error", None, "wrong_phone_number"), S.FAILED, "wrong_number"),
+        (
+            st("PASSKEY_REQUIRED", None, "WhatsApp asked for a passkey"),
+            S.FAILED,
+            "passkey_required",
+        ),
+        (st("close", 408, "Connection was lost"), S.RECONNECTING, None),
+        (st("close", 408, "Pre-key upload timeout"), S.RECONNECTING, None),
+    ],
+)
+def test_reason_codes(report: Event, status: S, reason_code: str | None) -> None:
+    out = apply(row(S.QR_READY), report, POLICY)
+    assert out.applied and (out.row.status, out.row.reason_code) == (status, reason_code)
+    assert reason_code is None or reason_code in REASON_CODES
+
+
+def test_a_server_that_cannot_reach_whatsapp_says_why_at_once() -> None:
+    unreachable = "WebSocket Error (getaddrinfo ENOTFOUND web.whatsapp.com)"
+    r = apply(row(S.AWAITING_QR), st("close", 408, unreachable), POLICY).row
+    assert (r.status, r.status_reason) == (S.RECONNECTING, unreachable)
+    again = apply(r, st("connecting", t=101), POLICY)
+    assert not again.applied  # the loop of connects and closes never hides the reason
+    bare = apply(row(S.CREATING), st("close"), POLICY).row
+    assert bare.status == S.RECONNECTING and bare.status_reason

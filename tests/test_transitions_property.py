@@ -48,7 +48,7 @@ T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 CID = uuid.uuid4()
 ENDINGS = {
     "logout": ("close", 401, "loggedOut", Status.LOGGED_OUT),
-    "conflict": ("close", 440, "connectionReplaced", Status.CONFLICT),
+    "loop": ("close", None, "reconnect_loop_detected", Status.FAILED),
     "forbidden": ("close", 403, "forbidden", Status.FAILED),
     "refs_ended": ("close", 408, "QR refs attempts ended", Status.QR_EXPIRED),
 }
@@ -101,7 +101,7 @@ def histories(draw: st.DrawFn, max_qrs: int) -> History:
         h.connected = draw(st.booleans())
         if h.connected:
             h.add(StatusReported, status="connected")
-    endings = [None, "logout", "conflict", "forbidden"] + ([] if h.scanned else ["refs_ended"])
+    endings = [None, "logout", "loop", "forbidden"] + ([] if h.scanned else ["refs_ended"])
     h.ending = draw(st.sampled_from(endings))
     if h.ending:
         word, code, reason, _ = ENDINGS[h.ending]

@@ -54,6 +54,8 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     # number) while ``code_ready``, and when it stops working
     pairing_code: str | None = None
     pairing_code_expires_at: datetime | None = None
+    # why it is in this state, from a closed list (docs/architecture.md), beside status_reason
+    reason_code: str | None = None
 
 
 class QrCode(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +82,7 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None
     occurred_at: datetime
     recorded_at: datetime
+    reason_code: str | None = None
 
 
 class History(msgspec.Struct, frozen=True, kw_only=True):

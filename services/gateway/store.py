@@ -15,7 +15,7 @@ from services.gateway.models import Connection, HistoryEntry
 COLUMNS = (
     "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
     " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
-    " pairing_code_expires_at"
+    " pairing_code_expires_at, reason_code"
 )
 
 
@@ -127,7 +127,7 @@ async def history(
         return None
     rows = await pool.fetch(
         "SELECT seq, generation, event_type, from_status, to_status, applied, code, reason,"
-        " occurred_at, recorded_at FROM connection_events WHERE connection_id = $1"
+        " occurred_at, recorded_at, reason_code FROM connection_events WHERE connection_id = $1"
         " AND seq > $2 ORDER BY seq LIMIT $3",
         connection_id,
         after,

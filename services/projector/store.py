@@ -25,7 +25,7 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
 
 _LOAD = """
 SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts, login,
-       pairing_code, pairing_code_expires_at
+       pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -35,19 +35,23 @@ _UPDATE = """
 UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.qr,
     qr_seq = u.qr_seq, qr_expires_at = u.qr_expires_at, attempts = u.attempts,
     last_event_at = u.at, updated_at = now(), pairing_code = u.code,
-    pairing_code_expires_at = u.code_expires_at,
+    pairing_code_expires_at = u.code_expires_at, reason_code = u.reason_code,
+    conflicts = u.conflicts, conflicts_since = u.conflicts_since,
     status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-            $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[])
-    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at)
+            $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::text[],
+            $12::int[], $13::timestamptz[])
+    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at,
+         reason_code, conflicts, conflicts_since)
 WHERE c.id = u.id
 """
 
 _HISTORY = """
 INSERT INTO connection_events (event_id, connection_id, generation, event_type, from_status,
-    to_status, applied, code, reason, command_id, occurred_at)
+    to_status, applied, code, reason, command_id, occurred_at, reason_code)
 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                     $7::bool[], $8::int[], $9::text[], $10::uuid[], $11::timestamptz[])
+                     $7::bool[], $8::int[], $9::text[], $10::uuid[], $11::timestamptz[],
+                     $12::text[])
 ON CONFLICT (event_id) DO NOTHING
 """
 
@@ -69,6 +73,9 @@ async def project(
             login=r["login"],
             pairing_code=r["pairing_code"],
             pairing_code_expires_at=r["pairing_code_expires_at"],
+            reason_code=r["reason_code"],
+            conflicts=r["conflicts"],
+            conflicts_since=r["conflicts_since"],
         )
         for r in await conn.fetch(_LOAD, ids)
     }
@@ -103,6 +110,7 @@ async def project(
                 outcome.reason,
                 event.command_id,
                 event.occurred_at,
+                outcome.row.reason_code if outcome.applied else None,
             )
         )
         if outcome.applied:
@@ -121,12 +129,15 @@ async def project(
                 at,
                 rows[cid].pairing_code,
                 rows[cid].pairing_code_expires_at,
+                rows[cid].reason_code,
+                rows[cid].conflicts,
+                rows[cid].conflicts_since,
             )
             for cid, at in changed.items()
         ]
-        await conn.execute(_UPDATE, *_columns(updates, 10))
+        await conn.execute(_UPDATE, *_columns(updates, 13))
     if history:
-        await conn.execute(_HISTORY, *_columns(history, 11))
+        await conn.execute(_HISTORY, *_columns(history, 12))
     return results
 
 

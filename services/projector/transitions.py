@@ -60,6 +60,11 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     login: str = "qr"
     pairing_code: str | None = None
     pairing_code_expires_at: datetime | None = None
+    # machine-readable cause of the state (REASON_CODES), beside the free-text status_reason
+    reason_code: str | None = None
+    # 440 (connection replaced) closes seen in the current loop window, and since when
+    conflicts: int = 0
+    conflicts_since: datetime | None = None
 
 
 class QrPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -68,6 +73,9 @@ class QrPolicy(msgspec.Struct, frozen=True, kw_only=True):
     max_refreshes: int = 6
     # How long WhatsApp accepts a pairing code (about three minutes).
     pairing_code_ttl_seconds: float = 180.0
+    # 440 closes this many times within the window: another device keeps taking the session.
+    conflict_loop_count: int = 3
+    conflict_loop_window_seconds: float = 60.0
 
 
 class Outcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -77,7 +85,29 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
+# The closed list of reason codes (contract: frontends translate and act on them).
+REASON_CODES = frozenset(
+    {
+        "qr_refs_ended",  # nobody scanned: the QR codes ran out
+        "logged_out",  # the phone logged the device out
+        "conflict_loop",  # the server gave up: it kept reconnecting in a loop
+        "wrong_number",  # the phone that linked is not the one asked for
+        "passkey_required",  # WhatsApp asked for a passkey, which Baileys cannot give
+        "gave_up",  # the create failed on every attempt
+        "timeout",  # no progress within the watchdog's deadline
+        "session_lost",  # the server lost the session (re-created, or given up on)
+        "bad_credentials",  # the server refused zapbus's API key
+        "server_refused",  # the server refused the request or the session (403/411/500 ...)
+        "whatsapp_unreachable",  # the server cannot reach WhatsApp: closes before any QR
+        "connection_replaced",  # another client took the session (440), repeatedly
+    }
+)
+
+
 _QR_END = "qr refs attempts ended"
+_PASSKEY = ("passkey",)
+_WRONG_NUMBER = ("wrong_phone_number", "wrong phone number", "wrong number")
+_LOOP = ("reconnect_loop_detected",)
 _RECONNECT_CODES = frozenset({408, 428, 503})
 _FAIL_CODES = frozenset({403, 411, 500})
 _CONNECTED_WORDS = frozenset({"connected", "open", "online", "ready", "authenticated"})
@@ -91,6 +121,9 @@ def state_for_report(status: str, code: int | None, reason: str | None) -> Statu
     """Map a Baileys status report to the state it means, or None when it means no change."""
     word = status.strip().lower().replace("-", "_").replace(" ", "_")
     reason_l = (reason or "").lower()
+    said = f"{word} {reason_l}"
+    if any(p in said for p in _PASSKEY + _WRONG_NUMBER + _LOOP):
+        return Status.FAILED
     if code == 515:
         return Status.PAIRING
     if code == 401 or word in _LOGGED_OUT_WORDS:
@@ -130,6 +163,31 @@ def _can_move(current: Status, target: Status) -> bool:
     return RANK[target] > RANK[current]
 
 
+def reason_code_for(
+    target: Status, status: str, code: int | None, reason: str | None
+) -> str | None:
+    """The reason code of a status report that moves a row to ``target``."""
+    said = f"{status} {reason or ''}".lower().replace("-", "_")
+    if any(p in said for p in _PASSKEY):
+        return "passkey_required"
+    if any(p in said for p in _WRONG_NUMBER):
+        return "wrong_number"
+    if any(p in said for p in _LOOP):
+        return "conflict_loop"
+    match target:
+        case Status.QR_EXPIRED:
+            return "qr_refs_ended"
+        case Status.LOGGED_OUT:
+            return "logged_out"
+        case Status.CONFLICT:
+            return "connection_replaced"
+        case Status.FAILED:
+            return "server_refused"
+        case Status.RECONNECTING if code == 440:
+            return "connection_replaced"
+    return None
+
+
 def _move(row: Row, target: Status, reason: str | None = None, **changes: object) -> Row:
     """The row in ``target``. A QR is only kept while the row shows one (``qr_ready``; and in
     code login ``awaiting_qr``/``code_ready``, where it is the fallback beside the code); a
@@ -141,6 +199,7 @@ def _move(row: Row, target: Status, reason: str | None = None, **changes: object
         changes = {"qr": None, "qr_expires_at": None, **changes}
     if target != Status.CODE_READY:
         changes = {"pairing_code": None, "pairing_code_expires_at": None, **changes}
+    changes = {"reason_code": None, **changes}
     return msgspec.structs.replace(row, status=target, status_reason=reason, **changes)
 
 
@@ -180,11 +239,11 @@ def _worker_event(row: Row, event: Event) -> Outcome:
             new = _attempts(row, attempt)
             if row.status in (Status.PENDING, Status.CREATING) and attempt >= row.attempts:
                 new = _move(new, Status.CREATING, reason)
-        case CreateFailed(reason=reason, attempt=attempt):
+        case CreateFailed(reason=reason, attempt=attempt, reason_code=code):
             # A QR already shown proves the session exists: a late failure of the call lies.
             new = _attempts(row, attempt)
             if row.status in (Status.PENDING, Status.CREATING, Status.AWAITING_QR):
-                new = _move(new, Status.FAILED, reason)
+                new = _move(new, Status.FAILED, reason, reason_code=code or "gave_up")
         case _:
             return Outcome(row=row, applied=False)
     # Even when the state does not move, a late event may carry a higher attempt count.
@@ -249,6 +308,48 @@ def _fallback_qr(row: Row, qr: str, at: datetime, policy: QrPolicy) -> Outcome:
     return Outcome(row=new, applied=True)
 
 
+def _status(
+    row: Row, status: str, code: int | None, reason: str | None, at: datetime, policy: QrPolicy
+) -> Outcome:
+    target = state_for_report(status, code, reason)
+    ignored = Outcome(row=row, applied=False, code=code, reason=reason)
+    if target is None:
+        return ignored
+    changes: dict[str, object] = {}
+    if target == Status.CONFLICT:
+        # 440: another client took the session; servers reconnect after it. Only a loop of
+        # them (the count within the window) ends the generation.
+        window = timedelta(seconds=policy.conflict_loop_window_seconds)
+        fresh = row.conflicts_since is None or at - row.conflicts_since > window
+        count, since = (1, at) if fresh else (row.conflicts + 1, row.conflicts_since)
+        changes = {"conflicts": count, "conflicts_since": since}
+        if count < policy.conflict_loop_count:
+            target = Status.RECONNECTING
+    early_close = (
+        target == Status.RECONNECTING
+        and row.status in (Status.PENDING, Status.CREATING, Status.AWAITING_QR)
+        and row.qr_seq == 0
+    )
+    # A close before the first QR (the server cannot reach WhatsApp, a handshake timed out)
+    # shows at once, with the server's words, instead of a silent awaiting_qr.
+    if not early_close and not _can_move(row.status, target):
+        if changes and row.status == target:  # a repeated 440 while reconnecting: count it
+            return Outcome(row=msgspec.structs.replace(row, **changes), applied=True, code=code)
+        return ignored
+    explains = target in TERMINAL or target == Status.RECONNECTING
+    text = reason if explains else None
+    if early_close and not text:
+        text = "the server closed the connection before any QR code"
+    new = _move(
+        row,
+        target,
+        text,
+        reason_code=reason_code_for(target, status, code, reason) if explains else None,
+        **changes,
+    )
+    return Outcome(row=new, applied=True, code=code, reason=reason)
+
+
 def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
     """Fold one event into a row. Pure: same inputs, same outcome."""
     policy = policy or QrPolicy()
@@ -270,11 +371,6 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
             return Outcome(row=row, applied=False, reason=f"not used: {name}")
         case QrUpdated(qr=qr, occurred_at=at):
             return _qr(row, qr, at, policy)
-        case StatusReported(status=status, code=code, reason=reason):
-            target = state_for_report(status, code, reason)
-            if target is None or not _can_move(row.status, target):
-                return Outcome(row=row, applied=False, code=code, reason=reason)
-            explains = target in TERMINAL or target == Status.RECONNECTING
-            new = _move(row, target, reason if explains else None)
-            return Outcome(row=new, applied=True, code=code, reason=reason)
+        case StatusReported(status=status, code=code, reason=reason, occurred_at=at):
+            return _status(row, status, code, reason, at, policy)
     return ignored

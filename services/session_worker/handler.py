@@ -345,7 +345,15 @@ class CommandHandler:
             await self._dead_letter(msg, cmd, reason, why, attempt)
             if isinstance(cmd, CreateSession):
                 common = self._common(msg, cmd, "create.failed", attempt)
-                await self._emit(CreateFailed(**common, attempt=attempt, reason=reason))
+                if not permanent:
+                    code = "gave_up"
+                elif exc.status in (401, 403):
+                    code = "bad_credentials"
+                else:
+                    code = "server_refused"
+                await self._emit(
+                    CreateFailed(**common, attempt=attempt, reason=reason, reason_code=code)
+                )
                 if not permanent:
                     # A timed-out POST may have made the session after all: a failed row
                     # keeps none (the watchdog re-drives the delete; the reconciler is the

@@ -332,7 +332,8 @@ class Reconciler:
                 await insert_outbox(conn, self.names, cmd)
             await conn.execute(
                 "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
-                " qr_expires_at = NULL, reconcile_misses = 0,"
+                " qr_expires_at = NULL, reconcile_misses = 0, reason_code = 'session_lost',"
+                " pairing_code = NULL, pairing_code_expires_at = NULL,"
                 " reconcile_recreates = reconcile_recreates + $4::int,"
                 " command_id = coalesce($5, command_id), attempts = 0,"
                 " updated_at = now(), status_changed_at = now() WHERE id = $1",
@@ -343,7 +344,9 @@ class Reconciler:
                 command_id,
             )
             event = "reconcile.failed" if give_up else "reconcile.recreated"
-            await _history(conn, item, event, target.value, True, reason, command_id)
+            await _history(
+                conn, item, event, target.value, True, reason, command_id, "session_lost"
+            )
             await queue_change(
                 conn,
                 self.names,
@@ -415,11 +418,12 @@ async def _history(
     applied: bool,
     reason: str | None,
     command_id: uuid.UUID | None,
+    reason_code: str | None = None,
 ) -> None:
     await conn.execute(
         "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-        " from_status, to_status, applied, reason, command_id, occurred_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+        " from_status, to_status, applied, reason, command_id, occurred_at, reason_code)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
         uuid.uuid4(),
         item.connection_id,
         item.generation,
@@ -429,4 +433,5 @@ async def _history(
         applied,
         reason,
         command_id,
+        reason_code,
     )
