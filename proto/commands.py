@@ -37,6 +37,8 @@ class CreateSession(_SessionCommand, frozen=True, kw_only=True, tag="session.cre
 class DeleteSession(_SessionCommand, frozen=True, kw_only=True, tag="session.delete"):
     """Delete the Baileys session of one generation (on delete or recreate)."""
 
+    phone_number: str | None = None  # servers keyed by phone (fazer) need it
+
     @property
     def kind(self) -> str:
         return "delete"

@@ -402,3 +402,23 @@ def test_a_server_that_cannot_reach_whatsapp_says_why_at_once() -> None:
     assert not again.applied  # the loop of connects and closes never hides the reason
     bare = apply(row(S.CREATING), st("close"), POLICY).row
     assert bare.status == S.RECONNECTING and bare.status_reason
+
+
+@pytest.mark.parametrize(
+    ("start", "to", "reason_code"),
+    [
+        (S.CONNECTED, S.LOGGED_OUT, "logged_out"),
+        (S.RECONNECTING, S.LOGGED_OUT, "logged_out"),
+        (S.QR_READY, S.QR_EXPIRED, "qr_refs_ended"),
+        (S.AWAITING_QR, S.FAILED, "server_refused"),
+    ],
+)
+def test_a_bare_failed_means_what_the_row_was_doing(start: S, to: S, reason_code: str) -> None:
+    out = apply(row(start), st("FAILED"), POLICY)
+    assert (out.row.status, out.row.reason_code) == (to, reason_code)
+    assert out.row.status_reason
+
+
+def test_stopped_on_the_server_ends_a_live_row() -> None:
+    out = apply(row(S.CONNECTED), st("STOPPED"), POLICY)
+    assert (out.row.status, out.row.reason_code) == (S.FAILED, "session_lost")

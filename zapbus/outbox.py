@@ -46,9 +46,10 @@ def change_row(names: Names, change: ConnectionChanged) -> OutboxRow:
 
 
 _TRACK_DELETE = """
-INSERT INTO session_deletes (session_name, connection_id, generation, command_id)
-VALUES ($1, $2, $3, $4)
-ON CONFLICT (session_name) DO UPDATE SET command_id = excluded.command_id, last_driven_at = now()
+INSERT INTO session_deletes (session_name, connection_id, generation, command_id, phone_number)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (session_name) DO UPDATE SET command_id = excluded.command_id, last_driven_at = now(),
+    phone_number = coalesce(excluded.phone_number, session_deletes.phone_number)
 """
 
 
@@ -66,7 +67,12 @@ async def insert_outbox(
     )
     if isinstance(cmd, DeleteSession):
         await conn.execute(
-            _TRACK_DELETE, cmd.session_name, cmd.connection_id, cmd.generation, cmd.command_id
+            _TRACK_DELETE,
+            cmd.session_name,
+            cmd.connection_id,
+            cmd.generation,
+            cmd.command_id,
+            cmd.phone_number,
         )
     return bool(done.endswith(" 1"))
 
@@ -78,6 +84,7 @@ async def queue_delete(
     tenant_id: uuid.UUID,
     generation: int,
     session: str,
+    phone_number: str | None = None,
 ) -> DeleteSession:
     """Queue the deletion of one generation's session (a fresh command) in the caller's tx."""
     cmd = DeleteSession(
@@ -87,6 +94,7 @@ async def queue_delete(
         generation=generation,
         session_name=session,
         requested_at=datetime.now(UTC),
+        phone_number=phone_number,
     )
     await insert_outbox(conn, names, cmd)
     return cmd

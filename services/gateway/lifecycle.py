@@ -171,6 +171,7 @@ def _delete_command(
         generation=old["generation"],
         session_name=old["session_name"],
         requested_at=now,
+        phone_number=old["phone_number"],
     )
 
 

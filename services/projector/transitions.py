@@ -110,11 +110,13 @@ _WRONG_NUMBER = ("wrong_phone_number", "wrong phone number", "wrong number")
 _LOOP = ("reconnect_loop_detected",)
 _RECONNECT_CODES = frozenset({408, 428, 503})
 _FAIL_CODES = frozenset({403, 411, 500})
-_CONNECTED_WORDS = frozenset({"connected", "open", "online", "ready", "authenticated"})
+_CONNECTED_WORDS = frozenset({"connected", "open", "online", "ready", "authenticated", "working"})
 _PAIRING_WORDS = frozenset({"pairing", "paired", "restart_required"})
 _LOGGED_OUT_WORDS = frozenset({"logged_out", "loggedout", "logout"})
 _RECONNECT_WORDS = frozenset({"reconnecting", "close", "closed", "disconnected"})
-_CONNECTING_WORDS = frozenset({"connecting", "starting", "initializing", "qr"})
+_CONNECTING_WORDS = frozenset({"connecting", "starting", "initializing", "qr", "scan_qr_code"})
+# A server's bare "failed" / "stopped" (WAHA): what it means depends on where the row is.
+_BARE_FAILED = frozenset({"failed", "stopped"})
 
 
 def state_for_report(status: str, code: int | None, reason: str | None) -> Status | None:
@@ -132,7 +134,7 @@ def state_for_report(status: str, code: int | None, reason: str | None) -> Statu
         return Status.QR_EXPIRED
     if code == 440 or word == "conflict":
         return Status.CONFLICT
-    if code in _FAIL_CODES:
+    if code in _FAIL_CODES or word in _BARE_FAILED:
         return Status.FAILED
     if code in _RECONNECT_CODES:
         return Status.RECONNECTING
@@ -174,6 +176,8 @@ def reason_code_for(
         return "wrong_number"
     if any(p in said for p in _LOOP):
         return "conflict_loop"
+    if status.strip().lower() == "stopped":
+        return "session_lost"
     match target:
         case Status.QR_EXPIRED:
             return "qr_refs_ended"
@@ -315,6 +319,16 @@ def _status(
     ignored = Outcome(row=row, applied=False, code=code, reason=reason)
     if target is None:
         return ignored
+    word = status.strip().lower()
+    if target == Status.FAILED and code is None and word in _BARE_FAILED and not reason:
+        if word == "stopped":
+            reason = "the session was stopped on the server"
+        elif row.status in (Status.CONNECTED, Status.PAIRING, Status.RECONNECTING):
+            target, reason = Status.LOGGED_OUT, "the server reports the session failed"
+        elif row.status == Status.QR_READY or row.qr_seq > 0:
+            target, reason = Status.QR_EXPIRED, "no QR code was scanned"
+        else:
+            reason = "the server reports the session failed"
     changes: dict[str, object] = {}
     if target == Status.CONFLICT:
         # 440: another client took the session; servers reconnect after it. Only a loop of

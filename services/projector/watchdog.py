@@ -106,8 +106,10 @@ class Watchdog:
                 return  # another replica is sweeping
             await self._refresh_gauges(conn)
             rows = await conn.fetch(
-                "SELECT id, tenant_id, generation, session_name, status, command_id, redrives"
-                " FROM connections WHERE status = ANY($1::text[])"
+                "SELECT id, tenant_id, generation, session_name, status, status_reason,"
+                " command_id, redrives, phone_number"
+                " FROM connections"
+                " WHERE (status = ANY($1::text[]) OR (status = 'reconnecting' AND qr_seq = 0))"
                 " AND greatest(status_changed_at, last_event_at) < $2"
                 " AND (held_until IS NULL OR held_until < now())"
                 " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
@@ -117,7 +119,8 @@ class Watchdog:
             redriven = failed = 0
             for row in rows:
                 status = Status(row["status"])
-                if status != Status.AWAITING_QR and row["redrives"] < self.max_redrives:
+                redrivable = status in (Status.PENDING, Status.CREATING)
+                if redrivable and row["redrives"] < self.max_redrives:
                     await self._redrive(conn, row)
                     redriven += 1
                 else:
@@ -171,18 +174,39 @@ class Watchdog:
     async def _time_out(
         self, conn: asyncpg.Connection, row: asyncpg.Record, status: Status
     ) -> None:
-        reason = f"timeout: no progress in {status.value} for {self.deadline.total_seconds():.0f} s"
+        seconds = self.deadline.total_seconds()
+        if status == Status.RECONNECTING:
+            # Closes before any QR, for the whole deadline: the server cannot reach WhatsApp.
+            code = "whatsapp_unreachable"
+            reason = (
+                f"the Baileys server could not reach WhatsApp for {seconds:.0f} s"
+                f" (last: {row['status_reason'] or 'connection closed'})"
+            )[:300]
+        else:
+            code = "timeout"
+            reason = f"timeout: no progress in {status.value} for {seconds:.0f} s"
         await conn.execute(
             "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
-            " qr_expires_at = NULL, updated_at = now(), status_changed_at = now() WHERE id = $1",
+            " qr_expires_at = NULL, reason_code = $4, pairing_code = NULL,"
+            " pairing_code_expires_at = NULL, updated_at = now(), status_changed_at = now()"
+            " WHERE id = $1",
             row["id"],
             Status.FAILED.value,
             reason,
+            code,
         )
-        await self._history(conn, row, "watchdog.timeout", Status.FAILED.value, True, reason)
+        await self._history(
+            conn, row, "watchdog.timeout", Status.FAILED.value, True, reason, reason_code=code
+        )
         # A timed-out POST may have made the session after all: a failed row keeps none.
         await queue_delete(
-            conn, self.names, row["id"], row["tenant_id"], row["generation"], row["session_name"]
+            conn,
+            self.names,
+            row["id"],
+            row["tenant_id"],
+            row["generation"],
+            row["session_name"],
+            row["phone_number"],
         )
         change = ConnectionChanged(
             connection_id=row["id"],
@@ -207,6 +231,7 @@ class Watchdog:
         """Publish again every tracked delete that has not completed within the deadline."""
         rows = await conn.fetch(
             "SELECT d.session_name, d.connection_id, d.generation, d.command_id, d.redrives,"
+            " d.phone_number,"
             " c.tenant_id FROM session_deletes d LEFT JOIN connections c ON c.id = d.connection_id"
             " WHERE d.last_driven_at < $1 AND d.redrives < $2"
             " ORDER BY d.last_driven_at LIMIT 500 FOR UPDATE OF d SKIP LOCKED",
@@ -222,6 +247,7 @@ class Watchdog:
                 generation=row["generation"],
                 session_name=row["session_name"],
                 requested_at=datetime.now(UTC),
+                phone_number=row["phone_number"],
             )
             await insert_outbox(conn, self.names, cmd, msg_id=f"{cmd.command_id}:redrive:{attempt}")
             await conn.execute(
@@ -248,11 +274,12 @@ class Watchdog:
         to_status: str,
         applied: bool,
         reason: str,
+        reason_code: str | None = None,
     ) -> None:
         await conn.execute(
             "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-            " from_status, to_status, applied, reason, command_id, occurred_at)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now())",
+            " from_status, to_status, applied, reason, command_id, occurred_at, reason_code)"
+            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
             uuid.uuid4(),
             row["id"],
             row["generation"],
@@ -262,6 +289,7 @@ class Watchdog:
             applied,
             reason,
             row["command_id"],
+            reason_code,
         )
 
     async def _refresh_gauges(self, conn: asyncpg.Connection) -> None:

@@ -256,7 +256,7 @@ class CommandHandler:
         """Delete the session a fenced create may have made; ack once it is gone."""
         start = time.perf_counter()
         try:
-            await self.baileys.delete_session(cmd.session_name)
+            await self.baileys.delete_session_of(cmd.session_name, cmd.phone_number)
         except BaileysError as exc:
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
@@ -318,7 +318,7 @@ class CommandHandler:
         start = time.perf_counter()
         try:
             await self.breaker.wait_closed()
-            await self.baileys.delete_session(cmd.session_name)
+            await self.baileys.delete_session_of(cmd.session_name, cmd.phone_number)
         except BaileysError as exc:
             self.breaker.record(exc.server_down)
             self.metrics.baileys_seconds.labels("delete", "error").observe(
@@ -403,6 +403,7 @@ class CommandHandler:
                     cmd.tenant_id,
                     cmd.generation,
                     cmd.session_name,
+                    cmd.phone_number,
                 )
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning(

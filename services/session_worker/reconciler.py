@@ -137,6 +137,8 @@ class Reconciler:
         self._stopping.set()
 
     async def run(self) -> None:
+        if not self.baileys.observable:
+            log.info("reconciler off: a %s server cannot be read back", self.baileys.kind)
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -152,6 +154,8 @@ class Reconciler:
     async def sweep(self, dry_run: bool = False, wait_for_lock: float = 0.0) -> Drift | None:
         """One pass: observe, compare, repair (unless ``dry_run``). None when another
         replica holds the lock (after ``wait_for_lock`` seconds) or the server did not answer."""
+        if not self.baileys.observable:
+            return None  # the server cannot be read back (fazer): nothing to compare
         if self.breaker is not None and self.breaker.is_open:
             self.metrics.sweeps.labels("server_unavailable").inc()
             return None

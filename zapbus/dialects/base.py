@@ -46,6 +46,8 @@ class Dialect(ABC):
     kind: ClassVar[str]
     # Can it link a device by a pairing code typed on the phone (instead of a QR)?
     code_login: ClassVar[bool] = True
+    # Can its sessions be read back (list or get)? The reconciler needs it.
+    observable: ClassVar[bool] = True
 
     def __init__(
         self, http: aiohttp.ClientSession, base_url: str, api_key: str, timeout_seconds: float
@@ -71,6 +73,11 @@ class Dialect(ABC):
     @abstractmethod
     async def delete_session(self, name: str) -> bool:
         """Delete (and log out) the session; False when there was none."""
+
+    async def delete_session_of(self, name: str, phone_number: str | None) -> bool:
+        """``delete_session``, given the connection's phone number too (servers keyed by
+        phone number need it; the others ignore it)."""
+        return await self.delete_session(name)
 
     async def request_pairing_code(self, name: str, phone_number: str) -> str:
         """A pairing code for ``phone_number`` (RetryableError until the server can)."""

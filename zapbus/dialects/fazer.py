@@ -135,6 +135,7 @@ def checked_phone(value: str | None) -> str:
 class FazerDialect(Dialect):
     kind = "fazer"
     code_login = False  # baileys-api v3 has no pairing-code route
+    observable = False  # no route reads a connection back: the reconciler stays off
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -195,6 +196,9 @@ class FazerDialect(Dialect):
 
     async def list_sessions(self) -> list[ServerSession] | None:
         raise PermanentError(_NO_READ_ROUTE)
+
+    async def delete_session_of(self, name: str, phone_number: str | None) -> bool:
+        return await self.delete_session(name, phone_number)
 
     async def delete_session(self, name: str, phone_number: str | None = None) -> bool:
         """Log out and delete the server connection of ``name``'s phone. False when there was
