@@ -68,6 +68,8 @@ class StatusReported(_Event, frozen=True, kw_only=True, tag="status.reported"):
     status: str
     code: int | None = None
     reason: str | None = None
+    account_phone: str | None = None  # the linked account, when the server says it
+    account_name: str | None = None
 
 
 class PairingCodeShown(_Event, frozen=True, kw_only=True, tag="pairing_code.updated"):

@@ -144,8 +144,12 @@ def test_connection_update_state_and_numeric_status_reason(
 ) -> None:
     for event in ("connection.update", "CONNECTION_UPDATE"):
         delivery = parse(envelope(event, data))
-        assert delivery.reports == [StatusReport(status=status, code=code)]
+        assert [(r.status, r.code) for r in delivery.reports] == [(status, code)]  # type: ignore[union-attr]
         assert meaning(delivery) == [means]
+        if "wuid" in data:  # the linked account, from wuid and profileName
+            report = delivery.reports[0]
+            assert isinstance(report, StatusReport)
+            assert (report.account_phone, report.account_name) == ("+5511987654321", "Ana")
 
 
 def test_a_final_close_status_instance_logout_and_close_all_mean_logged_out() -> None:

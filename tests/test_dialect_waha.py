@@ -112,7 +112,9 @@ def test_docs_session_status_example_with_statuses_is_connected_with_me() -> Non
     delivery = parse(doc)
     assert delivery.delivery_id is None  # no id: nothing to de-duplicate by
     report = only(delivery)
-    assert report == StatusReport(status="connected", reason="WAHA WORKING as 7911111@c.us")
+    assert report == StatusReport(
+        status="connected", reason="WAHA WORKING as 7911111@c.us", account_name="~"
+    )  # 7 digits: not a phone number anyone could dial, so no account_phone
     assert state_of(report) == Status.CONNECTED
 
 
@@ -483,6 +485,8 @@ async def test_e2e_create_qr_scan_connected_logout_and_bad_hmac(settings: Settin
         await stack.sim("POST", f"/_sim/sessions/{name}/scan")
         connected = await stack.wait_status(created["id"], "connected")
         assert connected["qr"] is None
+        account = connected["account"]  # from the envelope's `me`
+        assert account["name"] == "zapbus sim" and account["phone"].startswith("+5511")
 
         await stack.sim("POST", f"/_sim/sessions/{name}/logout")
         await stack.wait_status(created["id"], "logged_out")
@@ -519,3 +523,20 @@ async def test_e2e_create_qr_scan_connected_logout_and_bad_hmac(settings: Settin
                 replies.append(await r.json())
         assert [r["duplicate"] for r in replies] == [False, True]  # de-duplicated on "id"
         assert session_name(cid, 1) == name
+
+
+def test_the_linked_account_is_read_from_me() -> None:
+    from zapbus.dialects.reports import StatusReport, account_of, phone_of_jid
+
+    assert phone_of_jid("5511987654321@c.us") == "+5511987654321"
+    assert phone_of_jid("5511987654321:12@s.whatsapp.net") == "+5511987654321"
+    assert phone_of_jid("123@lid") is None
+    assert account_of({"me": {"id": "5511987654321@c.us", "pushName": "Ana"}}) == (
+        "+5511987654321",
+        "Ana",
+    )
+    assert account_of({"wuid": "5511987654321@s.whatsapp.net", "profileName": "Loja"}) == (
+        "+5511987654321",
+        "Loja",
+    )
+    assert StatusReport(status="connected").account_phone is None

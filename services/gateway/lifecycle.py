@@ -132,7 +132,7 @@ async def create_connection(
         raise IdempotencyConflict
     record = dict(existing)
     record.pop("request_hash")
-    return msgspec.convert(record, Connection), False
+    return _to_connection(record), False
 
 
 async def _record(
@@ -253,7 +253,7 @@ async def request_pairing_code(
         record = dict(row)
         for extra in ("tenant_id", "pairing_code_requested_at", "since"):
             record.pop(extra)
-        return msgspec.convert(record, Connection)
+        return _to_connection(record)
 
 
 async def recreate_connection(

@@ -32,6 +32,13 @@ class RecreateConnection(msgspec.Struct, frozen=True, kw_only=True, forbid_unkno
     phone_number: PhoneNumber | None = None
 
 
+class Account(msgspec.Struct, frozen=True, kw_only=True):
+    """The WhatsApp account a connection is linked to, as the server reported it."""
+
+    phone: str | None
+    name: str | None
+
+
 class Connection(msgspec.Struct, frozen=True, kw_only=True):
     """A WhatsApp connection as the frontend sees it."""
 
@@ -56,6 +63,7 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code_expires_at: datetime | None = None
     # why it is in this state, from a closed list (docs/architecture.md), beside status_reason
     reason_code: str | None = None
+    account: Account | None = None
 
 
 class QrCode(msgspec.Struct, frozen=True, kw_only=True):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -15,12 +17,16 @@ from services.gateway.models import Connection, HistoryEntry
 COLUMNS = (
     "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
     " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
-    " pairing_code_expires_at, reason_code"
+    " pairing_code_expires_at, reason_code, account_phone, account_name"
 )
 
 
-def to_connection(row: asyncpg.Record) -> Connection:
-    return msgspec.convert(dict(row), Connection)
+def to_connection(row: Mapping[str, Any]) -> Connection:
+    fields = dict(row)
+    phone, name = fields.pop("account_phone", None), fields.pop("account_name", None)
+    if phone or name:
+        fields["account"] = {"phone": phone, "name": name}
+    return msgspec.convert(fields, Connection)
 
 
 def change_of(c: Connection, cause: str) -> ConnectionChanged:

@@ -25,7 +25,8 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
 
 _LOAD = """
 SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts, login,
-       pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since
+       pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since,
+       account_phone, account_name
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -37,12 +38,13 @@ UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.
     last_event_at = u.at, updated_at = now(), pairing_code = u.code,
     pairing_code_expires_at = u.code_expires_at, reason_code = u.reason_code,
     conflicts = u.conflicts, conflicts_since = u.conflicts_since,
+    account_phone = u.account_phone, account_name = u.account_name,
     status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
             $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::text[],
-            $12::int[], $13::timestamptz[])
+            $12::int[], $13::timestamptz[], $14::text[], $15::text[])
     AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at,
-         reason_code, conflicts, conflicts_since)
+         reason_code, conflicts, conflicts_since, account_phone, account_name)
 WHERE c.id = u.id
 """
 
@@ -76,6 +78,8 @@ async def project(
             reason_code=r["reason_code"],
             conflicts=r["conflicts"],
             conflicts_since=r["conflicts_since"],
+            account_phone=r["account_phone"],
+            account_name=r["account_name"],
         )
         for r in await conn.fetch(_LOAD, ids)
     }
@@ -132,10 +136,12 @@ async def project(
                 rows[cid].reason_code,
                 rows[cid].conflicts,
                 rows[cid].conflicts_since,
+                rows[cid].account_phone,
+                rows[cid].account_name,
             )
             for cid, at in changed.items()
         ]
-        await conn.execute(_UPDATE, *_columns(updates, 13))
+        await conn.execute(_UPDATE, *_columns(updates, 15))
     if history:
         await conn.execute(_HISTORY, *_columns(history, 12))
     return results

@@ -65,6 +65,8 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     # 440 (connection replaced) closes seen in the current loop window, and since when
     conflicts: int = 0
     conflicts_since: datetime | None = None
+    account_phone: str | None = None
+    account_name: str | None = None
 
 
 class QrPolicy(msgspec.Struct, frozen=True, kw_only=True):
@@ -386,5 +388,13 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
         case QrUpdated(qr=qr, occurred_at=at):
             return _qr(row, qr, at, policy)
         case StatusReported(status=status, code=code, reason=reason, occurred_at=at):
-            return _status(row, status, code, reason, at, policy)
+            out = _status(row, status, code, reason, at, policy)
+            if out.row.status == Status.CONNECTED and (event.account_phone or event.account_name):
+                account = {
+                    "account_phone": event.account_phone or out.row.account_phone,
+                    "account_name": event.account_name or out.row.account_name,
+                }
+                new = msgspec.structs.replace(out.row, **account)
+                return msgspec.structs.replace(out, row=new, applied=out.applied or new != row)
+            return out
     return ignored

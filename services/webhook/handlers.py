@@ -183,7 +183,14 @@ async def _events(
         case QrReport(qr=qr):
             return [("qr.update", QrUpdated(**common, qr=qr))]
         case StatusReport(status=status, code=code, reason=reason):
-            event = StatusReported(**common, status=status, code=code, reason=reason)
+            event = StatusReported(
+                **common,
+                status=status,
+                code=code,
+                reason=reason,
+                account_phone=report.account_phone,
+                account_name=report.account_name,
+            )
             return [("session.status", event)]
         case QrToFetch():
             # The server shows a QR but does not send it (WAHA): ask for it now. It may have

@@ -54,6 +54,7 @@ from zapbus.dialects.reports import (
     Report,
     StatusReport,
     Unknown,
+    account_of,
     checked_qr,
     checked_status,
     clean_text,
@@ -288,7 +289,15 @@ def _connection(data: dict[str, Any]) -> list[Report]:
     if state.strip().lower() == "refused":
         # Sent right after the QR limit message, with statusReason 428.
         return [_qr_limit(f"refused, statusReason {code}")]
-    return [StatusReport(status=state, code=None if code == _NO_CODE else code)]
+    phone, name = account_of(data)
+    return [
+        StatusReport(
+            status=state,
+            code=None if code == _NO_CODE else code,
+            account_phone=phone,
+            account_name=name,
+        )
+    ]
 
 
 def _status_instance(data: dict[str, Any]) -> list[Report]:

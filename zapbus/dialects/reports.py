@@ -41,6 +41,9 @@ class StatusReport(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     code: int | None = None
     reason: str | None = None
+    # the linked WhatsApp account, when the server says it (on connected)
+    account_phone: str | None = None
+    account_name: str | None = None
 
 
 class PairingCodeReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -146,6 +149,30 @@ def disconnect_reason(data: dict[str, Any]) -> str | None:
     return clean_text(value)
 
 
+def phone_of_jid(jid: Any) -> str | None:
+    """ "+5511987654321" from a WhatsApp id: ``5511987654321@c.us``,
+    ``5511987654321:12@s.whatsapp.net`` (a device suffix), or bare digits."""
+    if not isinstance(jid, str):
+        return None
+    user = jid.split("@", 1)[0].split(":", 1)[0]
+    return f"+{user}" if user.isdigit() and 8 <= len(user) <= 15 else None
+
+
+def account_of(data: Any) -> tuple[str | None, str | None]:
+    """(phone, name) of the linked account in the usual places: ``me`` ({id, name |
+    pushName}), ``wuid`` / ``jid`` / ``wid`` and ``profileName`` / ``pushName``."""
+    if not isinstance(data, dict):
+        return None, None
+    me = data.get("me")
+    if isinstance(me, dict):
+        phone = phone_of_jid(me.get("id"))
+        _, name = first(me, "name", "pushName", "notify", "verifiedName")
+        return phone, clean_text(name, 100)
+    _, jid = first(data, "wuid", "jid", "wid", "ownerJid")
+    _, name = first(data, "profileName", "pushName")
+    return phone_of_jid(jid), clean_text(name, 100)
+
+
 def checked_qr(value: Any, field: str) -> str:
     """A QR payload fit to store and to render, else PayloadError naming ``field``."""
     if not isinstance(value, str) or not value.strip():
@@ -180,5 +207,14 @@ def connection_state(data: dict[str, Any], prefix: str = "data") -> list[Report]
         status = "close"
     if status is not None:
         status = checked_status(status, f"{prefix}.{key}")
-        reports.append(StatusReport(status=status, code=code, reason=disconnect_reason(data)))
+        phone, name = account_of(data)
+        reports.append(
+            StatusReport(
+                status=status,
+                code=code,
+                reason=disconnect_reason(data),
+                account_phone=phone,
+                account_name=name,
+            )
+        )
     return reports

@@ -69,6 +69,7 @@ from zapbus.dialects.reports import (
     Report,
     StatusReport,
     Unknown,
+    account_of,
     checked_status,
     clean_text,
     decode_object,
@@ -295,11 +296,13 @@ def _status_report(doc: dict[str, Any]) -> Report:
         case "SCAN_QR_CODE":
             return QrToFetch()
         case "WORKING":
-            # TODO(account): ``me`` (id, pushName) deserves a report of its own; until then
-            # the linked id is kept in the history through this reason.
             me = _me(doc)
+            phone, name = account_of(doc)
             return StatusReport(
-                status="connected", reason=f"WAHA WORKING as {me}" if me else "WAHA WORKING"
+                status="connected",
+                reason=f"WAHA WORKING as {me}" if me else "WAHA WORKING",
+                account_phone=phone,
+                account_name=name,
             )
         case "FAILED" if before == "SCAN_QR_CODE":
             return StatusReport(
