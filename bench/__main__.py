@@ -1,4 +1,4 @@
-"""``python -m bench [--quick] [--out PATH] [create] [burst] [webhook] [projector]``.
+"""``python -m bench [--quick] [--out PATH] [create] [burst] [webhook] [projector] [sync]``.
 
 Runs the chosen benchmarks (all by default) one after the other, prints each table as it is
 done, and writes every table to ``docs/benchmarks.md`` (a full run of all four) or to ``--out``.
@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import burst, create, projector, webhook
+from bench import burst, create, projector, sync, webhook
 from bench.cpu import find_infra_pids
 from bench.harness import Ctx, Scale
 from bench.report import document, environment
@@ -27,6 +27,7 @@ BENCHMARKS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "burst": burst.run,
     "webhook": webhook.run,
     "projector": projector.run,
+    "sync": sync.run,
 }
 
 SETUP = """\
@@ -60,7 +61,8 @@ def _args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="py-spy the services under load (see bench/profile.py)",
     )
-    p.add_argument("--nats-url", default="nats://127.0.0.1:4222")
+    # none: the NATS on the default port if it is nats-server >= 2.10, else one from the wheel
+    p.add_argument("--nats-url", default=None)
     p.add_argument("--database-url", default="postgresql://postgres@127.0.0.1:5432/test")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in BENCHMARKS]
@@ -82,7 +84,7 @@ async def main(argv: list[str]) -> int:
         pids = await find_infra_pids(infra.nats_url, infra.database_url)
         ctx = Ctx(infra.nats_url, infra.database_url, logs, scale, pids, args.profile)
         ctx.say(f"service logs in {logs}")
-        env = await environment(infra.database_url)
+        env = await environment(infra.database_url, infra.nats_url)
         sections = []
         for name in names:
             section = await BENCHMARKS[name](ctx)

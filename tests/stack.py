@@ -24,7 +24,7 @@ from services.gateway.app import create_app as create_gateway
 from services.projector.app import create_app as create_projector
 from services.session_worker.app import create_app as create_worker
 from services.webhook.app import create_app as create_webhook
-from zapbus import db
+from zapbus import db, topology
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
 from zapbus.tenants import create_tenant
@@ -123,6 +123,9 @@ async def start_stack(
         outbox_poll_seconds=0.2,
         **overrides,
     )
+    # The stack's own settings (ack_wait, attempts ...) shape the consumers: declare them as
+    # `zapbus migrate` would with these settings (the services only bind).
+    await topology.declare_with(settings)
     apps = {
         "webhook": create_webhook(settings),
         "projector": create_projector(settings),

@@ -191,3 +191,15 @@ def test_dockerfile_builds_the_project_and_runs_a_valid_command(
         package = pattern.rstrip("*")
         assert f"COPY {package} ./{package}" in text
         assert f"!{package}/" in ignore
+
+
+def test_migrate_declares_the_streams_before_any_service_starts() -> None:
+    """`zapbus migrate` declares the JetStream streams and consumers and the services only
+    check that they exist (they stop if not): every service on NATS waits for it, and it
+    waits for NATS."""
+    assert SERVICES["migrate"]["depends_on"]["nats"] == {"condition": "service_healthy"}
+    for name, (_, needs) in ZAPBUS.items():
+        assert "nats_url" in needs
+        assert SERVICES[name]["depends_on"]["migrate"] == {
+            "condition": "service_completed_successfully"
+        }, name

@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
-from zapbus import bus, db, dlq
+from zapbus import bus, db, dlq, topology
 from zapbus.config import ConfigError, Settings, load_settings
+from zapbus.localinfra import read_state
 from zapbus.tenants import create_tenant, list_tenants, rotate_key
 
 
 async def _migrate(settings: Settings) -> None:
     applied = await db.migrate(settings.database_url, settings.db_schema)
     print(f"applied: {', '.join(applied)}" if applied else "schema is up to date")
+    # The streams and consumers: declared here only, never by the services (zapbus/topology.py)
+    declared = await topology.declare_with(settings)
+    print(f"declared: {', '.join(declared)}")
 
 
 async def _tenant_create(settings: Settings, name: str) -> None:
@@ -52,11 +57,14 @@ async def _key_rotate(settings: Settings, name: str) -> int:
     return 0
 
 
-async def _dlq_list(settings: Settings) -> None:
+async def _dlq_list(settings: Settings) -> int:
     nc = await bus.connect(settings.nats_url, "zapbus-cli")
     try:
-        await bus.ensure_streams(nc.jetstream(), settings.names)
+        await bus.require_streams(nc.jetstream(), settings.names)
         letters = await dlq.list_letters(nc.jetstream(), settings.names)
+    except bus.MissingStreams as exc:
+        print(f"zapbus: {exc}", file=sys.stderr)
+        return 2
     finally:
         await nc.close()
     if not letters:
@@ -68,6 +76,7 @@ async def _dlq_list(settings: Settings) -> None:
             f"{item.seq}\t{d.failed_at:%Y-%m-%d %H:%M:%S}\t{d.reason}\t{target}"
             f"\t{d.deliveries} deliveries\t{d.error}"
         )
+    return 0
 
 
 async def _dlq_replay(settings: Settings, seq: int) -> int:
@@ -91,8 +100,8 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
     from prometheus_client import CollectorRegistry
 
     from services.session_worker.app import reconcile_policy
-    from services.session_worker.baileys_client import BaileysClient
     from services.session_worker.reconciler import ReconcileMetrics, Reconciler
+    from zapbus.dialects import make_dialect
 
     nc = await bus.connect(settings.nats_url, "zapbus-cli")
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
@@ -102,7 +111,8 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
                 pool=pool,
                 js=nc.jetstream(),
                 names=settings.names,
-                baileys=BaileysClient(
+                baileys=make_dialect(
+                    settings.baileys_kind,
                     http,
                     settings.baileys_url,
                     settings.baileys_api_key,
@@ -143,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zapbus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("run", help="start NATS/Postgres if needed, the services and the simulator")
-    sub.add_parser("migrate", help="apply the database migrations")
+    sub.add_parser(
+        "migrate", help="apply the database migrations; declare the JetStream streams and consumers"
+    )
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(
         dest="action", required=True
     )
@@ -164,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     reconcile.add_argument("--dry-run", action="store_true", help="print the drift, repair nothing")
     args = parser.parse_args(argv)
     try:
-        settings = load_settings()
+        # the servers a `make run` in this folder uses, unless ZAPBUS_* variables say otherwise
+        found = {} if args.command == "run" else read_state(Path(".zapbus"))
+        settings = load_settings({**found, **os.environ})
     except ConfigError as exc:
         print(f"zapbus: {exc}", file=sys.stderr)
         return 2
@@ -182,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         case "key", "rotate":
             return asyncio.run(_key_rotate(settings, args.name))
         case "dlq", "list":
-            asyncio.run(_dlq_list(settings))
+            return asyncio.run(_dlq_list(settings))
         case "dlq", "replay":
             return asyncio.run(_dlq_replay(settings, args.seq))
         case "reconcile", _:

@@ -34,8 +34,17 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Waiting longer for a free pooled connection fails the same way.
     db_acquire_timeout_seconds: float = 5.0
     namespace: str = "zapbus"
+    # JetStream replicas of every zapbus stream (and so of its consumers): 1 on one server,
+    # 3 on a 3-node cluster. Applied by `zapbus migrate`, which declares the streams.
+    stream_replicas: int = 1
+    # History rows of connections deleted or terminal (failed, logged_out ...) this many days
+    # ago are removed, and so are the rows of connections deleted that long ago (a periodic
+    # job in the projector's watchdog loop). 0 keeps everything.
+    history_retention_days: float = 90.0
     log_format: str = "auto"  # auto | json | text
     log_level: str = "INFO"
+    # Listen with SO_REUSEPORT, so several processes of a service can share its port.
+    reuse_port: bool = False
     # "dev" allows the built-in webhook secret (make run, the tests); anything else refuses it.
     env: str = "production"
 
@@ -49,6 +58,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (a key created meanwhile works once it passes).
     unknown_api_key_cache_seconds: float = 2.0
     public_gateway_url: str = "http://127.0.0.1:8080"
+    # code login: a new pairing code at most this often per connection
+    pairing_code_min_interval_seconds: float = 30.0
     # Open event streams (SSE) per tenant on one gateway replica; beyond, 429.
     sse_max_streams_per_tenant: int = 100
 
@@ -67,6 +78,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # session worker
     worker_host: str = "127.0.0.1"
     worker_port: int = 9102
+    # Which Baileys server dialect (zapbus/dialects/): seed | evolution | waha | fazer
+    baileys_kind: str = "seed"
     baileys_url: str = "http://127.0.0.1:3100"
     baileys_api_key: str = "dev-baileys-key"
     baileys_timeout_seconds: float = 55.0
@@ -86,9 +99,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     projector_host: str = "127.0.0.1"
     projector_port: int = 9103
     projector_batch: int = 512
+    # Events are partitioned by connection; each partition is projected by one projector at a
+    # time (leases in Postgres), so several projectors keep per-connection order.
+    event_partitions: int = 1
     qr_first_ttl_seconds: float = 60.0
     qr_next_ttl_seconds: float = 20.0
     qr_max_refreshes: int = 6
+    # 440 (connection replaced) this many times within the window ends in `conflict`
+    conflict_loop_count: int = 3
+    conflict_loop_window_seconds: float = 60.0
     # watchdog: a connection in pending/creating longer than this is re-driven (its create
     # command re-published with the same id), up to watchdog_max_redrives times, then failed
     # with reason "timeout"; awaiting_qr past the deadline fails with "timeout" at once.
@@ -113,10 +132,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     # make run: the API key of the "dev" tenant (a random one when empty)
     dev_api_key: str = ""
+    # make run: start NATS and Postgres from the pip wheels (data in .zapbus/) even when
+    # something answers on the default ports (a given ZAPBUS_NATS_URL/DATABASE_URL still wins)
+    embedded: bool = False
 
     @property
     def names(self) -> Names:
-        return Names(namespace=self.namespace)
+        return Names(namespace=self.namespace, event_partitions=self.event_partitions)
 
 
 _FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
@@ -134,10 +156,19 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
     raw.update(overrides)
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
-        Names(namespace=settings.namespace)  # validates the namespace
+        settings.names  # noqa: B018 (validates the namespace and partitions)
+        from zapbus.dialects import KINDS
+
+        if settings.baileys_kind not in KINDS:
+            raise ConfigError(
+                f"bad configuration in ZAPBUS_BAILEYS_KIND: {settings.baileys_kind!r} is not one"
+                f" of {', '.join(KINDS)}"
+            )
     except (msgspec.ValidationError, ValueError) as exc:
         field = str(exc).split("`$.", 1)[-1].split("`", 1)[0] if "`$." in str(exc) else ""
-        var = f"ZAPBUS_{field.upper()}" if field else "ZAPBUS_NAMESPACE"
+        if not field:
+            field = "event_partitions" if "event_partitions" in str(exc) else "namespace"
+        var = f"ZAPBUS_{field.upper()}"
         raise ConfigError(f"bad configuration in {var}: {exc}") from exc
     return settings
 

@@ -1,8 +1,9 @@
 """``zapbus run`` (``make run``): everything on one machine, for development and demos.
 
-Finds NATS and Postgres (or starts local ones in ``.zapbus/``), migrates, creates the ``dev``
-tenant, starts the four services and the Baileys simulator, prints the URLs, and on Ctrl-C
-stops everything in reverse order.
+Finds NATS and Postgres (or starts embedded ones from the pip wheels, data in ``.zapbus/``),
+records their URLs in ``.zapbus/state.json`` for the ``zapbus`` CLI, migrates, creates the
+``dev`` tenant, starts the four services and the Baileys simulator, prints the URLs, and on
+Ctrl-C stops everything in reverse order.
 """
 
 from __future__ import annotations
@@ -13,25 +14,24 @@ import os
 import signal
 from pathlib import Path
 
-from zapbus import db
+import msgspec
+
+from zapbus import db, topology
 from zapbus.config import Settings, load_settings
-from zapbus.localinfra import ensure_infra
+from zapbus.localinfra import clear_state, ensure_infra, write_state
 from zapbus.procs import ServiceProcess
 from zapbus.tenants import ensure_tenant
 from zapbus.tokens import new_api_key
 
 
-def _services(settings: Settings, env: dict[str, str], simulate: bool) -> list[ServiceProcess]:
+def _services(settings: Settings, env: dict[str, str], sim_url: str) -> list[ServiceProcess]:
     def url(host: str, port: int) -> str:
         return f"http://{host}:{port}/healthz"
 
     procs = []
-    if simulate:
-        procs.append(
-            ServiceProcess(
-                "baileys_sim", "services.baileys_sim", env, "http://127.0.0.1:3100/healthz"
-            )
-        )
+    if sim_url:
+        sim = ServiceProcess("baileys_sim", "services.baileys_sim", env, sim_url + "/healthz")
+        procs.append(sim)
     procs += [
         ServiceProcess(
             "webhook", "services.webhook", env, url(settings.webhook_host, settings.webhook_port)
@@ -59,10 +59,11 @@ async def run_dev(data_dir: Path) -> int:
     settings = load_settings()
     explicit_nats = os.environ.get("ZAPBUS_NATS_URL")
     explicit_db = os.environ.get("ZAPBUS_DATABASE_URL")
-    infra = await ensure_infra(explicit_nats, explicit_db, data_dir)
+    infra = await ensure_infra(explicit_nats, explicit_db, data_dir, embedded=settings.embedded)
     procs: list[ServiceProcess] = []
     try:
         await db.migrate(infra.database_url, settings.db_schema)
+        await topology.declare_with(msgspec.structs.replace(settings, nats_url=infra.nats_url))
         api_key = settings.dev_api_key or new_api_key()
         pool = await db.create_pool(infra.database_url, settings.db_schema, min_size=1, max_size=1)
         try:
@@ -77,11 +78,16 @@ async def run_dev(data_dir: Path) -> int:
             # otherwise); an explicit ZAPBUS_ENV wins
             "ZAPBUS_ENV": os.environ.get("ZAPBUS_ENV", "dev"),
         }
+        sim_port = os.environ.get("ZAPBUS_SIM_PORT", "3100")  # the simulator's own setting
+        sim_url = f"http://127.0.0.1:{sim_port}" if simulate else ""
         if simulate:
+            env["ZAPBUS_BAILEYS_URL"] = sim_url
             env.setdefault(
                 "ZAPBUS_SIM_CREATE_DELAY", os.environ.get("ZAPBUS_SIM_CREATE_DELAY", "10-30")
             )
-        procs = _services(settings, env, simulate)
+        # for the zapbus CLI run in this folder (zapbus reconcile needs the simulator too)
+        write_state(data_dir, infra, {"ZAPBUS_BAILEYS_URL": sim_url} if simulate else {})
+        procs = _services(settings, env, sim_url)
         for proc in procs:
             proc.start()
             await proc.wait_healthy()
@@ -92,7 +98,7 @@ async def run_dev(data_dir: Path) -> int:
             f"  webhook                  http://{settings.webhook_host}:{settings.webhook_port}\n"
             f"  session worker metrics   http://{settings.worker_host}:{settings.worker_port}/metrics\n"
             f"  projector metrics        http://{settings.projector_host}:{settings.projector_port}/metrics\n"
-            + ("  Baileys simulator        http://127.0.0.1:3100\n" if simulate else "")
+            + (f"  Baileys simulator        {sim_url}\n" if simulate else "")
             + f"  NATS {infra.nats_url}   Postgres {infra.database_url}\n"
             f"  dev tenant API key       {api_key}\n\n"
             f"  try: curl -s -X POST {g}/v1/connections -H 'Authorization: Bearer {api_key}'"
@@ -119,4 +125,5 @@ async def run_dev(data_dir: Path) -> int:
     finally:
         for proc in reversed(procs):
             await asyncio.to_thread(proc.stop)
+        clear_state(data_dir)
         await infra.close()

@@ -9,19 +9,36 @@ so if it fails again it is dead-lettered again, under a new letter.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
+from prometheus_client import Counter
 
-from proto.commands import Command, CreateSession, DeadLetter, DeleteSession, dead_letter_decoder
+from proto import headers
+from proto.commands import (
+    Command,
+    CreateSession,
+    DeadLetter,
+    DeleteSession,
+    command_decoder,
+    dead_letter_decoder,
+    dead_letter_encoder,
+)
 from proto.names import Names
 from proto.states import Status
+from zapbus.consumer import DurableConsumer
+from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
+
+log = logging.getLogger("zapbus.dlq")
 
 
 class Letter(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,3 +128,133 @@ async def _record(
         cmd.command_id,
         datetime.now(UTC),
     )
+
+
+# -- commands that exhausted the worker consumer's max_deliver ---------------------------------
+#
+# The worker dead-letters a command on its last attempt itself. A command whose deliveries all
+# ended without an answer (the worker crashed or hung on it each time, or the worker's own
+# dead-lettering failed) reaches the consumer's ``max_deliver`` and, on a work-queue stream,
+# stays stored and is never delivered again. JetStream publishes an advisory then; the
+# advisories stream captures it (so it waits while no one listens), and ``MaxDeliveries`` turns
+# each into a dead letter (reason ``max_deliver``) and removes the stuck message. The row of a
+# create is left to the watchdog, which re-drives it and finally fails it with ``timeout``.
+
+
+class MaxDeliveryAdvisory(msgspec.Struct, kw_only=True):
+    """``io.nats.jetstream.advisory.v1.max_deliver`` (the fields zapbus uses)."""
+
+    stream: str
+    consumer: str
+    stream_seq: int
+    deliveries: int
+
+
+_advisory_decoder = msgspec.json.Decoder(MaxDeliveryAdvisory)
+
+
+async def dead_letter_stuck(
+    js: JetStreamContext, names: Names, advisory: MaxDeliveryAdvisory
+) -> DeadLetter | None:
+    """Dead-letter the command an advisory names and delete it from the work queue; None if it
+    is gone already (acked after all, or handled by another replica)."""
+    try:
+        msg = await js.get_msg(advisory.stream, advisory.stream_seq)
+    except NotFoundError:
+        return None
+    assert msg.data is not None
+    raw = msg.data.decode(errors="replace")
+    try:
+        cmd: Command | None = command_decoder.decode(msg.data)
+    except msgspec.DecodeError:
+        cmd = None
+    letter = DeadLetter(
+        command=cmd,
+        raw=raw,
+        subject=msg.subject or "",
+        error=(
+            f"no delivery of {advisory.deliveries} ended with an answer (the worker crashed"
+            " or hung on each, or could not dead-letter it); removed from the work queue"
+        ),
+        reason="max_deliver",
+        deliveries=advisory.deliveries,
+        stream_seq=advisory.stream_seq,
+        failed_at=datetime.now(UTC),
+    )
+    # The worker's own id scheme: if it dead-lettered this message just before it died, the
+    # duplicate window drops this second letter.
+    msg_id = f"dlq:{cmd.command_id if cmd else 'undecodable'}:{advisory.stream_seq}"
+    await js.publish(
+        names.dead_letter_subject,
+        dead_letter_encoder.encode(letter),
+        headers={headers.MSG_ID: msg_id},
+        timeout=5.0,
+    )
+    try:
+        await js.delete_msg(advisory.stream, advisory.stream_seq)
+    except NotFoundError:
+        pass  # another replica removed it
+    return letter
+
+
+class MaxDeliveries:
+    """A runner (zapbus.supervisor) consuming the max-deliveries advisories of the commands."""
+
+    def __init__(
+        self,
+        consumer: DurableConsumer,
+        js: JetStreamContext,
+        names: Names,
+        dead_letters: Counter,
+        fetch_timeout: float = 1.0,
+    ) -> None:
+        self.consumer = consumer
+        self.js = js
+        self.names = names
+        self.dead_letters = dead_letters
+        self.fetch_timeout = fetch_timeout
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        await self.consumer.open()
+        try:
+            while not self._stopping.is_set():
+                for msg in await self.consumer.fetch(16, self.fetch_timeout):
+                    await self.handle(msg)
+        finally:
+            await self.consumer.close()
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            advisory = _advisory_decoder.decode(msg.data)
+        except msgspec.DecodeError as exc:
+            log.error("undecodable max-deliveries advisory dropped: %s", exc)
+            await msg.term()
+            return
+        if advisory.stream != self.names.commands_stream:
+            await msg.ack()
+            return
+        try:
+            letter = await dead_letter_stuck(self.js, self.names, advisory)
+        except Exception as exc:  # NATS busy or down: the advisory comes back later
+            log.warning("could not dead-letter stuck command %d: %r", advisory.stream_seq, exc)
+            await msg.nak(delay=5.0)
+            return
+        await msg.ack()
+        if letter is None:
+            return
+        kind = letter.command.kind if letter.command else "unknown"
+        self.dead_letters.labels(kind).inc()
+        log.error(
+            "command dead-lettered after max_deliver",
+            extra=fields(
+                command=kind,
+                connection_id=str(letter.command.connection_id) if letter.command else None,
+                command_id=str(letter.command.command_id) if letter.command else None,
+                seq=advisory.stream_seq,
+                delivered=advisory.deliveries,
+            ),
+        )

@@ -266,7 +266,8 @@ def serve(
     """A service's ``__main__``: read the settings, set up logging, run until SIGTERM.
 
     A bad or unsafe configuration (ConfigError) ends the process at once with exit code 2 and
-    one line naming the variable."""
+    one line naming the variable; so does one found while starting (a NATS server older than
+    zapbus needs)."""
     try:
         settings = load_settings()
         setup_logging(service, settings.log_format, settings.log_level)
@@ -275,11 +276,25 @@ def serve(
         print(f"{service}: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     host, port = address(settings)
-    run(app, host, port, settings.shutdown_grace_seconds)
+    try:
+        run(app, host, port, settings.shutdown_grace_seconds, reuse_port=settings.reuse_port)
+    except ConfigError as exc:  # found at start, e.g. a NATS server too old (bus.py)
+        print(f"{service}: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
 
 
-def run(app: web.Application, host: str, port: int, grace_seconds: float) -> None:
-    """Serve until SIGTERM or SIGINT, then shut down cleanly within ``grace_seconds``."""
+def run(
+    app: web.Application, host: str, port: int, grace_seconds: float, reuse_port: bool = False
+) -> None:
+    """Serve until SIGTERM or SIGINT, then shut down cleanly within ``grace_seconds``.
+    ``reuse_port``: several processes may listen on one port (SO_REUSEPORT); the kernel
+    spreads connections among them (e.g. webhook processes on a host with more cores)."""
     web.run_app(
-        app, host=host, port=port, shutdown_timeout=grace_seconds, print=None, access_log=None
+        app,
+        host=host,
+        port=port,
+        shutdown_timeout=grace_seconds,
+        print=None,
+        access_log=None,
+        reuse_port=reuse_port or None,
     )

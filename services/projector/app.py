@@ -67,6 +67,8 @@ def projector_loop(
             first_ttl_seconds=settings.qr_first_ttl_seconds,
             next_ttl_seconds=settings.qr_next_ttl_seconds,
             max_refreshes=settings.qr_max_refreshes,
+            conflict_loop_count=settings.conflict_loop_count,
+            conflict_loop_window_seconds=settings.conflict_loop_window_seconds,
         ),
         batch=settings.projector_batch,
         lease=lease,

@@ -1,0 +1,138 @@
+"""History retention: Postgres must not grow without bound.
+
+Every ``every`` seconds (hourly), one projector replica (a Postgres advisory lock) removes, for
+connections that ended more than ``ZAPBUS_HISTORY_RETENTION_DAYS`` ago (default 90; 0 keeps
+everything):
+
+* ``deleted``: the connection row and all its history;
+* terminal (``failed``, ``logged_out``, ``qr_expired``, ``conflict``): its history rows older
+  than the cut-off; the row stays (the tenant still sees it, and may recreate it).
+
+"Ended" is ``status_changed_at``, set when the row entered its state. The connections are
+walked in keyset pages of ``batch`` along the partial index ``connections_ended`` (migration
+004), each page in its own short transaction, so the job never holds many locks for long.
+A connection deleted here frees its ``Idempotency-Key``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter
+
+from proto.states import TERMINAL, Status
+
+log = logging.getLogger("zapbus.retention")
+
+_LOCK_ID = 0x7A627274  # "zbrt"
+_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+# A literal list, not a parameter: the planner matches it to the partial index's predicate.
+_ENDED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
+_PAGE = f"""
+SELECT id, status, status_changed_at FROM connections
+WHERE status IN ({_ENDED}) AND status_changed_at < $1 AND (status_changed_at, id) > ($2, $3)
+ORDER BY status_changed_at, id LIMIT $4
+"""
+
+
+class RetentionMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.deleted = Counter(
+            "zapbus_retention_deleted_rows_total",
+            "Rows removed by the history retention job, by table.",
+            ["table"],
+            registry=registry,
+        )
+
+
+class Retention:
+    """A runner (zapbus.supervisor): ``purge`` every ``every`` seconds."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        days: float,
+        metrics: RetentionMetrics,
+        every: float = 3600.0,
+        batch: int = 1000,
+    ) -> None:
+        self.pool = pool
+        self.days = days
+        self.metrics = metrics
+        self.every = every
+        self.batch = batch
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.purge()
+            except _DB_ERRORS as exc:
+                log.warning("history retention failed, will retry: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.every):
+                    await self._stopping.wait()
+
+    async def purge(self, now: datetime | None = None) -> tuple[int, int] | None:
+        """Remove what is past retention; (history rows, connection rows) removed, or None
+        when retention is off or another replica is at it."""
+        if self.days <= 0:
+            return None
+        cutoff = (now or datetime.now(UTC)) - timedelta(days=self.days)
+        history = connections = 0
+        async with self.pool.acquire() as conn:
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
+                return None
+            try:
+                at, last = datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0)
+                while not self._stopping.is_set():
+                    async with conn.transaction():
+                        rows = await conn.fetch(_PAGE, cutoff, at, last, self.batch)
+                        if not rows:
+                            break
+                        gone = [r["id"] for r in rows if r["status"] == Status.DELETED]
+                        ended = [r["id"] for r in rows if r["status"] != Status.DELETED]
+                        history += _count(
+                            await conn.execute(
+                                "DELETE FROM connection_events WHERE connection_id = ANY($1)"
+                                " AND (recorded_at < $2 OR connection_id = ANY($3))",
+                                ended + gone,
+                                cutoff,
+                                gone,
+                            )
+                        )
+                        connections += _count(
+                            await conn.execute(
+                                "DELETE FROM connections WHERE id = ANY($1)"
+                                " AND status = 'deleted' AND status_changed_at < $2",
+                                gone,
+                                cutoff,
+                            )
+                        )
+                    at, last = rows[-1]["status_changed_at"], rows[-1]["id"]
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        self.metrics.deleted.labels("connection_events").inc(history)
+        self.metrics.deleted.labels("connections").inc(connections)
+        if history or connections:
+            log.info(
+                "history retention removed %d history rows and %d deleted connections"
+                " (ended before %s)",
+                history,
+                connections,
+                cutoff.isoformat(timespec="seconds"),
+            )
+        return history, connections
+
+
+def _count(status: str) -> int:
+    """``DELETE 12`` -> 12."""
+    return int(status.rsplit(" ", 1)[-1])
