@@ -118,7 +118,9 @@ async def test_two_of_every_service_share_the_work_and_keep_order(workdir: Path)
                 assert last.get(cid, h["from_status"]) == h["from_status"], (cid, h)
                 last[cid] = h["to_status"]
                 moves.setdefault(cid, []).append(h["to_status"])
-            done = [m for m in moves.values() if m.count("reconnecting") >= 2]
+            # done: the last four applied moves are the two cycles, in order (applied out of
+            # order, a connection would end reconnecting and this never holds)
+            done = [m for m in moves.values() if m[-4:] == ["reconnecting", "connected"] * 2]
             return moves if len(done) == CREATES else None
 
         moves = await wait_for("two reconnect cycles projected everywhere", cycled, 60)
