@@ -82,6 +82,8 @@ async def run_dev(data_dir: Path) -> int:
         sim_url = f"http://127.0.0.1:{sim_port}" if simulate else ""
         if simulate:
             env["ZAPBUS_BAILEYS_URL"] = sim_url
+            # the simulator speaks the dialect zapbus is set to drive
+            env.setdefault("ZAPBUS_SIM_KIND", settings.baileys_kind)
             env.setdefault(
                 "ZAPBUS_SIM_CREATE_DELAY", os.environ.get("ZAPBUS_SIM_CREATE_DELAY", "10-30")
             )
