@@ -18,8 +18,15 @@ import pytest
 import yaml
 
 from services.baileys_sim.config import load_sim_config
+from zapbus.bus import server_urls
 from zapbus.cli import main as zapbus_main
-from zapbus.config import Settings, load_settings, require_own_secrets
+from zapbus.config import (
+    Settings,
+    load_settings,
+    require_client_token_secret,
+    require_own_secrets,
+)
+from zapbus.localinfra import nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -28,15 +35,17 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 
 # long-running zapbus services -> the Settings prefix of their host/port, and what they must set
 ZAPBUS = {
-    "gateway": ("gateway", {"nats_url", "database_url"}),
+    "gateway": ("gateway", {"nats_url", "database_url", "client_token_secret"}),
     "webhook": ("webhook", {"nats_url", "webhook_secret"}),
     "session_worker": (
         "worker",
         {"nats_url", "webhook_public_url", "webhook_secret", "baileys_url", "baileys_api_key"},
     ),
     "projector": ("projector", {"nats_url", "database_url"}),
+    "notifier": ("notifier", {"nats_url", "database_url"}),
 }
 SIM = "baileys_sim"
+NATS_NODES = ["nats-1", "nats-2", "nats-3"]
 
 
 class _Recorder(Mapping[str, str]):
@@ -95,7 +104,7 @@ def test_compose_matches_the_compose_spec() -> None:
 
 
 def test_services_have_healthchecks_and_known_dependencies() -> None:
-    assert set(ZAPBUS) | {SIM, "nats", "postgres", "migrate"} <= set(SERVICES)
+    assert set(ZAPBUS) | {SIM, *NATS_NODES, "postgres", "migrate"} <= set(SERVICES)
     for name, service in SERVICES.items():
         if name != "migrate":
             assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
@@ -103,7 +112,7 @@ def test_services_have_healthchecks_and_known_dependencies() -> None:
         for dep in service.get("depends_on", {}):
             assert dep in SERVICES, f"{name} depends on undefined {dep}"
     assert SERVICES["migrate"]["command"] == ["zapbus", "migrate"]
-    for name in ("gateway", "projector"):
+    for name in ("gateway", "projector", "notifier"):
         assert SERVICES[name]["depends_on"]["migrate"] == {
             "condition": "service_completed_successfully"
         }
@@ -124,7 +133,8 @@ def test_service_reaches_its_peers(name: str) -> None:
     settings = load_settings(variables)
     assert getattr(settings, f"{prefix}_host") == "0.0.0.0"
     for field in needs & {"nats_url", "database_url", "webhook_public_url", "baileys_url"}:
-        assert urlsplit(getattr(settings, field)).hostname in SERVICES, f"{name}: {field}"
+        for url in server_urls(getattr(settings, field)):  # nats_url: every cluster node
+            assert urlsplit(url).hostname in SERVICES, f"{name}: {field}"
     if "database_url" in needs:
         assert "migrate" in SERVICES[name]["depends_on"]
     grace = re.fullmatch(r"(\d+)s", SERVICES[name]["stop_grace_period"])
@@ -151,6 +161,14 @@ def test_secret_users_start_with_the_compose_secret(name: str) -> None:
     settings = load_settings(env(name))
     assert settings.env == "production"
     require_own_secrets(settings)  # raises ConfigError on the built-in secret
+
+
+def test_gateway_starts_with_the_compose_client_token_secret() -> None:
+    """The gateway signs client tokens and refuses a public key outside ZAPBUS_ENV=dev:
+    compose hands it one of its own."""
+    settings = load_settings(env("gateway"))
+    assert settings.env == "production" and settings.client_token_secret
+    require_client_token_secret(settings)  # raises ConfigError on the built-in secret
 
 
 @pytest.mark.parametrize("name", [*sorted(ZAPBUS), SIM])
@@ -197,9 +215,46 @@ def test_migrate_declares_the_streams_before_any_service_starts() -> None:
     """`zapbus migrate` declares the JetStream streams and consumers and the services only
     check that they exist (they stop if not): every service on NATS waits for it, and it
     waits for NATS."""
-    assert SERVICES["migrate"]["depends_on"]["nats"] == {"condition": "service_healthy"}
+    for node in NATS_NODES:  # an R3 stream is created only with its three peers up
+        assert SERVICES["migrate"]["depends_on"][node] == {"condition": "service_healthy"}
     for name, (_, needs) in ZAPBUS.items():
         assert "nats_url" in needs
         assert SERVICES[name]["depends_on"]["migrate"] == {
             "condition": "service_completed_successfully"
         }, name
+
+
+def test_nats_is_a_three_node_cluster_with_r3_streams() -> None:
+    """Three nodes, each with its own name and store, routed to all three by one config file
+    with ``sync_interval: always`` (valid for nats-server: ``-t``); every zapbus service and
+    migrate list all three in ZAPBUS_NATS_URL and declare R3 streams."""
+    conf_path = ROOT / "deploy" / "nats" / "nats.conf"
+    conf = conf_path.read_text()
+    assert re.search(r"^\s*sync_interval:\s*always\s*$", conf, re.M)
+    assert re.search(r"^\s*store_dir:\s*/data\s*$", conf, re.M)
+    routes = set(re.findall(r"nats-route://([\w-]+):6222", conf))
+    assert routes == set(NATS_NODES)
+    check = subprocess.run(
+        [str(nats_server_binary()), "-c", str(conf_path), "-t"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
+    stores = set()
+    for node in NATS_NODES:
+        service = SERVICES[node]
+        assert service["command"] == ["-c", "/etc/nats/nats.conf", "-n", node]
+        # "source:target[:mode]" -> {target: source}
+        mounts = {v.split(":")[1]: v.split(":")[0] for v in map(str, service["volumes"])}
+        assert mounts["/etc/nats"] == "./deploy/nats"
+        stores.add(mounts["/data"])
+        version = re.fullmatch(r"nats:(\d+)\.(\d+)(-alpine)?", service["image"])
+        assert version and (int(version[1]), int(version[2])) >= (2, 10), service["image"]
+        assert "js-enabled-only" in " ".join(service["healthcheck"]["test"])
+    assert len(stores) == 3 and stores <= set(COMPOSE["volumes"])  # a store per node
+    for name in [*ZAPBUS, "migrate"]:
+        settings = load_settings(env(name))
+        hosts = [urlsplit(u).hostname for u in server_urls(settings.nats_url)]
+        assert sorted(hosts) == NATS_NODES, f"{name}: {settings.nats_url}"
+        assert settings.stream_replicas == 3, name

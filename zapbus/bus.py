@@ -8,6 +8,7 @@ when the durable exists already (see NATS_NOTES.md).
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import msgspec
 import nats
@@ -17,6 +18,7 @@ from nats.js import api as js_api
 from nats.js.errors import BadRequestError, NotFoundError
 
 from proto.names import Names
+from zapbus import jsretry
 from zapbus.config import ConfigError
 
 log = logging.getLogger("zapbus.bus")
@@ -24,8 +26,17 @@ log = logging.getLogger("zapbus.bus")
 DUPLICATE_WINDOW_SECONDS = 15 * 60.0
 
 
+def server_urls(url: str) -> list[str]:
+    """``ZAPBUS_NATS_URL`` as nats-py's server list: one URL, or several separated by commas
+    (the nodes of a cluster; the client moves to the next one when its node dies)."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
+    return urls or [url]
+
+
 async def connect(url: str, name: str) -> NATS:
-    """A NATS connection that never stops reconnecting (nats-py gives up after ~2 min)."""
+    """A NATS connection that never stops reconnecting (nats-py gives up after ~2 min).
+
+    ``url`` may list several servers, comma-separated (``ZAPBUS_NATS_URL``)."""
 
     async def on_disconnect() -> None:
         log.warning("nats disconnected")
@@ -37,7 +48,7 @@ async def connect(url: str, name: str) -> NATS:
         log.warning("nats error: %s", exc)
 
     return await nats.connect(
-        url,
+        server_urls(url),
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -181,10 +192,16 @@ async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) 
     Only ``zapbus migrate`` (zapbus/topology.py) and test set-ups call this: services check
     that the streams exist (``require_streams``) and never rewrite them."""
     for config in stream_configs(names, replicas):
-        try:
-            await js.add_stream(config)
-        except BadRequestError:
-            await js.update_stream(config)
+        await jsretry.retrying(partial(_add_or_update, js, config), f"declare {config.name}")
+
+
+async def _add_or_update(js: JetStreamContext, config: js_api.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as exc:
+        if jsretry.is_transient(exc):  # e.g. no peers for an R3 stream while a node restarts
+            raise
+        await js.update_stream(config)
 
 
 class MissingStreams(ConfigError):
@@ -197,7 +214,7 @@ async def require_streams(js: JetStreamContext, names: Names) -> None:
     missing = []
     for stream in names.all_streams:
         try:
-            await js.stream_info(stream)
+            await jsretry.retrying(partial(js.stream_info, stream), f"stream_info {stream}")
         except NotFoundError:
             missing.append(stream)
     if missing:
@@ -218,8 +235,11 @@ async def ensure_consumer(
     ``config`` with a warning, so a service heals itself; one whose settings differ from this
     service's is used as declared, with a warning naming the differences."""
     assert config.durable_name
+    durable = config.durable_name
     try:
-        info = await js.consumer_info(stream, config.durable_name)
+        info = await jsretry.retrying(
+            lambda: js.consumer_info(stream, durable), f"consumer_info {durable}"
+        )
     except NotFoundError:
         log.warning(
             "consumer %s on %s is missing; creating it (`zapbus migrate` declares it)",
@@ -227,7 +247,9 @@ async def ensure_consumer(
             stream,
         )
         try:
-            await js.add_consumer(stream, config)
+            await jsretry.retrying(
+                lambda: js.add_consumer(stream, config), f"add_consumer {durable}"
+            )
         except NotFoundError:
             raise MissingStreams(
                 f"JetStream stream {stream} does not exist: run `zapbus migrate`"
@@ -248,7 +270,7 @@ async def ensure_consumer(
                 {k: v[0] for k, v in differ.items()},
                 {k: v[1] for k, v in differ.items()},
             )
-    return await js.pull_subscribe_bind(config.durable_name, stream=stream)
+    return await js.pull_subscribe_bind(durable, stream=stream)
 
 
 async def delete_streams(js: JetStreamContext, names: Names) -> None:

@@ -18,6 +18,7 @@ from nats.js import api as js_api
 from nats.js.errors import NotFoundError
 from prometheus_client import CollectorRegistry, Gauge
 
+from zapbus import jsretry
 from zapbus.bus import ensure_consumer
 
 log = logging.getLogger("zapbus.consumer")
@@ -93,6 +94,14 @@ class DurableConsumer:
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(timeout)  # the client is reconnecting; try again shortly
             msgs = []
+        except nats.errors.Error as exc:
+            if not jsretry.is_transient(exc):
+                raise
+            # A leader election on a cluster: the consumer has no leader for a few seconds
+            # and its pull requests are answered 503 (no responders). Not a crash: wait.
+            log.info("fetch on %s: consumer not available (%r); waiting", self.name, exc)
+            await asyncio.sleep(min(timeout, 0.5))
+            msgs = []
         if msgs:
             self._empty = 0
             return msgs
@@ -104,7 +113,7 @@ class DurableConsumer:
 
     async def _recreate_if_missing(self) -> None:
         try:
-            await self.js.consumer_info(self.stream, self.name)
+            await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)
         except NotFoundError:
             log.warning("consumer %s on %s is gone; re-creating it", self.name, self.stream)
             await self.close()
@@ -114,8 +123,12 @@ class DurableConsumer:
 
     async def pending(self) -> tuple[int, int]:
         """(messages not yet delivered, delivered but not acked) for the metrics."""
-        info = await self.js.consumer_info(self.stream, self.name)
+        info = await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    async def _info(self) -> js_api.ConsumerInfo:
+        info: js_api.ConsumerInfo = await self.js.consumer_info(self.stream, self.name)
+        return info
 
     async def report_pending(
         self, gauges: PendingGauges, every: float = PENDING_REFRESH_SECONDS

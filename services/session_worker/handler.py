@@ -59,6 +59,7 @@ from services.session_worker.fence import Fence, Verdict
 from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.retry import RetryPolicy
+from zapbus import jsretry
 from zapbus.dialects.base import CreateSessionRequest, Dialect
 from zapbus.dialects.errors import BaileysError, PermanentError, clean_reason
 from zapbus.logs import fields
@@ -221,7 +222,8 @@ class CommandHandler:
             requested_at=datetime.now(UTC),
             phone_number=cmd.phone_number,
         )
-        await self.js.publish(
+        await jsretry.publish(
+            self.js,
             self.names.command_subject(ask.kind),
             command_encoder.encode(ask),
             headers={
@@ -435,7 +437,10 @@ class CommandHandler:
         }
 
     async def _emit(self, event: Event) -> None:
-        await self.js.publish(
+        # Retried through a leader election with the same id: a copy the old leader stored is
+        # dropped by the duplicate window.
+        await jsretry.publish(
+            self.js,
             self.names.event_subject(EVENT_SUBJECT_KIND[type(event)], event.connection_id),
             event_encoder.encode(event),
             headers={
@@ -466,7 +471,8 @@ class CommandHandler:
         )
         # One letter per message given up on: a replay that fails again is a new letter.
         msg_id = f"dlq:{cmd.command_id if cmd else 'undecodable'}:{letter.stream_seq}"
-        await self.js.publish(
+        await jsretry.publish(
+            self.js,
             self.names.dead_letter_subject,
             dead_letter_encoder.encode(letter),
             headers={headers.MSG_ID: msg_id},

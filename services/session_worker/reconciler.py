@@ -48,6 +48,7 @@ from services.session_worker.drift import (
     compute,
     parse_session_name,
 )
+from zapbus import jsretry
 from zapbus.dialects.base import Dialect
 from zapbus.dialects.errors import BaileysError
 from zapbus.logs import fields
@@ -379,7 +380,8 @@ class Reconciler:
             status=item.report,
             reason=item.reason,
         )
-        await self.js.publish(
+        await jsretry.publish(
+            self.js,
             self.names.event_subject(EVENT_SUBJECT_KIND[SessionObserved], event.connection_id),
             event_encoder.encode(event),
             headers={
