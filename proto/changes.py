@@ -1,8 +1,9 @@
 """Connection changes: a snapshot of a connection after each applied transition.
 
 Published on the CONNECTION_CHANGES stream, one subject per connection
-(``<ns>.chg.<connection id>``), by whoever changed the row (the projector after its commit;
-the gateway and the watchdog through the outbox). The gateway streams them to browsers as
+(``<ns>.chg.<connection id>``), by whoever changed the row (the projector, the gateway, the
+watchdog), always through the outbox in the same transaction as the row, so the stream
+misses no change: the notifier turns them into webhooks. The gateway streams them as
 Server-Sent Events; the stream sequence is the SSE event id, so a client resumes with
 ``Last-Event-ID`` from any gateway replica.
 """
@@ -27,6 +28,11 @@ class ConnectionChanged(msgspec.Struct, frozen=True, kw_only=True):
     changed_at: datetime
     pairing_code: str | None = None
     pairing_code_expires_at: datetime | None = None
+    # why it is in this state, from a closed list (docs/architecture.md)
+    reason_code: str | None = None
+    # the status before this change (None: unknown, e.g. a create); the notifier tells a
+    # state change from a new QR or code by it
+    previous_status: str | None = None
 
 
 change_encoder = msgspec.json.Encoder()

@@ -126,6 +126,11 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
         return f"{self.namespace}.chg.{connection_id}"
 
     @property
+    def notifier_consumer(self) -> str:
+        """The notifier's durable consumer of the changes stream (webhooks to tenants)."""
+        return "notifier"
+
+    @property
     def all_streams(self) -> tuple[str, ...]:
         return (
             self.commands_stream,

@@ -1,6 +1,6 @@
 """A zapbus deployment of real processes on throwaway NATS and Postgres, for fault tests.
 
-The four services run as child processes (so a test can SIGKILL one), on a nats-server and a
+The five services run as child processes (so a test can SIGKILL one), on a nats-server and a
 PostgreSQL that the test started itself (so it can restart them); the shared servers are never
 touched. The Baileys simulator runs in the test's event loop.
 """
@@ -21,7 +21,7 @@ from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from zapbus import db, topology
 from zapbus.config import load_settings
-from zapbus.localinfra import NatsServer, PostgresServer, free_port
+from zapbus.localinfra import NatsCluster, NatsServer, PostgresServer, free_port
 from zapbus.procs import ServiceProcess
 from zapbus.tenants import create_tenant
 
@@ -30,12 +30,13 @@ PORT_VARS = {
     "webhook": "ZAPBUS_WEBHOOK_PORT",
     "session_worker": "ZAPBUS_WORKER_PORT",
     "projector": "ZAPBUS_PROJECTOR_PORT",
+    "notifier": "ZAPBUS_NOTIFIER_PORT",
 }
 
 
 @dataclass
 class ProcessStack:
-    nats: NatsServer
+    nats: NatsServer | NatsCluster
     postgres: PostgresServer
     procs: dict[str, ServiceProcess]
     ports: dict[str, int]
@@ -64,11 +65,16 @@ class ProcessStack:
 
 @contextlib.asynccontextmanager
 async def process_stack(
-    tmp: Path, sim: SimConfig, env: dict[str, str] | None = None, replicas: int = 1
+    tmp: Path,
+    sim: SimConfig,
+    env: dict[str, str] | None = None,
+    replicas: int = 1,
+    nats: NatsServer | NatsCluster | None = None,
 ) -> AsyncIterator[ProcessStack]:
     """``replicas`` copies of every service: the webhook copies share one port (SO_REUSEPORT),
-    the others get ports of their own (``procs["gateway_2"]``, ``ports["gateway_2"]``...)."""
-    nats = NatsServer(tmp / "nats")
+    the others get ports of their own (``procs["gateway_2"]``, ``ports["gateway_2"]``...).
+    ``nats``: the server or cluster to run on (started and stopped here), else a new server."""
+    nats = nats if nats is not None else NatsServer(tmp / "nats")
     postgres = PostgresServer(tmp / "pg")
     await nats.astart()
     await postgres.astart()

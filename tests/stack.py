@@ -21,6 +21,7 @@ from aiohttp import web
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from services.gateway.app import create_app as create_gateway
+from services.notifier.app import create_app as create_notifier
 from services.projector.app import create_app as create_projector
 from services.session_worker.app import create_app as create_worker
 from services.webhook.app import create_app as create_webhook
@@ -65,6 +66,7 @@ class Stack:
     apps: dict[str, web.Application]
     # name -> the AppRunner serving it; a test may stop one and put its replacement here
     runners: dict[str, web.AppRunner]
+    notifier_url: str = ""
 
     def auth(self, key: str | None = None) -> dict[str, str]:
         return {"Authorization": f"Bearer {key or self.api_key}"}
@@ -109,7 +111,10 @@ async def start_stack(
     settings: Settings, sim: SimConfig | None = FAST_SIM, **overrides: Any
 ) -> AsyncIterator[Stack]:
     """Start the stack; with ``sim=None`` no simulator runs on ``stack.sim_url`` (yet)."""
-    ports = {name: free_port() for name in ("sim", "webhook", "gateway", "worker", "projector")}
+    ports = {
+        name: free_port()
+        for name in ("sim", "webhook", "gateway", "worker", "projector", "notifier")
+    }
     settings = msgspec.structs.replace(
         settings,
         webhook_port=ports["webhook"],
@@ -121,6 +126,8 @@ async def start_stack(
         retry_max_seconds=overrides.pop("retry_max_seconds", 0.5),
         ack_wait_seconds=overrides.pop("ack_wait_seconds", 5.0),
         outbox_poll_seconds=0.2,
+        # webhook receivers in tests listen on loopback
+        notify_allow_private=overrides.pop("notify_allow_private", True),
         **overrides,
     )
     # The stack's own settings (ack_wait, attempts ...) shape the consumers: declare them as
@@ -131,6 +138,7 @@ async def start_stack(
         "projector": create_projector(settings),
         "worker": create_worker(settings),
         "gateway": create_gateway(settings),
+        "notifier": create_notifier(settings),
     }
     if sim is not None:
         apps["sim"] = create_sim(msgspec.structs.replace(sim, port=ports["sim"]))
@@ -156,6 +164,7 @@ async def start_stack(
             pool=pool,
             apps=apps,
             runners=runners,
+            notifier_url=f"http://127.0.0.1:{ports['notifier']}",
         )
     finally:
         await http.close()

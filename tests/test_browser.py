@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import shutil
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, Page, ViewportSize, async_playwright, expect
 
 from tests.stack import Stack
 
@@ -190,3 +191,212 @@ async def test_page_links_by_code_shown_large_and_grouped(
     await expect(page.locator("#qr-status")).to_have_attribute("data-status", "connected")
     await expect(code).to_be_hidden()
     assert not errors, errors
+
+
+# --- languages, and the /connect/{token} page for the person who scans ---------------------
+
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+def _watch(page: Page) -> list[str]:
+    """Errors the page reports: exceptions, console errors (CSP violations among them)."""
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    return errors
+
+
+async def _client_link(stack: Stack, cid: str, ttl: int = 600) -> str:
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/connections/{cid}/client-token",
+        json={"ttl_seconds": ttl},
+        headers=stack.auth(),
+    ) as r:
+        assert r.status == 200, await r.text()
+        token: str = (await r.json())["token"]
+    return f"{stack.gateway_url}/connect/{token}"
+
+
+async def _phone_page(browser: Browser, locale: str) -> Page:
+    context = await browser.new_context(
+        locale=locale, viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True
+    )
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    return page
+
+
+async def _fits_the_screen(page: Page) -> None:
+    width = await page.evaluate("() => document.documentElement.scrollWidth")
+    assert width <= PHONE["width"], f"the page scrolls sideways: {width}px"
+
+
+async def test_page_in_portuguese_with_translated_states_and_a_switch_to_english(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    context = await browser.new_context(locale="pt-BR", viewport={"width": 1100, "height": 760})
+    page = await context.new_page()
+    page.set_default_timeout(WAIT_MS)
+    errors = _watch(page)
+    await page.goto(f"{stack.gateway_url}/")
+    await expect(page.locator("html")).to_have_attribute("lang", "pt-BR")
+    await expect(page.locator("#notice")).to_have_text(
+        "Cole uma chave de API acima para ver suas conexões."
+    )
+    await page.get_by_label("Chave de API").fill(stack.api_key)
+    await page.get_by_role("button", name="Usar chave").click()
+    await expect(page.get_by_role("button", name="Nova conexão")).to_be_enabled()
+    await expect(page.locator("#empty")).to_have_text(
+        "Nenhuma conexão ainda. Crie uma para receber um QR code."
+    )
+    await page.get_by_role("button", name="Nova conexão").click()
+    await page.get_by_label("Nome").fill("Vendas")
+    await page.get_by_role("button", name="Criar", exact=True).click()
+
+    status = page.locator("#qr-status")
+    await expect(page.locator("#qr-image")).to_be_visible()
+    await expect(status).to_have_text("QR code pronto")
+    await expect(page.locator("#qr-title")).to_have_text("Leia com o WhatsApp")
+    shot = tmp_path / "qr-modal-pt-BR.png"
+    await page.locator("#qr-dialog").screenshot(path=shot)
+    _keep(shot)
+
+    session = await _session_name(stack, "Vendas")
+    await stack.sim("POST", f"/_sim/sessions/{session}/scan")
+    await expect(status).to_have_text("conectado")
+    await expect(page.locator("#qr-title")).to_have_text("WhatsApp conectado")
+    # a reason from the closed list, translated
+    await stack.sim("POST", f"/_sim/sessions/{session}/logout")
+    await expect(status).to_have_attribute("data-status", "logged_out")
+    await expect(status).to_have_text("desconectado")
+    await expect(page.locator("#qr-reason")).to_have_text("O celular desconectou este aparelho.")
+
+    # the switch: English at once, the open modal included, and kept on reload
+    await page.get_by_label("Idioma").select_option("en")
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await expect(status).to_have_text("logged out")
+    await expect(page.locator("#qr-reason")).to_have_text("The phone logged this device out.")
+    await page.get_by_role("button", name="Close").click()
+    await expect(page.get_by_role("button", name="New connection")).to_be_visible()
+    await expect(page.locator("#connections tbody tr .badge")).to_have_text("logged out")
+    await page.reload()
+    await expect(page.get_by_role("button", name="New connection")).to_be_enabled()
+    await expect(page.locator("#connections th").first).to_have_text("Name")
+    await page.get_by_label("Language").select_option("pt-BR")
+    await expect(page.locator("#connections tbody tr .badge")).to_have_text("desconectado")
+    assert not errors, errors
+
+
+async def test_connect_page_in_english_on_a_phone_shows_the_qr_until_connected(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    created = await stack.create("Scan me")
+    await stack.wait_status(created["id"], "qr_ready")
+    link = await _client_link(stack, created["id"])
+    page = await _phone_page(browser, "en-US")
+    errors = _watch(page)
+    await page.goto(link)
+    await expect(page.locator("html")).to_have_attribute("lang", "en")
+    await expect(page.get_by_role("heading", name="Link your WhatsApp")).to_be_visible()
+    qr = page.locator("#qr")
+    await expect(qr).to_be_visible()
+    await page.wait_for_function(
+        "() => { const i = document.querySelector('#qr');"
+        " return i.complete && i.naturalWidth > 0; }"
+    )
+    await expect(
+        page.get_by_text("Go to Settings → Linked devices → Link a device.")
+    ).to_be_visible()
+    await expect(page.locator("#status")).to_have_text("qr ready")
+    box = await qr.bounding_box()
+    assert box and box["x"] >= 0 and box["x"] + box["width"] <= PHONE["width"], box
+    assert box["width"] >= 200, box  # large enough to scan from a screen
+    await _fits_the_screen(page)
+    shot = tmp_path / "connect-qr-en.png"
+    await page.screenshot(path=shot, full_page=True)
+    _keep(shot)
+
+    await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/scan")
+    done = page.locator("#done")
+    await expect(done).to_be_visible()
+    await expect(done).to_contain_text("WhatsApp connected")
+    await expect(done).to_contain_text("You can close this page.")
+    await expect(qr).to_be_hidden()
+    await _fits_the_screen(page)
+    shot = tmp_path / "connect-done-en.png"
+    await page.screenshot(path=shot, full_page=True)
+    _keep(shot)
+    # the page never saw the tenant's API key, and nothing asked the browser for one
+    assert stack.api_key not in await page.content()
+    assert not errors, errors
+
+
+async def test_connect_page_in_portuguese_links_by_code(
+    stack: Stack, browser: Browser, tmp_path: Path
+) -> None:
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/connections",
+        json={"name": "Por código", "login": "code", "phone_number": "+5511987654321"},
+        headers=stack.auth(),
+    ) as r:
+        assert r.status == 202, await r.text()
+        created = await r.json()
+    await stack.wait_status(created["id"], "code_ready")
+    link = await _client_link(stack, created["id"])
+    page = await _phone_page(browser, "pt-BR")
+    errors = _watch(page)
+    await page.goto(link)
+    await expect(page.locator("html")).to_have_attribute("lang", "pt-BR")
+    code = page.locator("#code")
+    await expect(code).to_be_visible()
+    await expect(code).to_have_text(re.compile(r"^[A-Z0-9]{4}-[A-Z0-9]{4}$"))
+    await expect(page.get_by_role("heading", name="Conectar com código")).to_be_visible()
+    await expect(page.get_by_text("Toque em “Conectar com número de telefone”.")).to_be_visible()
+    await expect(page.locator("#status")).to_have_text("código pronto")
+    await expect(page.locator("#qr")).to_be_hidden()
+    await _fits_the_screen(page)
+    shot = tmp_path / "connect-code-pt-BR.png"
+    await page.screenshot(path=shot, full_page=True)
+    _keep(shot)
+
+    await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/enter-code")
+    done = page.locator("#done")
+    await expect(done).to_contain_text("WhatsApp conectado")
+    await expect(done).to_contain_text("Você já pode fechar esta página.")
+    shot = tmp_path / "connect-done-pt-BR.png"
+    await page.screenshot(path=shot, full_page=True)
+    _keep(shot)
+    await page.get_by_label("Idioma").select_option("en")
+    await expect(done).to_contain_text("WhatsApp connected")
+    assert not errors, errors
+
+
+async def test_connect_page_says_when_the_link_expired_in_both_languages(
+    stack: Stack, browser: Browser
+) -> None:
+    from services.gateway import client_tokens
+
+    created = await stack.create("Expiring")
+    await stack.wait_status(created["id"], "qr_ready")
+    key = client_tokens.signing_key(stack.settings)
+    old, _ = client_tokens.mint(key, stack.tenant_id, uuid.UUID(created["id"]), 60, 1.0)
+    for locale, text in (
+        ("pt-BR", "Este link expirou. Peça um novo."),
+        ("en-US", "This link has expired. Ask for a new one."),
+    ):
+        page = await _phone_page(browser, locale)
+        response = await page.goto(f"{stack.gateway_url}/connect/{old}")
+        assert response is not None and response.status == 410
+        await expect(page.get_by_role("alert")).to_have_text(text)
+    page = await _phone_page(browser, "pt-BR")
+    await page.goto(f"{stack.gateway_url}/connect/zbc_nope.nope")
+    await expect(page.get_by_role("alert")).to_contain_text("Este link não é válido.")
+
+    # a link that expires while it is open: the stream ends, the page says so
+    page = await _phone_page(browser, "en-US")
+    await page.goto(await _client_link(stack, created["id"], ttl=3))
+    await expect(page.locator("#qr")).to_be_visible()
+    await expect(page.get_by_role("alert")).to_have_text(
+        "This link has expired. Ask for a new one.", timeout=WAIT_MS
+    )
+    await expect(page.locator("#qr")).to_be_hidden()

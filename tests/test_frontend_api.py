@@ -112,7 +112,23 @@ async def test_every_v1_route_is_404_for_another_tenant(stack: Stack) -> None:
     _, other = await create_tenant(stack.pool, "intruder")
     headers = {"Authorization": f"Bearer {other}"}
     cid = created["id"]
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks",
+        json={"url": "http://127.0.0.1:9/hook", "events": ["*"]},
+        headers=stack.auth(),
+    ) as r:
+        wid = (await r.json())["id"]
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks/{wid}/test", headers=stack.auth()
+    ) as r:
+        delivery = (await r.json())["webhook_id"]
     routes = {
+        ("GET", f"/v1/webhooks/{wid}"),
+        ("DELETE", f"/v1/webhooks/{wid}"),
+        ("POST", f"/v1/webhooks/{wid}/rotate-secret"),
+        ("POST", f"/v1/webhooks/{wid}/test"),
+        ("GET", f"/v1/webhooks/{wid}/deliveries"),
+        ("POST", f"/v1/webhooks/{wid}/deliveries/{delivery}/replay"),
         ("GET", f"/v1/connections/{cid}"),
         ("DELETE", f"/v1/connections/{cid}"),
         ("POST", f"/v1/connections/{cid}/recreate"),
@@ -120,10 +136,16 @@ async def test_every_v1_route_is_404_for_another_tenant(stack: Stack) -> None:
         ("GET", f"/v1/connections/{cid}/history"),
         ("GET", f"/v1/connections/{cid}/qr"),
         ("GET", f"/v1/connections/{cid}/events"),
+        ("POST", f"/v1/connections/{cid}/client-token"),
     }
     # Every route of the app with an {id} is walked: a new route cannot be forgotten here.
     app_routes = {
-        (r.method, r.resource.canonical.replace("{id}", cid))
+        (
+            r.method,
+            r.resource.canonical.replace("{webhook_id}", delivery).replace(
+                "{id}", wid if r.resource.canonical.startswith("/v1/webhooks/") else cid
+            ),
+        )
         for r in stack.apps["gateway"].router.routes()
         if r.resource is not None and "{id}" in r.resource.canonical and r.method != "HEAD"
     }
@@ -133,6 +155,8 @@ async def test_every_v1_route_is_404_for_another_tenant(stack: Stack) -> None:
             assert r.status == 404, (method, path, r.status)
             assert r.content_type == "application/problem+json"
     async with stack.http.get(f"{stack.gateway_url}/v1/connections", headers=headers) as r:
+        assert (await r.json())["items"] == []
+    async with stack.http.get(f"{stack.gateway_url}/v1/webhooks", headers=headers) as r:
         assert (await r.json())["items"] == []
     status, body = await stack.get(cid)
     assert status == 200 and body["status"] == "qr_ready"  # untouched by the intruder

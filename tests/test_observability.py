@@ -137,6 +137,7 @@ async def _scrape_all(stack: Stack) -> dict[str, str]:
         "webhook": stack.webhook_url,
         "session_worker": stack.worker_url,
         "projector": stack.projector_url,
+        "notifier": stack.notifier_url,
         "baileys_sim": stack.sim_url,
     }
     out = {}
@@ -191,7 +192,7 @@ def test_prometheus_scrapes_every_compose_service_on_its_port() -> None:
         job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
         for job in config["scrape_configs"]
     }
-    expected = {"gateway", "webhook", "session_worker", "projector", "baileys_sim"}
+    expected = {"gateway", "webhook", "session_worker", "projector", "notifier", "baileys_sim"}
     assert set(targets) == expected
     for job, (target,) in targets.items():
         host, port = target.rsplit(":", 1)

@@ -48,6 +48,7 @@ def adapted_config(stack: Stack, data: Path) -> Path:
         "webhook": stack.webhook_url,
         "session_worker": stack.worker_url,
         "projector": stack.projector_url,
+        "notifier": stack.notifier_url,
         "baileys_sim": stack.sim_url,
     }
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
@@ -122,10 +123,17 @@ async def test_prometheus_scrapes_every_service_and_counts_the_created_connectio
         async def all_targets_up() -> list[str] | None:
             targets = (await _api(http, url, "targets"))["activeTargets"]
             healthy = sorted(t["labels"]["job"] for t in targets if t["health"] == "up")
-            return healthy if len(healthy) == len(targets) == 5 else None
+            return healthy if len(healthy) == len(targets) == 6 else None
 
         jobs = await wait_for("every scrape target up", all_targets_up, timeout=20, every=0.25)
-        assert jobs == ["baileys_sim", "gateway", "projector", "session_worker", "webhook"]
+        assert jobs == [
+            "baileys_sim",
+            "gateway",
+            "notifier",
+            "projector",
+            "session_worker",
+            "webhook",
+        ]
 
         async def counted() -> tuple[float | None, float | None] | None:
             seen = await _scalar(http, url, CREATED), await _scalar(http, url, ACCEPTED)

@@ -123,7 +123,8 @@ async def test_two_of_every_service_share_the_work_and_keep_order(workdir: Path)
             done = [m for m in moves.values() if m[-4:] == ["reconnecting", "connected"] * 2]
             return moves if len(done) == CREATES else None
 
-        moves = await wait_for("two reconnect cycles projected everywhere", cycled, 60)
+        # the killed projector's partitions move after its lease (10 s) and ack_wait (15 s)
+        moves = await wait_for("two reconnect cycles projected everywhere", cycled, 90)
         for cid, seen in moves.items():
             assert seen[-4:] == ["reconnecting", "connected"] * 2, (cid, seen)
         assert await _all(stack, "connected")

@@ -95,6 +95,37 @@ async def _dlq_replay(settings: Settings, seq: int) -> int:
     return 0
 
 
+async def _webhooks_failed(settings: Settings) -> int:
+    from zapbus import webhooks
+
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    try:
+        rows = await webhooks.given_up(pool)
+    finally:
+        await pool.close()
+    for r in rows:
+        print(
+            f"{r['webhook_id']}  {r['tenant']}  {r['event_type']}  {r['connection_id']}"
+            f"  attempts={r['attempts']}  {r['url']}  {r['last_error'] or ''}"
+        )
+    return 0
+
+
+async def _webhooks_replay(settings: Settings, ids: list[str]) -> int:
+    from zapbus import webhooks
+
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    status = 0
+    try:
+        for webhook_id in ids:
+            outcome = await webhooks.replay(pool, webhook_id)
+            print(f"{webhook_id}: {outcome}")
+            status = status or (0 if outcome == "replayed" else 1)
+    finally:
+        await pool.close()
+    return status
+
+
 async def _reconcile(settings: Settings, dry_run: bool) -> int:
     import aiohttp
     from prometheus_client import CollectorRegistry
@@ -170,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     letters.add_parser("replay", help="queue a dead letter's command again").add_argument(
         "seq", type=int, help="the dead letter's sequence, as `dlq list` shows it"
     )
+    hooks = sub.add_parser("webhooks", help="webhook deliveries").add_subparsers(
+        dest="action", required=True
+    )
+    hooks.add_parser("failed", help="list deliveries given up on (newest first)")
+    hooks.add_parser("replay", help="send given-up deliveries again").add_argument(
+        "webhook_id", nargs="+", help="a webhook-id, as `webhooks failed` shows it"
+    )
     reconcile = sub.add_parser(
         "reconcile", help="compare the Baileys server's sessions with the connections; repair"
     )
@@ -199,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_dlq_list(settings))
         case "dlq", "replay":
             return asyncio.run(_dlq_replay(settings, args.seq))
+        case "webhooks", "failed":
+            return asyncio.run(_webhooks_failed(settings))
+        case "webhooks", "replay":
+            return asyncio.run(_webhooks_replay(settings, args.webhook_id))
         case "reconcile", _:
             return asyncio.run(_reconcile(settings, args.dry_run))
     return 0

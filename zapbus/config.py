@@ -24,6 +24,7 @@ DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    # one server, or a cluster's nodes comma-separated (the client moves to another when one dies)
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # Postgres schema holding zapbus's tables (tests use one per test).
@@ -62,6 +63,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code_min_interval_seconds: float = 30.0
     # Open event streams (SSE) per tenant on one gateway replica; beyond, 429.
     sse_max_streams_per_tenant: int = 100
+    # Signs client tokens (browser-safe access to one connection). Empty: derived from
+    # webhook_secret. The gateway refuses the built-in one unless env is "dev".
+    client_token_secret: str = ""
 
     # webhook
     webhook_host: str = "127.0.0.1"
@@ -114,6 +118,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     watchdog_deadline_seconds: float = 180.0
     watchdog_interval_seconds: float = 15.0
     watchdog_max_redrives: int = 2
+
+    # notifier: webhooks to the tenant's backend (services/notifier/)
+    notifier_host: str = "127.0.0.1"
+    notifier_port: int = 9104
+    # the first retry after this many seconds, doubling (with jitter) up to notify_retry_max
+    notify_retry_base_seconds: float = 5.0
+    notify_retry_max_seconds: float = 3600.0
+    # a delivery is given up on this long after its first attempt
+    notify_retry_for_seconds: float = 86400.0
+    # an endpoint with no success for this long is disabled (with the reason, on the API)
+    notify_disable_after_seconds: float = 3 * 86400.0
+    # allow endpoint URLs on loopback / private / link-local addresses, and plain http
+    # (make run sets it, for receivers on the developer's machine)
+    notify_allow_private: bool = False
+    notify_timeout_seconds: float = 10.0
+    # deliveries in flight at once (each to a different endpoint and connection)
+    notify_concurrency: int = 64
 
     # reconciler (a loop in the session worker, one active replica at a time): compares the
     # sessions the Baileys server holds with what Postgres wants, every interval.
@@ -181,4 +202,20 @@ def require_own_secrets(settings: Settings) -> None:
             "ZAPBUS_WEBHOOK_SECRET is not set (the built-in default is public): set it to a"
             " long random value, the same for the webhook service and the session worker"
             " (or ZAPBUS_ENV=dev for local development)"
+        )
+
+
+def require_client_token_secret(settings: Settings) -> None:
+    """Refuse to sign client tokens with a public key outside ``ZAPBUS_ENV=dev``: with
+    neither ``ZAPBUS_CLIENT_TOKEN_SECRET`` nor an own ``ZAPBUS_WEBHOOK_SECRET`` (from which it
+    is derived), anyone could mint a token for any connection. Raises ConfigError."""
+    if settings.env == "dev":
+        return
+    own = settings.client_token_secret or settings.webhook_secret
+    if own in (DEV_WEBHOOK_SECRET, ""):
+        raise ConfigError(
+            "ZAPBUS_CLIENT_TOKEN_SECRET is not set, nor ZAPBUS_WEBHOOK_SECRET (the built-in"
+            " default is public): the gateway signs client tokens with it; set it to a long"
+            " random value, the same on every gateway replica (or ZAPBUS_ENV=dev for local"
+            " development)"
         )

@@ -2,7 +2,7 @@
 
 Finds NATS and Postgres (or starts embedded ones from the pip wheels, data in ``.zapbus/``),
 records their URLs in ``.zapbus/state.json`` for the ``zapbus`` CLI, migrates, creates the
-``dev`` tenant, starts the four services and the Baileys simulator, prints the URLs, and on
+``dev`` tenant, starts the five services and the Baileys simulator, prints the URLs, and on
 Ctrl-C stops everything in reverse order.
 """
 
@@ -51,6 +51,12 @@ def _services(settings: Settings, env: dict[str, str], sim_url: str) -> list[Ser
         ServiceProcess(
             "gateway", "services.gateway", env, url(settings.gateway_host, settings.gateway_port)
         ),
+        ServiceProcess(
+            "notifier",
+            "services.notifier",
+            env,
+            url(settings.notifier_host, settings.notifier_port),
+        ),
     ]
     return procs
 
@@ -77,6 +83,8 @@ async def run_dev(data_dir: Path) -> int:
             # a development run: the built-in webhook secret is allowed (services refuse it
             # otherwise); an explicit ZAPBUS_ENV wins
             "ZAPBUS_ENV": os.environ.get("ZAPBUS_ENV", "dev"),
+            # webhook receivers on this machine (http://127.0.0.1...) are fine in development
+            "ZAPBUS_NOTIFY_ALLOW_PRIVATE": os.environ.get("ZAPBUS_NOTIFY_ALLOW_PRIVATE", "true"),
         }
         sim_port = os.environ.get("ZAPBUS_SIM_PORT", "3100")  # the simulator's own setting
         sim_url = f"http://127.0.0.1:{sim_port}" if simulate else ""

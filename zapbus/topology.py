@@ -14,11 +14,12 @@ and partitions), so run ``zapbus migrate`` with the services' settings.
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from zapbus import bus
+from zapbus import bus, jsretry
 from zapbus.config import Settings
 
 log = logging.getLogger("zapbus.topology")
@@ -40,6 +41,7 @@ def dead_letterer_config(settings: Settings) -> js_api.ConsumerConfig:
 def consumer_configs(settings: Settings) -> list[tuple[str, js_api.ConsumerConfig]]:
     """(stream, config) of every durable consumer of the deployment."""
     # The services' modules import the runtime, which imports this package: import late.
+    from services.notifier.app import consumer_config as notifier_config
     from services.projector.app import consumer_config as projector_config
     from services.session_worker.app import consumer_config as worker_config
 
@@ -51,6 +53,7 @@ def consumer_configs(settings: Settings) -> list[tuple[str, js_api.ConsumerConfi
             for partition in range(settings.event_partitions)
         ),
         (names.advisories_stream, dead_letterer_config(settings)),
+        (names.changes_stream, notifier_config(settings)),
     ]
 
 
@@ -63,7 +66,10 @@ async def declare(js: JetStreamContext, settings: Settings) -> list[str]:
         for c in bus.stream_configs(settings.names, settings.stream_replicas)
     ]
     for stream, config in consumer_configs(settings):
-        await js.add_consumer(stream, config)  # creates it, or updates an existing one
+        # creates it, or updates an existing one; retried across a leader election
+        await jsretry.retrying(
+            partial(js.add_consumer, stream, config), f"add_consumer {config.durable_name}"
+        )
         done.append(f"consumer {config.durable_name} on {stream}")
     log.info("declared %s", ", ".join(done))
     return done

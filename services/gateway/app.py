@@ -7,15 +7,17 @@ from pathlib import Path
 
 from aiohttp import web
 
+from services.gateway import client_tokens, pages
 from services.gateway.app_keys import hub_key, qr_renderer_key, relay_key, stream_slots_key
-from services.gateway.auth import KeyCache, auth_middleware, key_cache_key
+from services.gateway.auth import KeyCache, auth_middleware, key_cache_key, token_signing_key
 from services.gateway.handlers import add_routes
 from services.gateway.live import ChangeHub
 from services.gateway.openapi import openapi_handler
 from services.gateway.qr import QrRenderer
 from services.gateway.relay import OutboxMetrics, OutboxRelay
 from services.gateway.sse import StreamSlots
-from zapbus.config import Settings
+from services.gateway.webhooks import add_webhook_routes
+from zapbus.config import Settings, require_client_token_secret
 from zapbus.httpkit import base_app, optional_checks_key, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
@@ -65,13 +67,11 @@ async def no_store(
     return response
 
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
-
-
 def create_app(settings: Settings) -> web.Application:
+    require_client_token_secret(settings)  # it signs client tokens: no public key
     app = base_app("gateway", client_max_size=64 * 1024)
     app[settings_key] = settings
+    app[token_signing_key] = client_tokens.signing_key(settings)
     app[key_cache_key] = KeyCache(
         settings.api_key_cache_seconds, settings.unknown_api_key_cache_seconds
     )
@@ -85,7 +85,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(hub_ctx)
     app.cleanup_ctx.append(runner_ctx("outbox_relay", _runner_key, _build_relay))
     add_routes(app)
+    add_webhook_routes(app)
     app.router.add_get("/openapi.json", openapi_handler)
-    app.router.add_get("/", index)
+    pages.add_routes(app)  # "/", "/connect/{token}", and every answer's security headers
     app.router.add_static("/static/", STATIC)
     return app

@@ -5,21 +5,44 @@ request does not pay a database round trip for it; a rotated or revoked key ther
 working within that time on every replica. An unknown key is remembered as unknown for
 ``ZAPBUS_UNKNOWN_API_KEY_CACHE_SECONDS`` (2 s), so a flood of bad keys costs one query per key
 and period, not one per request; a key created meanwhile works once that time has passed.
+
+A client token (``services/gateway/client_tokens.py``) stands for its tenant on the three
+read-only routes of its one connection: as ``Authorization: Bearer`` or, for ``<img src>`` and
+``EventSource``, as ``?token=`` (which takes nothing else). Another route: 403; another
+connection: 404; expired or forged: 401. Nothing here logs it (the access log has the route
+template, never the path or query).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from services.gateway import client_tokens
+from services.gateway.client_tokens import ClientToken
 from zapbus.httpkit import problem
 from zapbus.runtime import pool_key
 from zapbus.tenants import Tenant, tenant_for_key
 from zapbus.tokens import hash_api_key
 
 tenant_key = web.RequestKey("tenant", Tenant)
+# set when the request came with a client token rather than an API key
+client_token_key = web.RequestKey("client_token", ClientToken)
+# the key client tokens are signed with (client_tokens.signing_key)
+token_signing_key = web.AppKey("client_token_signing_key", bytes)
+# what a client token may do: (method, route template)
+CLIENT_TOKEN_ROUTES = frozenset(
+    (method, route)
+    for method in ("GET", "HEAD")
+    for route in (
+        "/v1/connections/{id}",
+        "/v1/connections/{id}/qr",
+        "/v1/connections/{id}/events",
+    )
+)
 _MAX_CACHED = 10_000
 
 
@@ -87,11 +110,50 @@ async def auth_middleware(
     if not request.path.startswith("/v1/"):
         return await handler(request)
     header = request.headers.get("Authorization", "")
+    if not header and "token" in request.query:
+        token = request.query["token"]
+        if not client_tokens.looks_like(token):
+            return _unauthorized("?token= takes a client token only; send an API key as header")
+        return await _with_client_token(request, handler, token)
     scheme, _, key = header.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         return _unauthorized("send 'Authorization: Bearer <api key>'")
+    if client_tokens.looks_like(key.strip()):
+        return await _with_client_token(request, handler, key.strip())
     tenant = await _tenant(request, key.strip())
     if tenant is None:
         return _unauthorized("unknown API key")
     request[tenant_key] = tenant
+    return await handler(request)
+
+
+async def _with_client_token(
+    request: web.Request,
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    token: str,
+) -> web.StreamResponse:
+    try:
+        claims = client_tokens.verify(request.app[token_signing_key], token)
+    except client_tokens.ExpiredToken:
+        return _unauthorized("the client token has expired; ask for a new one")
+    except client_tokens.InvalidToken:
+        return _unauthorized("not a valid client token")
+    resource = request.match_info.route.resource
+    if resource is None:  # no such route (404) or method (405): the router says so
+        return await handler(request)
+    if (request.method, resource.canonical) not in CLIENT_TOKEN_ROUTES:
+        return problem(
+            403,
+            "client-token-scope",
+            "Forbidden",
+            "a client token only reads its connection: GET /v1/connections/{id}, /qr, /events",
+        )
+    try:
+        same = uuid.UUID(request.match_info["id"]) == claims.connection_id
+    except (KeyError, ValueError):
+        same = False
+    if not same:  # the same answer as a connection of another tenant
+        return problem(404, "connection-not-found", "Connection not found")
+    request[tenant_key] = Tenant(id=claims.tenant_id, name="")
+    request[client_token_key] = claims
     return await handler(request)

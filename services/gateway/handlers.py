@@ -9,9 +9,9 @@ import msgspec
 from aiohttp import web
 
 from proto.changes import ConnectionChanged
-from services.gateway import qr, sse
+from services.gateway import client_tokens, qr, sse
 from services.gateway.app_keys import hub_key, qr_renderer_key, relay_key, stream_slots_key
-from services.gateway.auth import tenant_key
+from services.gateway.auth import client_token_key, tenant_key, token_signing_key
 from services.gateway.lifecycle import (
     CodeNotAvailable,
     ConnectionDeleted,
@@ -24,10 +24,13 @@ from services.gateway.lifecycle import (
     request_pairing_code,
 )
 from services.gateway.models import (
+    ClientTokenIssued,
+    ClientTokenRequest,
     ConnectionList,
     History,
     QrCode,
     RecreateConnection,
+    client_token_decoder,
     create_decoder,
     recreate_decoder,
 )
@@ -328,7 +331,47 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 raise _not_found()
             return change_of(current, "snapshot")
 
-        return await sse.stream(request, request.app[hub_key], connection_id, load)
+        claims = request.get(client_token_key)
+        ends_at = None if claims is None else float(claims.expires)  # a token's stream ends
+        return await sse.stream(request, request.app[hub_key], connection_id, load, ends_at)
+
+
+async def new_client_token(request: web.Request) -> web.Response:
+    """``POST /v1/connections/{id}/client-token``: a token that reads only this connection
+    (resource, QR, events) until it expires; for a browser, or a link to the person who
+    scans (``connect_url``). Checked without the database (client_tokens.py)."""
+    body = await request.read()
+    try:
+        req = client_token_decoder.decode(body) if body.strip() else ClientTokenRequest()
+    except msgspec.ValidationError as exc:
+        field = "ttl_seconds" if "ttl_seconds" in str(exc) else None
+        raise ProblemError(
+            422, "invalid-body", "Invalid request body", str(exc), field=field
+        ) from None
+    except msgspec.DecodeError:
+        raise ProblemError(
+            400, "malformed-json", "Malformed JSON", 'send a JSON object like {"ttl_seconds": 600}'
+        ) from None
+    tenant_id, connection_id = request[tenant_key].id, _connection_id(request)
+    connection = await get_connection(request.app[pool_key], tenant_id, connection_id)
+    if connection is None:
+        raise _not_found()
+    if connection.status == "deleted":
+        raise ProblemError(
+            409,
+            "connection-deleted",
+            "Connection deleted",
+            "a deleted connection has nothing to show",
+            status_now=connection.status,
+        )
+    token, claims = client_tokens.mint(
+        request.app[token_signing_key], tenant_id, connection_id, req.ttl_seconds
+    )
+    base = request.app[settings_key].public_gateway_url.rstrip("/")
+    issued = ClientTokenIssued(
+        token=token, expires_at=claims.expires_at, connect_url=f"{base}/connect/{token}"
+    )
+    return json_response(issued, headers={"Cache-Control": "no-store"})
 
 
 def add_routes(app: web.Application) -> None:
@@ -341,3 +384,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/connections/{id}/history", get_history)
     app.router.add_get("/v1/connections/{id}/qr", get_qr)
     app.router.add_get("/v1/connections/{id}/events", get_events)
+    app.router.add_post("/v1/connections/{id}/client-token", new_client_token)

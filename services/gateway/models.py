@@ -111,3 +111,26 @@ class Problem(msgspec.Struct, frozen=True, kw_only=True):
     detail: str | None = None
     field: str | None = None
     status_now: str | None = None
+
+
+TtlSeconds = Annotated[int, msgspec.Meta(ge=1, le=24 * 3600)]
+
+
+class ClientTokenRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/connections/{id}/client-token`` (optional): how long the token
+    works, at most 24 h."""
+
+    ttl_seconds: TtlSeconds = 600
+
+
+class ClientTokenIssued(msgspec.Struct, frozen=True, kw_only=True):
+    """A client token: read-only access to one connection (its resource, ``/qr``, ``/events``)
+    until ``expires_at``, as ``Authorization: Bearer`` or ``?token=``. ``connect_url`` is the
+    page that shows its QR code or pairing code to the person who scans."""
+
+    token: str
+    expires_at: datetime
+    connect_url: str
+
+
+client_token_decoder = msgspec.json.Decoder(ClientTokenRequest)

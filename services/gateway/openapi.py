@@ -9,6 +9,8 @@ from aiohttp import web
 
 from proto.states import Status
 from services.gateway.models import (
+    ClientTokenIssued,
+    ClientTokenRequest,
     Connection,
     ConnectionList,
     CreateConnection,
@@ -17,6 +19,7 @@ from services.gateway.models import (
     QrCode,
     RecreateConnection,
 )
+from services.gateway.openapi_webhooks import WEBHOOK_TYPES, webhook_paths
 from services.gateway.sse import LiveEvent
 from zapbus.httpkit import json_response
 
@@ -56,9 +59,10 @@ _ID = {
 }
 _AUTH = {
     "401": _problem(
-        "missing or unknown API key",
+        "missing or unknown API key, or an expired or forged client token",
         {"WWW-Authenticate": {"schema": {"type": "string"}, "description": "the Bearer scheme"}},
     ),
+    "403": _problem("a client token, which only reads its connection (GET, /qr, /events)"),
     "503": _problem(
         "dependency down; retry",
         {"Retry-After": {"schema": {"type": "string"}, "description": "seconds to wait"}},
@@ -67,6 +71,14 @@ _AUTH = {
 _FOUND = {**_AUTH, "404": _problem("no such connection for this tenant")}
 _LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the connection's URL"}}
 _RETRY_AFTER = {"Retry-After": {"schema": {"type": "string"}, "description": "seconds to wait"}}
+# the three routes a client token reads: as Bearer, or here (for <img src> and EventSource)
+_TOKEN = {
+    "name": "token",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "a client token (POST .../client-token), when no Authorization is sent",
+}
 
 
 def build() -> dict[str, Any]:
@@ -80,6 +92,9 @@ def build() -> dict[str, Any]:
             QrCode,
             Problem,
             LiveEvent,
+            ClientTokenRequest,
+            ClientTokenIssued,
+            *WEBHOOK_TYPES,
         ],
         ref_template=_REF,
     )
@@ -135,6 +150,7 @@ def build() -> dict[str, Any]:
             "get": {
                 "summary": "One connection",
                 "operationId": "getConnection",
+                "parameters": [_TOKEN],
                 "responses": {"200": _json("the connection", "Connection"), **_FOUND},
             },
             "delete": {
@@ -200,6 +216,7 @@ def build() -> dict[str, Any]:
             "get": {
                 "summary": "The current QR code as JSON, SVG or PNG (by Accept)",
                 "operationId": "getQr",
+                "parameters": [_TOKEN],
                 "responses": {
                     "200": {
                         "description": "the QR code",
@@ -228,6 +245,7 @@ def build() -> dict[str, Any]:
             "get": {
                 "summary": "Server-Sent Events: `status` and `qr` (data: LiveEvent), resumable",
                 "operationId": "streamEvents",
+                "parameters": [_TOKEN],
                 "responses": {
                     "200": {
                         "description": "an event stream",
@@ -247,6 +265,27 @@ def build() -> dict[str, Any]:
             },
         },
     }
+    paths["/v1/connections/{id}/client-token"] = {
+        "parameters": [_ID],
+        "post": {
+            "summary": "A client token: reads only this connection (GET, /qr, /events) until"
+            " it expires (at most 24 h); as Bearer or ?token=, and the /connect/{token} page",
+            "operationId": "createClientToken",
+            "requestBody": {
+                "required": False,
+                "content": {"application/json": {"schema": _ref("ClientTokenRequest")}},
+            },
+            "responses": {
+                "200": _json("the token", "ClientTokenIssued"),
+                "400": _problem("malformed JSON"),
+                "409": _problem("the connection was deleted"),
+                "413": _problem("body too large"),
+                "422": _problem("invalid body: ttl_seconds from 1 to 86400"),
+                **_FOUND,
+            },
+        },
+    }
+    paths.update(webhook_paths())
     return {
         "openapi": "3.1.0",
         "info": {

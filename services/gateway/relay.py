@@ -31,6 +31,7 @@ _BATCH = 200
 _GATHER_SECONDS = 0.003
 _COUNT_EVERY_SECONDS = 1.0
 _PUBLISH_TIMEOUT_SECONDS = 3.0
+_ONE_PASS_AT_A_TIME = "SELECT pg_advisory_xact_lock(hashtext('zapbus.outbox.' || current_schema()))"
 
 
 class OutboxMetrics:
@@ -121,6 +122,9 @@ class OutboxRelay:
 
     async def _relay_batch(self) -> tuple[int, bool]:
         async with self.pool.acquire() as conn, conn.transaction():
+            # One relay pass at a time per schema (gateways and projectors all relay): two
+            # passes side by side could publish one connection's changes out of order.
+            await conn.execute(_ONE_PASS_AT_A_TIME)
             rows = await conn.fetch(
                 "SELECT id, msg_id, subject, payload, headers, created_at FROM outbox"
                 " ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",

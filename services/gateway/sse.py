@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -42,6 +43,8 @@ class LiveEvent(msgspec.Struct, frozen=True, kw_only=True):
     changed_at: str
     pairing_code: str | None = None
     pairing_code_expires_at: str | None = None
+    # why it is in this state, from a closed list (docs/architecture.md)
+    reason_code: str | None = None
 
 
 def _frame(seq: int, change: ConnectionChanged) -> bytes:
@@ -63,6 +66,7 @@ def _frame(seq: int, change: ConnectionChanged) -> bytes:
         pairing_code_expires_at=(
             change.pairing_code_expires_at.isoformat() if change.pairing_code_expires_at else None
         ),
+        reason_code=change.reason_code,
     )
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), _json.encode(data))
 
@@ -118,8 +122,10 @@ async def stream(
     hub: ChangeHub,
     connection_id: uuid.UUID,
     load: Callable[[], Awaitable[ConnectionChanged]],
+    ends_at: float | None = None,
 ) -> web.StreamResponse:
-    """Serve the SSE stream; ``load`` reads the connection's current state.
+    """Serve the SSE stream; ``load`` reads the connection's current state. ``ends_at`` (unix
+    time): the stream ends then (a client token's expiry; the client's retry gets a 401).
 
     The listener is registered before the state is read, and the state is read after the
     latest change's sequence is taken, so no change can fall between the two.
@@ -145,11 +151,17 @@ async def stream(
             await resp.write(_frame(seq, change))
             sent = max(sent, seq)
         while True:
+            wait = KEEPALIVE_SECONDS
+            if ends_at is not None:
+                wait = min(wait, ends_at - time.time())
+                if wait <= 0:
+                    break
             try:
-                async with asyncio.timeout(KEEPALIVE_SECONDS):
+                async with asyncio.timeout(wait):
                     item = await queue.get()
             except TimeoutError:
-                await resp.write(b": keep-alive\n\n")
+                if ends_at is None or time.time() < ends_at:
+                    await resp.write(b": keep-alive\n\n")
                 continue
             if item is None:
                 break

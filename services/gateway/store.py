@@ -42,6 +42,7 @@ def change_of(c: Connection, cause: str) -> ConnectionChanged:
         changed_at=c.updated_at,
         pairing_code=c.pairing_code,
         pairing_code_expires_at=c.pairing_code_expires_at,
+        reason_code=c.reason_code,
     )
 
 

@@ -6,6 +6,7 @@ from aiohttp import web
 from nats.js import api as js_api
 from prometheus_client import Counter
 
+from services.gateway.relay import OutboxMetrics, OutboxRelay
 from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
 from services.projector.partitions import Lease, PartitionOwner
@@ -34,6 +35,13 @@ watchdog_key = web.AppKey("watchdog", Runner)
 dead_letterer_key = web.AppKey("dead_letterer", Runner)
 stream_usage_key = web.AppKey("stream_usage", Runner)
 retention_key = web.AppKey("retention", Runner)
+relay_key = web.AppKey("outbox_relay", OutboxRelay)
+relay_runner_key = web.AppKey("outbox_relay_runner", Runner)
+
+
+# Short: a batch takes milliseconds (each statement is bounded by the database timeouts), and
+# a partition taken over from a dead projector waits this long before projecting.
+PROJECTOR_ACK_WAIT_SECONDS = 15.0
 
 
 def consumer_config(settings: Settings, partition: int = 0) -> js_api.ConsumerConfig:
@@ -43,7 +51,7 @@ def consumer_config(settings: Settings, partition: int = 0) -> js_api.ConsumerCo
         filter_subject=names.partition_subjects(partition),
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.ALL,
-        ack_wait=30.0,
+        ack_wait=PROJECTOR_ACK_WAIT_SECONDS,
         max_deliver=-1,  # a database outage must not drop events: retry until it is back
         max_ack_pending=max(1000, settings.projector_batch * 4),
     )
@@ -72,6 +80,9 @@ def projector_loop(
         ),
         batch=settings.projector_batch,
         lease=lease,
+        # the changes it queues are relayed at once (without a relay here: at the next poll
+        # of another relay)
+        on_committed=app[relay_key].kick if relay_key in app else None,
     )
 
 
@@ -82,7 +93,21 @@ def build_projector(app: web.Application) -> PartitionOwner:
         app[pool_key],
         app[settings_key].event_partitions,
         lambda lease: projector_loop(app, lease, metrics),
+        takeover_delay_seconds=PROJECTOR_ACK_WAIT_SECONDS,
     )
+
+
+def build_relay(app: web.Application) -> OutboxRelay:
+    """The projector relays the change snapshots it queues itself (the gateway's relay would
+    too, at its next poll): live updates stay as quick as a direct publish."""
+    relay = OutboxRelay(
+        app[pool_key],
+        app[js_key],
+        OutboxMetrics(app[registry_key]),
+        poll_seconds=app[settings_key].outbox_poll_seconds,
+    )
+    app[relay_key] = relay
+    return relay
 
 
 def build_watchdog(app: web.Application) -> Watchdog:
@@ -127,6 +152,7 @@ def create_app(settings: Settings) -> web.Application:
     app[settings_key] = settings
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("projector"))
+    app.cleanup_ctx.append(runner_ctx("outbox_relay", relay_runner_key, build_relay))
     app.cleanup_ctx.append(runner_ctx("projector", projector_key, build_projector))
     app.cleanup_ctx.append(runner_ctx("watchdog", watchdog_key, build_watchdog))
     app.cleanup_ctx.append(runner_ctx("dead_letterer", dead_letterer_key, build_dead_letterer))

@@ -10,6 +10,7 @@ import collections
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -17,8 +18,6 @@ import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from proto import headers
-from proto.changes import ConnectionChanged, change_encoder
 from proto.events import Event, event_decoder, event_type
 from proto.names import Names
 from services.projector.metrics import ProjectorMetrics
@@ -51,6 +50,7 @@ class Projector:
         batch: int = 256,
         fetch_timeout: float = 1.0,
         lease: Lease | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
         self.consumer = consumer
         self.pool = pool
@@ -62,6 +62,7 @@ class Projector:
         self.fetch_timeout = fetch_timeout
         # The partition this loop projects; every batch checks it still holds it.
         self.lease = lease
+        self.on_committed = on_committed
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -105,43 +106,6 @@ class Projector:
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
             await self.consumer.close()
-
-    async def _publish_changes(self, results: list[Applied]) -> None:
-        """Tell live listeners (SSE) about every applied transition, after the commit.
-
-        Best effort: the rows are committed already, and a client that missed a change
-        re-reads the row when it reconnects. The id makes a redelivered batch harmless.
-        """
-        now = datetime.now(UTC)
-        failed = 0
-        for r in results:
-            if r.outcome is None or not r.outcome.applied:
-                continue
-            row = r.outcome.row
-            change = ConnectionChanged(
-                connection_id=r.event.connection_id,
-                generation=row.generation,
-                status=row.status.value,
-                status_reason=row.status_reason,
-                qr=row.qr,
-                qr_seq=row.qr_seq,
-                qr_expires_at=row.qr_expires_at,
-                cause=event_type(r.event),
-                changed_at=now,
-                pairing_code=row.pairing_code,
-                pairing_code_expires_at=row.pairing_code_expires_at,
-            )
-            try:
-                # Core publish to the stream's subject: stored by JetStream, not waited for.
-                await self.nc.publish(
-                    self.names.change_subject(r.event.connection_id),
-                    change_encoder.encode(change),
-                    headers={headers.MSG_ID: f"chg:{r.event.event_id}"},
-                )
-            except Exception:
-                failed += 1
-        if failed:
-            log.warning("%d change notifications not published", failed)
 
     async def handle_batch(self, msgs: list[Msg]) -> bool:
         """Project one batch; False when it was handed back for redelivery."""
@@ -188,7 +152,7 @@ class Projector:
         async with self.pool.acquire() as conn, conn.transaction():
             if self.lease is not None and not await self.lease.held(conn):
                 raise LeaseLost
-            return await project(conn, events, self.policy)
+            return await project(conn, events, self.policy, self.names)
 
     async def _one_by_one(self, msgs: list[Msg], events: list[Event], start: float) -> bool:
         for i, (msg, event) in enumerate(zip(msgs, events, strict=True)):
@@ -224,7 +188,8 @@ class Projector:
     async def _finish(self, good: list[Msg], results: list[Applied], start: float) -> None:
         for msg in good:
             await msg.ack()
-        await self._publish_changes(results)
+        if self.on_committed is not None:
+            self.on_committed()  # their change snapshots wait in the outbox: relay them now
         now = datetime.now(UTC)
         elapsed_ms = (time.perf_counter() - start) * 1000
         self.metrics.batch_size.observe(len(good))

@@ -34,6 +34,7 @@ from zapbus.runtime import Runner
 log = logging.getLogger("zapbus.projector")
 
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+_RELEASED = uuid.UUID(int=0)  # the owner of a lease handed back on purpose
 
 
 class LeaseLost(Exception):
@@ -70,12 +71,17 @@ class PartitionOwner:
         build: Callable[[Lease], Runner],
         renew_seconds: float = 2.0,
         lease_seconds: float = 10.0,
+        takeover_delay_seconds: float = 0.0,
     ) -> None:
         self.pool = pool
         self.partitions = partitions
         self.build = build
         self.renew_seconds = renew_seconds
         self.lease_seconds = lease_seconds
+        # A partition taken from a projector that died holding it starts this late: the
+        # consumer's ack_wait, so what the dead one had fetched and not acked is redelivered
+        # (before anything newer) first, and order holds across the takeover.
+        self.takeover_delay = takeover_delay_seconds
         self.member = uuid.uuid4()
         self._loops: dict[int, tuple[Runner, asyncio.Task[None]]] = {}
         self._stopping = asyncio.Event()
@@ -156,24 +162,38 @@ class PartitionOwner:
                     partition,
                     self.member,
                 )
-                taken = await conn.fetchval(
-                    "UPDATE projector_leases SET owner = $2,"
+                previous = await conn.fetchrow(
+                    "WITH prev AS (SELECT owner FROM projector_leases WHERE partition = $1"
+                    " FOR UPDATE)"
+                    " UPDATE projector_leases l SET owner = $2,"
                     " expires_at = now() + make_interval(secs => $3)"
-                    " WHERE partition = $1 AND (expires_at < now() OR owner = $2)"
-                    " RETURNING true",
+                    " FROM prev WHERE l.partition = $1 AND (l.expires_at < now() OR l.owner = $2)"
+                    " RETURNING prev.owner",
                     partition,
                     self.member,
                     self.lease_seconds,
                 )
-            if taken:
+            if previous is not None:
+                died = previous["owner"] not in (self.member, _RELEASED)
                 runner = self.build(Lease(partition, self.member))
-                task = asyncio.create_task(runner.run(), name=f"zapbus-projector-p{partition}")
+                task = asyncio.create_task(
+                    self._start(runner, self.takeover_delay if died else 0.0),
+                    name=f"zapbus-projector-p{partition}",
+                )
                 self._loops[partition] = (runner, task)
                 wanted -= 1
                 log.info(
                     "partition taken",
                     extra=fields(partition=partition, member=str(self.member)),
                 )
+
+    async def _start(self, runner: Runner, delay: float) -> None:
+        if delay > 0:
+            log.info("partition taken over from a projector that died; starting in %.0f s", delay)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stopping.wait()
+        await runner.run()
 
     async def _stop_loops(self, partitions: list[int]) -> None:
         for partition in partitions:
@@ -196,10 +216,12 @@ class PartitionOwner:
         async with self.pool.acquire() as conn:
             if partitions:
                 await conn.execute(
-                    "UPDATE projector_leases SET expires_at = now() - interval '1 second'"
+                    "UPDATE projector_leases SET owner = $3,"
+                    " expires_at = now() - interval '1 second'"
                     " WHERE owner = $1 AND partition = ANY($2::int[])",
                     self.member,
                     partitions,
+                    _RELEASED,
                 )
             if leave:
                 await conn.execute("DELETE FROM projector_members WHERE member = $1", self.member)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 import msgspec
 
+from proto import headers
+from proto.changes import ConnectionChanged, change_encoder
 from proto.events import Event, event_type
+from proto.names import Names
 from proto.states import Status
 from services.projector.transitions import Outcome, QrPolicy, Row, apply
 
@@ -57,11 +60,20 @@ SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], 
 ON CONFLICT (event_id) DO NOTHING
 """
 
+# Every applied transition's snapshot goes to the changes stream through the outbox, in the
+# batch's transaction: a crash after the commit cannot lose it (the notifier needs them all).
+_CHANGES = """
+INSERT INTO outbox (msg_id, subject, payload, headers)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[])
+ON CONFLICT (msg_id) DO NOTHING
+"""
+
 
 async def project(
-    conn: asyncpg.Connection, events: Sequence[Event], policy: QrPolicy
+    conn: asyncpg.Connection, events: Sequence[Event], policy: QrPolicy, names: Names
 ) -> list[Applied]:
-    """Apply ``events`` in order to their connections; the caller owns the transaction."""
+    """Apply ``events`` in order to their connections, and queue a change snapshot of every
+    applied one in the outbox; the caller owns the transaction."""
     ids = sorted({e.connection_id for e in events})
     rows: dict[uuid.UUID, Row] = {
         r["id"]: Row(
@@ -144,7 +156,37 @@ async def project(
         await conn.execute(_UPDATE, *_columns(updates, 15))
     if history:
         await conn.execute(_HISTORY, *_columns(history, 12))
+    changes = [_change_row(names, r) for r in results if r.outcome and r.outcome.applied]
+    if changes:
+        await conn.execute(_CHANGES, *_columns(changes, 4))
     return results
+
+
+def _change_row(names: Names, result: Applied) -> tuple[object, ...]:
+    """The outbox row of one applied transition (message id ``chg:<event id>``)."""
+    assert result.outcome is not None
+    row, event = result.outcome.row, result.event
+    change = ConnectionChanged(
+        connection_id=event.connection_id,
+        generation=row.generation,
+        status=row.status.value,
+        status_reason=row.status_reason,
+        qr=row.qr,
+        qr_seq=row.qr_seq,
+        qr_expires_at=row.qr_expires_at,
+        cause=event_type(event),
+        changed_at=datetime.now(UTC),
+        pairing_code=row.pairing_code,
+        pairing_code_expires_at=row.pairing_code_expires_at,
+        reason_code=row.reason_code,
+        previous_status=result.from_status.value if result.from_status else None,
+    )
+    return (
+        f"chg:{event.event_id}",
+        names.change_subject(event.connection_id),
+        change_encoder.encode(change),
+        msgspec.json.encode({headers.CONNECTION_ID: str(event.connection_id)}).decode(),
+    )
 
 
 def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:

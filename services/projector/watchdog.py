@@ -218,6 +218,8 @@ class Watchdog:
             qr_expires_at=None,
             cause="watchdog.timeout",
             changed_at=datetime.now(UTC),
+            reason_code=code,
+            previous_status=status.value,
         )
         await queue_change(conn, self.names, change)
         log.warning(

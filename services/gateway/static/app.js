@@ -1,10 +1,12 @@
 // zapbus web page: plain JavaScript, no build step. The API key stays in this browser only.
+// Texts come from i18n.js (English, Brazilian Portuguese).
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
 const state = { key: localStorage.getItem("zapbus.apiKey") || "", open: null };
 
-const label = (status) => status.replaceAll("_", " ");
+const t = I18N.t;
+const label = (status) => I18N.state(status);
 
 async function api(method, path, body) {
   const headers = { Authorization: `Bearer ${state.key}` };
@@ -41,7 +43,7 @@ function signedOut(text) {
 async function refresh() {
   if (!state.key) {
     signedOut("");
-    notice("Paste an API key above to see your connections.");
+    notice(t("pasteKey"));
     return;
   }
   try {
@@ -51,8 +53,8 @@ async function refresh() {
     $("#new-connection").disabled = false;
     notice("");
   } catch (err) {
-    if (err.status === 401) signedOut("That API key was not accepted.");
-    else notice(`Could not load: ${err.message}`, "error");
+    if (err.status === 401) signedOut(t("keyRefused"));
+    else notice(t("couldNotLoad", { msg: err.message }), "error");
   }
 }
 
@@ -61,7 +63,7 @@ const guarded = (what, fn) => async () => {
   try {
     await fn();
   } catch (err) {
-    notice(`Could not ${what}: ${err.message}`, "error");
+    notice(t(what, { msg: err.message }), "error");
   }
 };
 
@@ -88,14 +90,14 @@ function row(c) {
     actions.append(b);
   };
   if (c.status !== "deleted") {
-    button("QR / status", () => openQr(c.id));
-    button("Recreate", guarded("recreate", async () => {
+    button(t("btnQr"), () => openQr(c.id));
+    button(t("btnRecreate"), guarded("couldNotRecreate", async () => {
       await api("POST", `/v1/connections/${c.id}/recreate`);
       openQr(c.id);
       await refresh();
     }));
-    button("Delete", guarded("delete", async () => {
-      if (confirm(`Delete ${c.name}?`)) {
+    button(t("btnDelete"), guarded("couldNotDelete", async () => {
+      if (confirm(t("confirmDelete", { name: c.name }))) {
         await api("DELETE", `/v1/connections/${c.id}`);
         await refresh();
       }
@@ -183,54 +185,61 @@ function openQr(id) {
   const status = $("#qr-status");
   status.textContent = "…";
   status.dataset.status = "";
-  $("#qr-title").textContent = "Scan with WhatsApp";
+  $("#qr-title").textContent = t("scanTitle");
   $("#qr-help").hidden = false;
   $("#qr-seq").textContent = "";
   $("#qr-reason").textContent = "";
-  waiting("Waiting for the QR code…");
+  waiting(t("waitingQr"));
   $("#qr-dialog").showModal();
-  follow(id, (event, c) => {
-    status.textContent = label(c.status);
-    status.dataset.status = c.status;
-    $("#qr-reason").textContent = c.status_reason || "";
-    if (c.status === "code_ready" && c.pairing_code) {
-      const code = c.pairing_code;
-      const grouped = code.length === 8 ? `${code.slice(0, 4)}-${code.slice(4)}` : code;
-      $("#qr-title").textContent = "Link with a code";
+  follow(id, (event, c) => showState(id, c, controller), controller.signal);
+}
+
+// The modal for the connection's latest state (again when the language changes).
+function showState(id, c, controller) {
+  state.last = { id, c, controller };
+  const status = $("#qr-status");
+  status.textContent = label(c.status);
+  status.dataset.status = c.status;
+  $("#qr-reason").textContent = I18N.reason(c);
+  if (c.status === "code_ready" && c.pairing_code) {
+    const code = c.pairing_code;
+    const grouped = code.length === 8 ? `${code.slice(0, 4)}-${code.slice(4)}` : code;
+    $("#qr-title").textContent = t("linkWithCode");
+    $("#qr-help").hidden = true;
+    $("#qr-image").hidden = true;
+    $("#qr-wait").hidden = true;
+    $("#code-box").hidden = false;
+    $("#pairing-code").textContent = grouped;
+    return refresh();
+  }
+  $("#code-box").hidden = true;
+  if (c.status === "qr_ready" && c.qr) {
+    $("#qr-title").textContent = t("scanTitle");
+    $("#qr-seq").textContent = t("qrSeq", { seq: c.qr_seq });
+    if (state.shownSeq !== c.qr_seq) {
+      state.shownSeq = c.qr_seq;
+      showQrImage(id, c.qr_seq, controller.signal);
+    }
+  } else if (c.status !== "qr_ready") {
+    state.shownSeq = null;
+    $("#qr-seq").textContent = "";
+    if (c.status === "connected") {
+      $("#qr-title").textContent = t("linked");
       $("#qr-help").hidden = true;
       $("#qr-image").hidden = true;
       $("#qr-wait").hidden = true;
-      $("#code-box").hidden = false;
-      $("#pairing-code").textContent = grouped;
-      return refresh();
+      $("#qr-done").hidden = false;
+    } else {
+      waiting(`${label(c.status)}…`);
     }
-    $("#code-box").hidden = true;
-    if (c.status === "qr_ready" && c.qr) {
-      $("#qr-seq").textContent = `code ${c.qr_seq} · refreshes by itself`;
-      if (state.shownSeq !== c.qr_seq) {
-        state.shownSeq = c.qr_seq;
-        showQrImage(id, c.qr_seq, controller.signal);
-      }
-    } else if (c.status !== "qr_ready") {
-      state.shownSeq = null;
-      $("#qr-seq").textContent = "";
-      if (c.status === "connected") {
-        $("#qr-title").textContent = "WhatsApp linked";
-        $("#qr-help").hidden = true;
-        $("#qr-image").hidden = true;
-        $("#qr-wait").hidden = true;
-        $("#qr-done").hidden = false;
-      } else {
-        waiting(`${label(c.status)}…`);
-      }
-    }
-    refresh();
-  }, controller.signal);
+  }
+  refresh();
 }
 
 function closeQr() {
   if (state.open) state.open.abort();
   state.open = null;
+  state.last = null;
   state.shownSeq = null;
   if ($("#qr-dialog").open) $("#qr-dialog").close();
 }
@@ -259,11 +268,19 @@ $("#new-form").addEventListener("submit", async (e) => {
     await refresh();
     openQr(c.id);
   } catch (err) {
-    notice(`Could not create: ${err.message}`, "error");
+    notice(t("couldNotCreate", { msg: err.message }), "error");
   }
 });
 $("#qr-close").addEventListener("click", closeQr);
 $("#qr-dialog").addEventListener("close", closeQr);
+
+I18N.onChange(() => {
+  refresh();
+  if (state.last && $("#qr-dialog").open) {
+    const { id, c, controller } = state.last;
+    showState(id, c, controller);
+  }
+});
 
 $("#api-key").value = state.key;
 refresh();

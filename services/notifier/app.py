@@ -1,0 +1,86 @@
+"""The notifier service: connection changes -> signed webhooks to the tenants' backends."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from nats.js import api as js_api
+
+from services.notifier.dispatcher import Dispatcher, Policy
+from services.notifier.fanout import Fanout
+from services.notifier.metrics import NotifierMetrics
+from services.notifier.sender import Sender
+from zapbus.config import Settings
+from zapbus.consumer import DurableConsumer
+from zapbus.httpkit import base_app, registry_key
+from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+
+metrics_key = web.AppKey("notifier_metrics", NotifierMetrics)
+sender_key = web.AppKey("sender", Sender)
+dispatcher_key = web.AppKey("dispatcher", Runner)
+fanout_key = web.AppKey("fanout", Runner)
+
+
+def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
+    """The notifier's durable consumer of CONNECTION_CHANGES (declared by zapbus migrate).
+    New changes only from its creation on: older ones predate the endpoints."""
+    names = settings.names
+    return js_api.ConsumerConfig(
+        durable_name=names.notifier_consumer,
+        filter_subject=names.changes_subjects,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.NEW,
+        ack_wait=30.0,
+        max_deliver=-1,  # a database outage must not drop a change
+        max_ack_pending=1000,
+    )
+
+
+async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[settings_key]
+    sender = Sender(settings.notify_timeout_seconds, settings.notify_allow_private)
+    app[sender_key] = sender
+    app[metrics_key] = NotifierMetrics(app[registry_key])
+    yield
+    await sender.close()
+
+
+def build_dispatcher(app: web.Application) -> Dispatcher:
+    s = app[settings_key]
+    return Dispatcher(
+        app[pool_key],
+        app[sender_key],
+        Policy(
+            retry_base_seconds=s.notify_retry_base_seconds,
+            retry_max_seconds=s.notify_retry_max_seconds,
+            retry_for_seconds=s.notify_retry_for_seconds,
+            disable_after_seconds=s.notify_disable_after_seconds,
+            timeout_seconds=s.notify_timeout_seconds,
+        ),
+        app[metrics_key],
+        concurrency=s.notify_concurrency,
+    )
+
+
+def build_fanout(app: web.Application) -> Fanout:
+    settings = app[settings_key]
+    dispatcher = app[dispatcher_key]
+    assert isinstance(dispatcher, Dispatcher)
+    return Fanout(
+        DurableConsumer(app[js_key], settings.names.changes_stream, consumer_config(settings)),
+        app[pool_key],
+        app[metrics_key],
+        on_queued=dispatcher.kick,
+    )
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = base_app("notifier")
+    app[settings_key] = settings
+    app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(nats_ctx("notifier"))
+    app.cleanup_ctx.append(sender_ctx)
+    app.cleanup_ctx.append(runner_ctx("dispatcher", dispatcher_key, build_dispatcher))
+    app.cleanup_ctx.append(runner_ctx("fanout", fanout_key, build_fanout))
+    return app

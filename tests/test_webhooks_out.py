@@ -1,0 +1,382 @@
+"""Webhooks to the tenant's backend, end to end: gateway routes, the notifier, a real receiver.
+
+Every receiver is a real aiohttp server on a free loopback port; signatures are checked with
+the ``standardwebhooks`` package (an implementation independent of zapbus's sender) and by
+hand with hmac.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from standardwebhooks import Webhook
+
+from services.notifier.sender import Sender
+from tests.stack import Stack, serve, start_stack, wait_for
+from zapbus.config import Settings
+from zapbus.localinfra import free_port
+
+
+@dataclass
+class Receiver:
+    url: str
+    got: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    # answer for the n-th request (0-based); default 204
+    answer: Callable[[int, dict[str, Any]], int] = lambda n, body: 204
+    delay: float = 0.0
+    # which requests wait ``delay`` before the answer (default: all)
+    slow: Callable[[dict[str, Any]], bool] = lambda body: True
+
+    def bodies(self) -> list[dict[str, Any]]:
+        import json
+
+        return [json.loads(b) for _, b in self.got]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Callable[[], Any]]:
+    runners: list[web.AppRunner] = []
+
+    async def make() -> Receiver:
+        port = free_port()
+        rec = Receiver(url=f"http://127.0.0.1:{port}/hook")
+
+        async def hook(request: web.Request) -> web.Response:
+            import json
+
+            body = await request.read()
+            n = len(rec.got)
+            rec.got.append((dict(request.headers), body))
+            parsed = json.loads(body)
+            if rec.delay and rec.slow(parsed):
+                await asyncio.sleep(rec.delay)
+            return web.Response(status=rec.answer(n, parsed))
+
+        app = web.Application()
+        app.router.add_post("/hook", hook)
+        runners.append(await serve(app, port))
+        return rec
+
+    yield make
+    for r in runners:
+        await r.cleanup()
+
+
+async def add_endpoint(
+    stack: Stack, url: str, events: list[str] | None = None, key: str | None = None
+) -> dict[str, Any]:
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks",
+        json={"url": url, "events": events or ["*"], "description": "test"},
+        headers=stack.auth(key),
+    ) as r:
+        assert r.status == 201, await r.text()
+        body: dict[str, Any] = await r.json()
+        return body
+
+
+async def connect(stack: Stack, connection: dict[str, Any]) -> None:
+    row = await stack.wait_status(connection["id"], "qr_ready")
+    await stack.sim("POST", f"/_sim/sessions/{row['session_name']}/scan")
+    await stack.wait_status(connection["id"], "connected")
+
+
+def hand_verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    content = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
+    expected = base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()).decode()
+    return any(sig == f"v1,{expected}" for sig in headers["webhook-signature"].split())
+
+
+async def test_status_qr_and_deleted_events_signed_and_verified(
+    stack: Stack, receiver: Callable[[], Any]
+) -> None:
+    rec: Receiver = await receiver()
+    endpoint = await add_endpoint(stack, rec.url)
+    assert endpoint["secret"].startswith("whsec_")
+    assert base64.b64decode(endpoint["secret"].removeprefix("whsec_"))
+    connection = await stack.create("hooked")
+    await connect(stack, connection)
+
+    def statuses() -> list[str]:
+        return [b["data"]["status"] for b in rec.bodies() if b["type"] == "connection.status"]
+
+    await wait_for("connected delivered", lambda: _async("connected" in statuses()))
+    types = {b["type"] for b in rec.bodies()}
+    assert {"connection.status", "connection.qr"} <= types
+    wh = Webhook(endpoint["secret"])
+    for headers, body in rec.got:
+        wh.verify(body, headers)  # the package's verifier: raises if the signature is wrong
+        assert hand_verify(endpoint["secret"], headers, body)
+        assert headers["webhook-id"].startswith("msg_")
+    # the order of states is the order they happened in
+    seen = statuses()
+    assert seen.index("pending") < seen.index("qr_ready") < seen.index("connected")
+    qr = next(b for b in rec.bodies() if b["type"] == "connection.qr")
+    assert qr["data"]["id"] == connection["id"] and qr["data"]["qr"]
+    assert set(qr) == {"type", "timestamp", "data"}
+    assert "reason_code" in qr["data"]
+
+    async with stack.http.delete(
+        f"{stack.gateway_url}/v1/connections/{connection['id']}", headers=stack.auth()
+    ) as r:
+        assert r.status == 202
+    await wait_for(
+        "connection.deleted delivered",
+        lambda: _async(any(b["type"] == "connection.deleted" for b in rec.bodies())),
+    )
+    # the deliveries route lists the attempts
+    async with stack.http.get(
+        f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/deliveries", headers=stack.auth()
+    ) as r:
+        assert r.status == 200
+        items = (await r.json())["items"]
+    assert items and all(i["status_code"] == 204 and i["attempt"] == 1 for i in items)
+    assert {"webhook_id", "type", "attempt", "status_code", "error", "duration_ms"} <= set(items[0])
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
+async def test_retried_on_500_with_the_same_webhook_id(
+    settings: Settings, receiver: Callable[[], Any]
+) -> None:
+    async with start_stack(settings, notify_retry_base_seconds=0.1) as stack:
+        rec: Receiver = await receiver()
+        rec.answer = lambda n, body: 500 if n < 2 else 200
+        endpoint = await add_endpoint(stack, rec.url, ["connection.status"])
+        async with stack.http.post(
+            f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/test", headers=stack.auth()
+        ) as r:
+            assert r.status == 202
+            queued = await r.json()
+        await wait_for("third attempt", lambda: _async(len(rec.got) >= 3))
+        ids = {h["webhook-id"] for h, _ in rec.got[:3]}
+        assert ids == {queued["webhook_id"]}
+        async with stack.http.get(
+            f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/deliveries", headers=stack.auth()
+        ) as r:
+            items = (await r.json())["items"]
+
+        async def three() -> Any:
+            async with stack.http.get(
+                f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/deliveries",
+                headers=stack.auth(),
+            ) as r:
+                items = (await r.json())["items"]
+            return items if len(items) == 3 else None
+
+        items = await wait_for("three attempts recorded", three)
+        assert [(i["attempt"], i["status_code"]) for i in reversed(items)] == [
+            (1, 500),
+            (2, 500),
+            (3, 200),
+        ]
+        assert items[-1]["next_attempt_at"] is not None and items[0]["state"] == "succeeded"
+
+
+async def test_order_per_connection_while_another_connection_is_slow(
+    settings: Settings, receiver: Callable[[], Any]
+) -> None:
+    async with start_stack(settings, notify_retry_base_seconds=0.1) as stack:
+        rec: Receiver = await receiver()
+        slow_ids: set[str] = set()
+        rec.slow = lambda body: body.get("data", {}).get("id") in slow_ids
+        rec.delay = 4.0
+        tries: dict[str, int] = {}
+
+        def answer(n: int, body: dict[str, Any]) -> int:
+            # every first try of the fast connection's events fails: order must hold
+            # across retries too
+            key = f"{body['data']['id']}{body['data']['status']}{body['data']['qr_seq']}"
+            tries[key] = tries.get(key, 0) + 1
+            return 503 if tries[key] == 1 and body["data"]["id"] not in slow_ids else 200
+
+        rec.answer = answer
+        await add_endpoint(stack, rec.url, ["connection.status"])
+        b = await stack.create("slow one")
+        slow_ids.add(b["id"])
+        a = await stack.create("fast one")
+        await connect(stack, a)
+
+        def statuses(connection_id: str) -> list[str]:
+            by_id: dict[str, str] = {}
+            for (headers, _), body in zip(rec.got, rec.bodies(), strict=True):
+                if body["data"]["id"] == connection_id:
+                    by_id.setdefault(headers["webhook-id"], body["data"]["status"])
+            return list(by_id.values())
+
+        await wait_for(
+            "connected delivered for the fast connection",
+            lambda: _async("connected" in statuses(a["id"])),
+            timeout=20,
+        )
+        # the slow connection is still on its first change or two: it held nothing back
+        assert len(statuses(b["id"])) <= 2
+        seen = statuses(a["id"])
+        order = ["pending", "creating", "awaiting_qr", "qr_ready", "pairing", "connected"]
+        assert [s for s in seen if s in order] == [s for s in order if s in seen], seen
+        assert len(seen) >= 4, seen
+
+
+async def test_a_failing_endpoint_is_disabled_with_a_reason(
+    settings: Settings, receiver: Callable[[], Any]
+) -> None:
+    async with start_stack(
+        settings, notify_retry_base_seconds=0.1, notify_disable_after_seconds=1.0
+    ) as stack:
+        rec: Receiver = await receiver()
+        rec.answer = lambda n, body: 500
+        endpoint = await add_endpoint(stack, rec.url)
+        await stack.create("doomed")
+
+        async def disabled() -> Any:
+            async with stack.http.get(
+                f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}", headers=stack.auth()
+            ) as r:
+                body = await r.json()
+            return body if not body["enabled"] else None
+
+        body = await wait_for("endpoint disabled", disabled, timeout=20)
+        assert "no successful delivery" in body["disabled_reason"]
+        assert "HTTP 500" in body["disabled_reason"]
+        count = len(rec.got)
+        await stack.create("after")
+        await asyncio.sleep(1.5)
+        assert len(rec.got) == count  # nothing more to a disabled endpoint
+        # given-up deliveries are listed and can be replayed (which enables it again)
+        async with stack.http.get(
+            f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/deliveries?state=given_up",
+            headers=stack.auth(),
+        ) as r:
+            given_up = (await r.json())["items"]
+        assert given_up
+        rec.answer = lambda n, body: 200
+        wid = given_up[0]["webhook_id"]
+        async with stack.http.post(
+            f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/deliveries/{wid}/replay",
+            headers=stack.auth(),
+        ) as r:
+            assert r.status == 202, await r.text()
+        await wait_for(
+            "replayed delivery",
+            lambda: _async(any(h["webhook-id"] == wid for h, _ in rec.got[count:])),
+        )
+
+
+async def test_private_urls_refused_without_the_flag(
+    settings: Settings, receiver: Callable[[], Any]
+) -> None:
+    async with start_stack(settings, notify_allow_private=False) as stack:
+        for url in (
+            "https://127.0.0.1/hook",
+            "https://10.1.2.3/hook",
+            "https://169.254.169.254/latest/meta-data",
+            "https://[::1]/hook",
+            "https://localhost/hook",
+            "http://example.com/hook",  # https required
+            "ftp://example.com/hook",
+        ):
+            async with stack.http.post(
+                f"{stack.gateway_url}/v1/webhooks",
+                json={"url": url, "events": ["*"]},
+                headers=stack.auth(),
+            ) as r:
+                assert r.status == 422, (url, await r.text())
+                assert (await r.json())["type"].endswith("webhook-url-refused")
+    # at delivery time too (a name that resolved elsewhere when it was accepted)
+    rec: Receiver = await receiver()
+    sender = Sender(timeout_seconds=2, allow_private=False)
+    try:
+        for url in (rec.url, rec.url.replace("127.0.0.1", "localhost")):
+            attempt = await sender.send(url, ["whsec_" + "A" * 44], "msg_1", b"{}")
+            assert attempt.error and attempt.error.startswith("refused"), attempt
+            assert not attempt.retryable
+        assert rec.got == []
+    finally:
+        await sender.close()
+    # with the flag (what make run sets) a loopback receiver is fine
+    sender = Sender(timeout_seconds=2, allow_private=True)
+    try:
+        attempt = await sender.send(rec.url, ["whsec_" + "A" * 44], "msg_1", b"{}")
+        assert attempt.ok and len(rec.got) == 1
+    finally:
+        await sender.close()
+
+
+async def test_rotation_signs_with_both_secrets(stack: Stack, receiver: Callable[[], Any]) -> None:
+    rec: Receiver = await receiver()
+    endpoint = await add_endpoint(stack, rec.url)
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/rotate-secret", headers=stack.auth()
+    ) as r:
+        assert r.status == 200
+        rotated = await r.json()
+    assert rotated["secret"] != endpoint["secret"]
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/test", headers=stack.auth()
+    ) as r:
+        assert r.status == 202
+    await wait_for("test event", lambda: _async(rec.got))
+    headers, body = rec.got[0]
+    Webhook(rotated["secret"]).verify(body, headers)
+    Webhook(endpoint["secret"]).verify(body, headers)
+    assert "secret" not in await _get(stack, f"/v1/webhooks/{endpoint['id']}")
+
+
+async def _get(stack: Stack, path: str, key: str | None = None) -> Any:
+    async with stack.http.get(f"{stack.gateway_url}{path}", headers=stack.auth(key)) as r:
+        return await r.json()
+
+
+async def test_list_and_delete(stack: Stack) -> None:
+    endpoint = await add_endpoint(stack, "http://127.0.0.1:9/x", ["connection.qr"])
+    listed = await _get(stack, "/v1/webhooks")
+    assert [e["id"] for e in listed["items"]] == [endpoint["id"]]
+    assert listed["items"][0]["events"] == ["connection.qr"]
+    async with stack.http.delete(
+        f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}", headers=stack.auth()
+    ) as r:
+        assert r.status == 204
+    async with stack.http.get(
+        f"{stack.gateway_url}/v1/webhooks/{uuid.uuid4()}", headers=stack.auth()
+    ) as r:
+        assert r.status == 404
+
+
+async def test_another_tenants_endpoint_is_404_on_every_route(stack: Stack) -> None:
+    from zapbus.tenants import create_tenant
+
+    endpoint = await add_endpoint(stack, "http://127.0.0.1:9/x")
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/webhooks/{endpoint['id']}/test", headers=stack.auth()
+    ) as r:
+        delivery = (await r.json())["webhook_id"]
+    _, other = await create_tenant(stack.pool, "intruder")
+    wid = endpoint["id"]
+    routes = {
+        (r.method, r.resource.canonical.replace("{id}", wid).replace("{webhook_id}", delivery))
+        for r in stack.apps["gateway"].router.routes()
+        if r.resource is not None
+        and r.resource.canonical.startswith("/v1/webhooks/{id}")
+        and r.method != "HEAD"
+    }
+    assert len(routes) == 6
+    for method, path in sorted(routes):
+        async with stack.http.request(
+            method, stack.gateway_url + path, headers=stack.auth(other)
+        ) as r:
+            assert r.status == 404, (method, path, r.status)
+            assert r.content_type == "application/problem+json"
+    assert (await _get(stack, "/v1/webhooks", other))["items"] == []
+    assert (await _get(stack, f"/v1/webhooks/{wid}"))["id"] == wid  # untouched
