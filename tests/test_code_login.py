@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import pytest
 
 from tests.stack import FAST_SIM, Stack, start_stack, wait_for
 from zapbus.config import Settings
@@ -96,3 +97,18 @@ async def test_bad_code_login_requests_are_refused_clearly(settings: Settings) -
         )
         assert status == 202 and (body["login"], body["generation"]) == ("code", 2)
         await stack.wait_status(created["id"], "code_ready")
+
+
+@pytest.mark.parametrize("kind", ["evolution", "waha"])
+async def test_code_login_end_to_end_in_other_dialects(settings: Settings, kind: str) -> None:
+    sim = msgspec.structs.replace(FAST_SIM, kind=kind)
+    async with start_stack(settings, sim, baileys_kind=kind) as stack:
+        status, created = await _post(
+            stack, "/v1/connections", {"name": kind, "login": "code", "phone_number": PHONE}
+        )
+        assert status == 202, created
+        shown = await stack.wait_status(created["id"], "code_ready", timeout=20)
+        assert shown["pairing_code"]
+        await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/enter-code")
+        linked = await stack.wait_status(created["id"], "connected", timeout=20)
+        assert linked["pairing_code"] is None

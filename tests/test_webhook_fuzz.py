@@ -242,3 +242,25 @@ async def test_odd_webhooks_never_5xx_and_never_change_a_terminal_row(stack: Sta
 
     await wait_for("the projector to record every accepted webhook", caught_up, timeout=30)
     assert dict(await stack.pool.fetchrow(row_sql, cid)) == before
+
+
+async def test_an_unknown_event_named_with_a_nul_is_kept_in_history(stack: Stack) -> None:
+    """Found by the fuzzer: the name of an unknown event reaches history, and Postgres text
+    refuses NUL; it must be stored cleaned, not refused (which lost it)."""
+    created = await stack.create("nul")
+    await stack.wait_status(created["id"], "qr_ready")
+    cid = uuid.UUID(created["id"])
+    url = f"{stack.webhook_url}/webhooks/baileys/{cid}/1/"
+    url += webhook_token(stack.settings.webhook_secret, cid, 1)
+    async with stack.http.post(url, json={"event": "odd\u0000event", "data": {}}) as r:
+        assert r.status == 202, await r.text()
+
+    async def kept() -> bool:
+        reasons = await stack.pool.fetch(
+            "SELECT reason FROM connection_events WHERE connection_id = $1"
+            " AND event_type = 'webhook.ignored'",
+            cid,
+        )
+        return any(r["reason"] == "not used: oddevent" for r in reasons)
+
+    await wait_for("the ignored event in history", kept)

@@ -35,6 +35,7 @@ from zapbus.dialects.reports import (
     StatusReport,
     Unknown,
     checked_qr,
+    clean_text,
 )
 from zapbus.httpkit import ProblemError, json_response, log_fields_key
 from zapbus.logs import fields
@@ -221,5 +222,6 @@ async def _events(
         case PairingCodeReport(code=code):
             return [("pairing_code", PairingCodeShown(**common, code=code))]
         case Unknown(name=name):
-            return [("other", WebhookIgnored(**common, event=name))]
+            # kept in history: Postgres text refuses NUL, and the name is the sender's
+            return [("other", WebhookIgnored(**common, event=clean_text(name, 100) or "?"))]
     return [("other", WebhookIgnored(**common, event=type(report).__name__))]
