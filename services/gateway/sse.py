@@ -117,6 +117,15 @@ async def missed(hub: ChangeHub, connection_id: uuid.UUID, resume: int) -> list[
     return None if len(found) > READ_LIMIT else found
 
 
+def _already_shown(change: ConnectionChanged, snapshot: ConnectionChanged) -> bool:
+    """Is ``change`` part of what the snapshot already showed? Changes travel through the
+    outbox, so one committed before the row was read can reach the stream after it: its
+    time (the transaction's, as the row's ``updated_at``) is then not after the snapshot's."""
+    if change.generation != snapshot.generation:
+        return change.generation < snapshot.generation
+    return change.changed_at <= snapshot.changed_at
+
+
 async def stream(
     request: web.Request,
     hub: ChangeHub,
@@ -142,11 +151,13 @@ async def stream(
         sent = 0
         resume = last_event_id(request)
         backlog = None if resume is None else await missed(hub, connection_id, resume)
+        seen: ConnectionChanged | None = None  # the snapshot read from Postgres
         if backlog is not None and resume is not None:
             sent = resume
         else:
             snapshot_seq = await hub.last_seq(connection_id)
-            backlog = [(snapshot_seq, await load())]
+            seen = await load()
+            backlog = [(snapshot_seq, seen)]
         for seq, change in backlog:
             await resp.write(_frame(seq, change))
             sent = max(sent, seq)
@@ -166,6 +177,8 @@ async def stream(
             if item is None:
                 break
             seq, change = item
+            if seen is not None and _already_shown(change, seen):
+                continue  # relayed after the snapshot was read, but not newer than it
             if seq > sent:
                 await resp.write(_frame(seq, change))
                 sent = seq

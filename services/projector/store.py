@@ -156,13 +156,16 @@ async def project(
         await conn.execute(_UPDATE, *_columns(updates, 15))
     if history:
         await conn.execute(_HISTORY, *_columns(history, 12))
-    changes = [_change_row(names, r) for r in results if r.outcome and r.outcome.applied]
+    # the transaction's own time, which is also the rows' updated_at: a reader of the row can
+    # tell a change it already saw (changed_at <= updated_at) from a newer one
+    tx_time = await conn.fetchval("SELECT now()") if changed else None
+    changes = [_change_row(names, r, tx_time) for r in results if r.outcome and r.outcome.applied]
     if changes:
         await conn.execute(_CHANGES, *_columns(changes, 4))
     return results
 
 
-def _change_row(names: Names, result: Applied) -> tuple[object, ...]:
+def _change_row(names: Names, result: Applied, at: datetime | None) -> tuple[object, ...]:
     """The outbox row of one applied transition (message id ``chg:<event id>``)."""
     assert result.outcome is not None
     row, event = result.outcome.row, result.event
@@ -175,7 +178,7 @@ def _change_row(names: Names, result: Applied) -> tuple[object, ...]:
         qr_seq=row.qr_seq,
         qr_expires_at=row.qr_expires_at,
         cause=event_type(event),
-        changed_at=datetime.now(UTC),
+        changed_at=at or datetime.now(UTC),
         pairing_code=row.pairing_code,
         pairing_code_expires_at=row.pairing_code_expires_at,
         reason_code=row.reason_code,
