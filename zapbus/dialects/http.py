@@ -63,34 +63,6 @@ class Answer(msgspec.Struct, frozen=True):
         return error_for_status(self.status, self.detail)
 
 
-def _session_from(item: Any, name: str | None = None) -> ServerSession | None:
-    """A session from one item of a list (or a single-session body), None if malformed."""
-    if isinstance(item, str):
-        return ServerSession(item) if item else None
-    if not isinstance(item, dict):
-        return None
-    found = next((v for k in _NAME_FIELDS if isinstance(v := item.get(k), str) and v), name)
-    if found is None:
-        return None
-    state = next((v for k in _STATE_FIELDS if isinstance(v := item.get(k), str)), None)
-    return ServerSession(found, state)
-
-
-def _session_items(body: Any) -> list[Any] | None:
-    """The list of sessions in a ``GET /sessions`` body of any known shape, else None."""
-    if isinstance(body, list):
-        return body
-    if not isinstance(body, dict):
-        return None
-    for key in ("data", "sessions"):
-        value = body.get(key)
-        if isinstance(value, dict):  # {"data": {"sessions": [...]}}
-            value = value.get("sessions")
-        if isinstance(value, list):
-            return value
-    return None
-
-
 async def call(
     http: aiohttp.ClientSession,
     method: str,
