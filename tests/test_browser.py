@@ -177,7 +177,8 @@ async def test_page_links_by_code_shown_large_and_grouped(
     await page.get_by_role("button", name="Create").click()
 
     code = page.locator("#pairing-code")
-    await expect(code).to_be_visible()
+    # the code comes after the create and a round trip to the server: allow the page's wait
+    await expect(code).to_be_visible(timeout=WAIT_MS)
     await expect(code).to_have_text(re.compile(r"^[A-Z0-9]{4}-[A-Z0-9]{4}$"))
     await expect(page.locator("#qr-status")).to_have_attribute("data-status", "code_ready")
     await expect(page.locator("#qr-image")).to_be_hidden()
