@@ -38,6 +38,8 @@ class DeleteSession(_SessionCommand, frozen=True, kw_only=True, tag="session.del
     """Delete the Baileys session of one generation (on delete or recreate)."""
 
     phone_number: str | None = None  # servers keyed by phone (fazer) need it
+    # the Baileys server holding it; None: where the generation was placed
+    server: str | None = None
 
     @property
     def kind(self) -> str:

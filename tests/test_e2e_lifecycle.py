@@ -251,7 +251,11 @@ async def test_breaker_makes_commands_wait_for_a_down_server(settings: Settings)
 
         async def breaker_open() -> bool:
             async with stack.http.get(f"{stack.worker_url}/metrics") as r:
-                return "zapbus_worker_breaker_open 1.0" in await r.text()
+                text = await r.text()
+            return any(
+                line.startswith("zapbus_worker_breaker_open{") and line.endswith(" 1.0")
+                for line in text.splitlines()
+            )
 
         await wait_for("the breaker to open", breaker_open)
         sim = msgspec.structs.replace(FAST_SIM, port=stack.sim_port)

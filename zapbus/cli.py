@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from zapbus import bus, db, dlq, topology
+from zapbus import bus, db, dlq, servercli, topology
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import read_state
 from zapbus.tenants import create_tenant, list_tenants, rotate_key
@@ -130,9 +130,8 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
     import aiohttp
     from prometheus_client import CollectorRegistry
 
-    from services.session_worker.app import reconcile_policy
+    from services.session_worker.app import build_servers, reconcile_policy
     from services.session_worker.reconciler import ReconcileMetrics, Reconciler
-    from zapbus.dialects import make_dialect
 
     nc = await bus.connect(settings.nats_url, "zapbus-cli")
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
@@ -142,13 +141,7 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
                 pool=pool,
                 js=nc.jetstream(),
                 names=settings.names,
-                baileys=make_dialect(
-                    settings.baileys_kind,
-                    http,
-                    settings.baileys_url,
-                    settings.baileys_api_key,
-                    settings.baileys_timeout_seconds,
-                ),
+                servers=build_servers(settings, http, None),
                 metrics=ReconcileMetrics(CollectorRegistry()),
                 interval_seconds=settings.reconcile_interval_seconds,
                 policy=reconcile_policy(settings),
@@ -158,7 +151,7 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
         await pool.close()
         await nc.close()
     if drift is None:
-        print("no sweep: the Baileys server did not answer, or another sweep held the lock")
+        print("no sweep: no Baileys server answered, or another sweep held the lock")
         return 1
     rows = [
         (
@@ -167,12 +160,14 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
             str(i.connection_id or "-"),
             str(i.generation or "-"),
             i.row_status or "-",
+            i.server or "-",
             i.server_state or "-",
             ("would " if dry_run else "") + i.action if i.ripe else i.action,
         )
         for i in drift.items
     ]
-    header = ("KIND", "SESSION", "CONNECTION", "GEN", "ROW", "SERVER", "ACTION")
+    # ON: the Baileys server it was seen on; SERVER: the state that server reports
+    header = ("KIND", "SESSION", "CONNECTION", "GEN", "ROW", "ON", "SERVER", "ACTION")
     widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
     for r in [header, *rows]:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
@@ -212,6 +207,22 @@ def main(argv: list[str] | None = None) -> int:
         "reconcile", help="compare the Baileys server's sessions with the connections; repair"
     )
     reconcile.add_argument("--dry-run", action="store_true", help="print the drift, repair nothing")
+    server = sub.add_parser("server", help="the pool of Baileys servers").add_subparsers(
+        dest="action", required=True
+    )
+    server.add_parser("list", help="each server's URL, health, sessions, drain flag").add_argument(
+        "--json", action="store_true", help="as JSON"
+    )
+    drain = server.add_parser("drain", help="stop new placements on a server")
+    drain.add_argument("name")
+    drain.add_argument(
+        "--move",
+        action="store_true",
+        help="also move its connections to other servers, one at a time",
+    )
+    server.add_parser("undrain", help="let a drained server take placements again").add_argument(
+        "name"
+    )
     args = parser.parse_args(argv)
     try:
         # the servers a `make run` in this folder uses, unless ZAPBUS_* variables say otherwise
@@ -243,6 +254,12 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_webhooks_replay(settings, args.webhook_id))
         case "reconcile", _:
             return asyncio.run(_reconcile(settings, args.dry_run))
+        case "server", "list":
+            return asyncio.run(servercli.server_list(settings, args.json))
+        case "server", "drain":
+            return asyncio.run(servercli.server_drain(settings, args.name, True, args.move))
+        case "server", "undrain":
+            return asyncio.run(servercli.server_drain(settings, args.name, False))
     return 0
 
 

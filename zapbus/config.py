@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from proto.names import Names
+from zapbus.servers import ServerSpec, parse_servers
 
 
 class ConfigError(Exception):
@@ -85,7 +86,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Which Baileys server dialect (zapbus/dialects/): seed | evolution | waha | fazer
     baileys_kind: str = "seed"
     baileys_url: str = "http://127.0.0.1:3100"
+    # A pool of servers: comma-separated ``name=url`` (a bare url is named by its host:port);
+    # not together with ZAPBUS_BAILEYS_URL (a pool of one). See zapbus/servers.py.
+    baileys_urls: str = ""
     baileys_api_key: str = "dev-baileys-key"
+    # per-server keys, ``name=key,...`` (the others use baileys_api_key)
+    baileys_api_keys: str = ""
+    # sessions per server at most (zapbus's placements and the server's /health figure);
+    # 0: no cap. A create finding every server full waits (pending) until one has room.
+    baileys_max_sessions: int = 0
+    # a server unreachable this long: its connections are re-placed on the others
+    baileys_failover_after_seconds: float = 120.0
+    # connections re-placed per second at most (failover and drain --move)
+    baileys_failover_per_second: float = 10.0
+    # a server back after an outage takes new placements only after this long healthy
+    # (while another server can take them), so a flapping server does not pull them back
+    baileys_rejoin_after_seconds: float = 60.0
+    # how often the pool manager asks every server's health
+    baileys_health_interval_seconds: float = 5.0
     baileys_timeout_seconds: float = 55.0
     create_max_attempts: int = 5
     retry_base_seconds: float = 2.0
@@ -161,6 +179,13 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     def names(self) -> Names:
         return Names(namespace=self.namespace, event_partitions=self.event_partitions)
 
+    @property
+    def servers(self) -> tuple[ServerSpec, ...]:
+        """The Baileys servers of the pool (validated by load_settings)."""
+        return parse_servers(
+            self.baileys_urls, self.baileys_url, self.baileys_api_key, self.baileys_api_keys
+        )
+
 
 _FIELDS: dict[str, Any] = {f.name: f.type for f in msgspec.structs.fields(Settings)}
 
@@ -175,11 +200,25 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
         if var in env:
             raw[name] = env[var]
     raw.update(overrides)
+    if raw.get("baileys_urls") and "baileys_url" in raw:
+        raise ConfigError(
+            "bad configuration: ZAPBUS_BAILEYS_URL and ZAPBUS_BAILEYS_URLS are both set; use"
+            " ZAPBUS_BAILEYS_URLS for a pool (one server is a pool of one)"
+        )
     try:
         settings = msgspec.convert(raw, Settings, strict=False)
         settings.names  # noqa: B018 (validates the namespace and partitions)
         from zapbus.dialects import KINDS
 
+        try:
+            settings.servers  # noqa: B018
+        except ValueError as exc:
+            raise ConfigError(f"bad configuration in {exc}") from exc
+        for name in ("baileys_failover_per_second", "baileys_health_interval_seconds"):
+            if getattr(settings, name) <= 0:
+                raise ConfigError(f"bad configuration in ZAPBUS_{name.upper()}: must be > 0")
+        if settings.baileys_max_sessions < 0:
+            raise ConfigError("bad configuration in ZAPBUS_BAILEYS_MAX_SESSIONS: must be >= 0")
         if settings.baileys_kind not in KINDS:
             raise ConfigError(
                 f"bad configuration in ZAPBUS_BAILEYS_KIND: {settings.baileys_kind!r} is not one"

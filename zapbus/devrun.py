@@ -76,7 +76,7 @@ async def run_dev(data_dir: Path) -> int:
             await ensure_tenant(pool, "dev", api_key)
         finally:
             await pool.close()
-        simulate = "ZAPBUS_BAILEYS_URL" not in os.environ
+        simulate = not ({"ZAPBUS_BAILEYS_URL", "ZAPBUS_BAILEYS_URLS"} & set(os.environ))
         env = {
             "ZAPBUS_NATS_URL": infra.nats_url,
             "ZAPBUS_DATABASE_URL": infra.database_url,

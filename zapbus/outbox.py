@@ -46,10 +46,12 @@ def change_row(names: Names, change: ConnectionChanged) -> OutboxRow:
 
 
 _TRACK_DELETE = """
-INSERT INTO session_deletes (session_name, connection_id, generation, command_id, phone_number)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO session_deletes (session_name, connection_id, generation, command_id, phone_number,
+    server)
+VALUES ($1, $2, $3, $4, $5, $6)
 ON CONFLICT (session_name) DO UPDATE SET command_id = excluded.command_id, last_driven_at = now(),
-    phone_number = coalesce(excluded.phone_number, session_deletes.phone_number)
+    phone_number = coalesce(excluded.phone_number, session_deletes.phone_number),
+    server = coalesce(excluded.server, session_deletes.server)
 """
 
 
@@ -73,6 +75,7 @@ async def insert_outbox(
             cmd.generation,
             cmd.command_id,
             cmd.phone_number,
+            cmd.server,
         )
     return bool(done.endswith(" 1"))
 
@@ -85,8 +88,10 @@ async def queue_delete(
     generation: int,
     session: str,
     phone_number: str | None = None,
+    server: str | None = None,
 ) -> DeleteSession:
-    """Queue the deletion of one generation's session (a fresh command) in the caller's tx."""
+    """Queue the deletion of one generation's session (a fresh command) in the caller's tx;
+    ``server``: the Baileys server holding it (None: where the generation was placed)."""
     cmd = DeleteSession(
         command_id=uuid.uuid4(),
         connection_id=connection_id,
@@ -95,6 +100,7 @@ async def queue_delete(
         session_name=session,
         requested_at=datetime.now(UTC),
         phone_number=phone_number,
+        server=server,
     )
     await insert_outbox(conn, names, cmd)
     return cmd

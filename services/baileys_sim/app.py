@@ -163,6 +163,7 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _registry_ctx(app: web.Application) -> AsyncIterator[None]:
     registry = SessionRegistry(app[CONFIG_KEY], app[HTTP_KEY], app[METRICS_KEY], app[DIALECT_KEY])
     app[REGISTRY_KEY] = registry
+    registry.restore()
     yield
     await registry.close()
 

@@ -47,6 +47,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Offer GET /sessions (the list route); without it the route answers 404, as on servers
     # that have none.
     list_route: bool = True
+    # When set, live sessions are kept in this JSON file (written on every change) and come
+    # back when the simulator starts again, as on a server with persistent auth state: a
+    # restart after SIGKILL still holds them.
+    state_file: str = ""
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -129,6 +133,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_SIGNING_SECRET": ("signing_secret", str),
     "ZAPBUS_SIM_WEBHOOK_IDS": ("webhook_ids", _parse_bool),
     "ZAPBUS_SIM_LIST_ROUTE": ("list_route", _parse_bool),
+    "ZAPBUS_SIM_STATE_FILE": ("state_file", str),
 }
 
 

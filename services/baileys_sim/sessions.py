@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import random
 import uuid
 from collections import Counter
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import aiohttp
@@ -128,6 +130,7 @@ class SessionRegistry:
         self._metrics.sessions_created.inc()
         self._metrics.sessions_live.set(len(self.live))
         self._happen(session, SimEvent(what="connecting"))
+        self._persist()
         self._emit_qr(session)
         session.sender = self._spawn(self.webhooks.run(webhook_url, session.queue), name)
         session.lifecycle = self._spawn(self._qr_loop(session, self.config), name)
@@ -187,6 +190,7 @@ class SessionRegistry:
                 task.cancel()
         self._ended[name] = session
         self._metrics.sessions_live.set(len(self.live))
+        self._persist()
         return True
 
     def scan(self, name: str, silent: bool = False) -> ScanResult:
@@ -199,6 +203,7 @@ class SessionRegistry:
             return "not_showing_qr"
         self._stop_lifecycle(session)
         session.status = "connected"
+        self._persist()
         if not silent:
             self._happen(session, SimEvent(what="restart_required"))
             self._happen(session, SimEvent(what="connected"), delay=SCAN_CONNECT_DELAY)
@@ -291,6 +296,46 @@ class SessionRegistry:
             "webhooks_failed": self.webhooks.failed,
         }
 
+    # --- persistence (ZAPBUS_SIM_STATE_FILE) ----------------------------------------------------
+
+    def _persist(self) -> None:
+        if not self.config.state_file:
+            return
+        saved = {
+            name: {
+                "webhook_url": s.webhook_url,
+                "status": s.status,
+                "secret": s.secret,
+                "phone_number": s.phone_number,
+            }
+            for name, s in self.live.items()
+        }
+        path = Path(self.config.state_file)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(msgspec.json.encode(saved))
+        os.replace(tmp, path)
+
+    def restore(self) -> list[str]:
+        """Bring back the sessions of the state file: linked ones connect again (a
+        ``connected`` webhook), the others start showing QR codes again."""
+        path = Path(self.config.state_file) if self.config.state_file else None
+        if path is None or not path.exists():
+            return []
+        saved = msgspec.json.decode(path.read_bytes(), type=dict[str, dict[str, Any]])
+        for name, item in saved.items():
+            url, secret, phone = item["webhook_url"], item["secret"], item["phone_number"]
+            if item["status"] != "connected":
+                self.create(name, url, secret, phone)
+                continue
+            session = SimSession(name=name, webhook_url=url, secret=secret, phone_number=phone)
+            session.status, session.qr_count = "connected", 1
+            self.live[name] = session
+            session.sender = self._spawn(self.webhooks.run(url, session.queue), name)
+            self._happen(session, SimEvent(what="connected"))
+        self._metrics.sessions_live.set(len(self.live))
+        self._persist()
+        return sorted(saved)
+
     # --- shutdown ----------------------------------------------------------------------------
 
     def begin_shutdown(self) -> None:
@@ -327,6 +372,7 @@ class SessionRegistry:
         self._ended[session.name] = session
         session.queue.put_nowait(None)
         self._metrics.sessions_live.set(len(self.live))
+        self._persist()
 
     def _happen(self, session: SimSession, event: SimEvent, delay: float = 0.0) -> None:
         """Queue the webhooks the dialect's server sends when ``event`` happens."""

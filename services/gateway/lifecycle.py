@@ -172,6 +172,7 @@ def _delete_command(
         session_name=old["session_name"],
         requested_at=now,
         phone_number=old["phone_number"],
+        server=old["server"],
     )
 
 
@@ -272,8 +273,8 @@ async def recreate_connection(
     now = datetime.now(UTC)
     async with pool.acquire() as conn, conn.transaction():
         old = await conn.fetchrow(
-            "SELECT generation, session_name, status, login, phone_number FROM connections"
-            " WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
+            "SELECT generation, session_name, status, login, phone_number, server"
+            " FROM connections WHERE id = $1 AND tenant_id = $2 FOR UPDATE",
             connection_id,
             tenant_id,
         )
@@ -303,6 +304,7 @@ async def recreate_connection(
             f" command_id = $5, redrives = 0, reconcile_misses = 0, reconcile_recreates = 0,"
             f" login = $6, phone_number = $7, pairing_code = NULL,"
             f" pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
+            f" server = NULL, reason_code = NULL,"
             f" updated_at = now(), status_changed_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,

@@ -64,6 +64,8 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     # why it is in this state, from a closed list (docs/architecture.md), beside status_reason
     reason_code: str | None = None
     account: Account | None = None
+    # the Baileys server this generation is placed on (None until the worker places it)
+    server: str | None = None
 
 
 class QrCode(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,6 +93,8 @@ class HistoryEntry(msgspec.Struct, frozen=True, kw_only=True):
     occurred_at: datetime
     recorded_at: datetime
     reason_code: str | None = None
+    # the Baileys server it is about (placements, moves), when it is about one
+    server: str | None = None
 
 
 class History(msgspec.Struct, frozen=True, kw_only=True):

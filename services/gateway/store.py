@@ -17,7 +17,7 @@ from services.gateway.models import Connection, HistoryEntry
 COLUMNS = (
     "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
     " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
-    " pairing_code_expires_at, reason_code, account_phone, account_name"
+    " pairing_code_expires_at, reason_code, account_phone, account_name, server"
 )
 
 
@@ -134,8 +134,8 @@ async def history(
         return None
     rows = await pool.fetch(
         "SELECT seq, generation, event_type, from_status, to_status, applied, code, reason,"
-        " occurred_at, recorded_at, reason_code FROM connection_events WHERE connection_id = $1"
-        " AND seq > $2 ORDER BY seq LIMIT $3",
+        " occurred_at, recorded_at, reason_code, server FROM connection_events"
+        " WHERE connection_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         connection_id,
         after,
         limit + 1,

@@ -102,7 +102,15 @@ REASON_CODES = frozenset(
         "server_refused",  # the server refused the request or the session (403/411/500 ...)
         "whatsapp_unreachable",  # the server cannot reach WhatsApp: closes before any QR
         "connection_replaced",  # another client took the session (440), repeatedly
+        "server_lost",  # its Baileys server was unreachable: moved to another (link again)
+        "server_drained",  # moved off a drained Baileys server (link again)
     }
+)
+# A move to another server says why the connection must be linked again until it is: kept
+# through the states of the new generation's linking.
+MOVE_REASONS = frozenset({"server_lost", "server_drained"})
+_KEEPS_MOVE_REASON = frozenset(
+    {Status.CREATING, Status.AWAITING_QR, Status.QR_READY, Status.CODE_READY}
 )
 
 
@@ -206,6 +214,9 @@ def _move(row: Row, target: Status, reason: str | None = None, **changes: object
     if target != Status.CODE_READY:
         changes = {"pairing_code": None, "pairing_code_expires_at": None, **changes}
     changes = {"reason_code": None, **changes}
+    if changes["reason_code"] is None and target in _KEEPS_MOVE_REASON:
+        if row.reason_code in MOVE_REASONS:
+            changes["reason_code"] = row.reason_code  # moved: why it must be linked again
     return msgspec.structs.replace(row, status=target, status_reason=reason, **changes)
 
 

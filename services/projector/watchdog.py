@@ -112,6 +112,9 @@ class Watchdog:
                 " WHERE (status = ANY($1::text[]) OR (status = 'reconnecting' AND qr_seq = 0))"
                 " AND greatest(status_changed_at, last_event_at) < $2"
                 " AND (held_until IS NULL OR held_until < now())"
+                # waiting for room on a Baileys server: queued, not stuck (the pool
+                # manager queues the create again as room frees)
+                " AND placement_wait_since IS NULL"
                 " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
                 [s.value for s in _STUCK],
                 datetime.now(UTC) - self.deadline,
@@ -233,7 +236,7 @@ class Watchdog:
         """Publish again every tracked delete that has not completed within the deadline."""
         rows = await conn.fetch(
             "SELECT d.session_name, d.connection_id, d.generation, d.command_id, d.redrives,"
-            " d.phone_number,"
+            " d.phone_number, d.server,"
             " c.tenant_id FROM session_deletes d LEFT JOIN connections c ON c.id = d.connection_id"
             " WHERE d.last_driven_at < $1 AND d.redrives < $2"
             " ORDER BY d.last_driven_at LIMIT 500 FOR UPDATE OF d SKIP LOCKED",
@@ -250,6 +253,7 @@ class Watchdog:
                 session_name=row["session_name"],
                 requested_at=datetime.now(UTC),
                 phone_number=row["phone_number"],
+                server=row["server"],
             )
             await insert_outbox(conn, self.names, cmd, msg_id=f"{cmd.command_id}:redrive:{attempt}")
             await conn.execute(

@@ -8,13 +8,15 @@ import aiohttp
 from aiohttp import web
 from nats.js import api as js_api
 
-from services.session_worker.breaker import Breaker
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import Policy
 from services.session_worker.fence import Fence
 from services.session_worker.handler import CommandHandler
 from services.session_worker.holds import Holds
+from services.session_worker.manager import PoolManager, PoolMetrics
 from services.session_worker.metrics import WorkerMetrics
+from services.session_worker.placement import Policy as PlacementPolicy
+from services.session_worker.pool import ServerPool
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
 from zapbus.config import Settings, require_own_secrets
@@ -25,9 +27,11 @@ from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_
 
 http_key = web.AppKey("http", aiohttp.ClientSession)
 consumer_key = web.AppKey("command_consumer", Runner)
-breaker_key = web.AppKey("breaker", Breaker)
+servers_key = web.AppKey("servers", ServerPool)
+metrics_key = web.AppKey("worker_metrics", WorkerMetrics)
 holds_key = web.AppKey("holds", Runner)
 reconciler_key = web.AppKey("reconciler", Runner)
+manager_key = web.AppKey("pool_manager", Runner)
 
 
 def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -52,36 +56,48 @@ async def http_ctx(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def breaker_ctx(app: web.Application) -> AsyncIterator[None]:
+def build_servers(
+    settings: Settings, http: aiohttp.ClientSession, metrics: WorkerMetrics | None
+) -> ServerPool:
+    """One client, breaker and create cap per configured Baileys server."""
+    return ServerPool(
+        settings.servers,
+        lambda spec: make_dialect(
+            settings.baileys_kind, http, spec.url, spec.api_key, settings.baileys_timeout_seconds
+        ),
+        breaker_threshold=settings.breaker_threshold,
+        probe_seconds=settings.breaker_probe_seconds,
+        max_concurrent_creates=settings.baileys_max_concurrent_creates,
+        breaker_gauge=metrics.breaker_open if metrics is not None else None,
+    )
+
+
+def placement_policy(settings: Settings) -> PlacementPolicy:
+    return PlacementPolicy(
+        max_sessions=settings.baileys_max_sessions,
+        rejoin_after_seconds=settings.baileys_rejoin_after_seconds,
+        stale_after_seconds=max(30.0, 6 * settings.baileys_health_interval_seconds),
+    )
+
+
+async def servers_ctx(app: web.Application) -> AsyncIterator[None]:
+    metrics = WorkerMetrics(app[registry_key])
+    app[metrics_key] = metrics
+    app[servers_key] = build_servers(app[settings_key], app[http_key], metrics)
     yield
-    if breaker_key in app:
-        await app[breaker_key].close()
+    await app[servers_key].close()
 
 
 def build_consumer(app: web.Application) -> CommandConsumer:
     settings = app[settings_key]
-    baileys = make_dialect(
-        settings.baileys_kind,
-        app[http_key],
-        settings.baileys_url,
-        settings.baileys_api_key,
-        settings.baileys_timeout_seconds,
-    )
-    metrics = WorkerMetrics(app[registry_key])
-    breaker = Breaker(
-        baileys.healthy,
-        threshold=settings.breaker_threshold,
-        probe_seconds=settings.breaker_probe_seconds,
-        gauge=metrics.breaker_open,
-    )
-    app[breaker_key] = breaker
+    metrics = app[metrics_key]
     heartbeat = max(0.5, settings.ack_wait_seconds / 3)
     holds = Holds(app[pool_key], every_seconds=heartbeat, hold_seconds=heartbeat * 3)
     app[holds_key] = holds
     handler = CommandHandler(
         js=app[js_key],
         names=settings.names,
-        baileys=baileys,
+        servers=app[servers_key],
         retry=RetryPolicy(
             max_attempts=settings.create_max_attempts,
             base_seconds=settings.retry_base_seconds,
@@ -92,9 +108,9 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         webhook_secret=settings.webhook_secret,
         heartbeat_seconds=heartbeat,
         fence=Fence(app[pool_key]),
-        breaker=breaker,
-        max_concurrent_creates=settings.baileys_max_concurrent_creates,
         holds=holds,
+        placement=placement_policy(settings),
+        wait_slice_seconds=min(5.0, heartbeat),
     )
     consumer = DurableConsumer(
         app[js_key], settings.names.commands_stream, consumer_config(settings)
@@ -114,17 +130,25 @@ def build_reconciler(app: web.Application) -> Reconciler:
         pool=app[pool_key],
         js=app[js_key],
         names=settings.names,
-        baileys=make_dialect(
-            settings.baileys_kind,
-            app[http_key],
-            settings.baileys_url,
-            settings.baileys_api_key,
-            settings.baileys_timeout_seconds,
-        ),
+        servers=app[servers_key],
         metrics=ReconcileMetrics(app[registry_key]),
         interval_seconds=settings.reconcile_interval_seconds,
         policy=reconcile_policy(settings),
-        breaker=app[breaker_key] if breaker_key in app else None,
+    )
+
+
+def build_manager(app: web.Application) -> PoolManager:
+    settings = app[settings_key]
+    servers = app[servers_key]
+    return PoolManager(
+        pool=app[pool_key],
+        names=settings.names,
+        servers=servers,
+        metrics=PoolMetrics(app[registry_key], list(servers.servers)),
+        policy=placement_policy(settings),
+        health_interval_seconds=settings.baileys_health_interval_seconds,
+        failover_after_seconds=settings.baileys_failover_after_seconds,
+        failover_per_second=settings.baileys_failover_per_second,
     )
 
 
@@ -143,7 +167,8 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("session_worker"))
     app.cleanup_ctx.append(http_ctx)
-    app.cleanup_ctx.append(breaker_ctx)
+    app.cleanup_ctx.append(servers_ctx)
+    app.cleanup_ctx.append(runner_ctx("pool_manager", manager_key, build_manager))
     app.cleanup_ctx.append(runner_ctx("command_consumer", consumer_key, build_consumer))
     app.cleanup_ctx.append(runner_ctx("holds", holds_key, lambda app: app[holds_key]))
     app.cleanup_ctx.append(runner_ctx("reconciler", reconciler_key, build_reconciler))

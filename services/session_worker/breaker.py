@@ -23,8 +23,10 @@ class Breaker:
         threshold: int,
         probe_seconds: float,
         gauge: Gauge | None = None,
+        label: str = "",
     ) -> None:
         self.probe = probe
+        self.label = f" {label!r}" if label else ""
         self.threshold = threshold
         self.probe_seconds = probe_seconds
         self.gauge = gauge
@@ -44,7 +46,11 @@ class Breaker:
             return
         self._failures += 1
         if self._failures >= self.threshold and not self.is_open:
-            log.warning("Baileys server looks down after %d errors: breaker open", self._failures)
+            log.warning(
+                "Baileys server%s looks down after %d errors: breaker open",
+                self.label,
+                self._failures,
+            )
             self._closed.clear()
             if self.gauge is not None:
                 self.gauge.set(1)
@@ -58,7 +64,7 @@ class Breaker:
             await asyncio.sleep(self.probe_seconds)
             if await self.probe():
                 break
-        log.info("Baileys server healthy again: breaker closed")
+        log.info("Baileys server%s healthy again: breaker closed", self.label)
         self._failures = 0
         self._closed.set()
         if self.gauge is not None:

@@ -63,6 +63,7 @@ class RowView(msgspec.Struct, frozen=True, kw_only=True):
     misses: int = 0
     recreates: int = 0
     held_until: datetime | None = None
+    server: str | None = None  # where the current generation is placed (None: not yet)
 
 
 class Observed(msgspec.Struct, frozen=True, kw_only=True):
@@ -91,6 +92,7 @@ class DriftItem(msgspec.Struct, frozen=True, kw_only=True):
     report: str | None = None
     reason: str | None = None
     ripe: bool = True  # False: seen, but not repaired yet (e.g. missing for one sweep only)
+    server: str | None = None  # the Baileys server it was seen on (or missing from)
 
 
 class Policy(msgspec.Struct, frozen=True, kw_only=True):
@@ -129,9 +131,17 @@ def compute(
     deleting: dict[str, datetime],
     now: datetime,
     policy: Policy,
+    server: str | None = None,
+    default_server: str | None = None,
 ) -> Drift:
     """Compare ``rows`` (every wanted row, and every row an observed name points at) with
-    ``observed``. ``deleting``: session name -> when its pending delete was last driven."""
+    ``observed``, what ``server`` holds (None: the only server, placement not considered).
+    ``deleting``: session name -> when its pending delete was last driven.
+    ``default_server``: where a row without a recorded placement is (a pool of one)."""
+
+    def placed(row: RowView) -> str | None:
+        return row.server or default_server
+
     items: list[DriftItem] = []
     misses: dict[uuid.UUID, int] = {}
     grace = timedelta(seconds=policy.grace_seconds)
@@ -154,16 +164,19 @@ def compute(
                     generation=generation,
                     server_state=state,
                     reason="no connection of this deployment",
+                    server=server,
                 )
             )
             continue
         superseded = generation != row.generation
-        if superseded or row.status in TERMINAL:
-            why = (
-                f"generation {generation} superseded by {row.generation}"
-                if superseded
-                else f"connection is {row.status.value}"
-            )
+        elsewhere = server is not None and placed(row) is not None and placed(row) != server
+        if superseded or row.status in TERMINAL or elsewhere:
+            if superseded:
+                why = f"generation {generation} superseded by {row.generation}"
+            elif row.status in TERMINAL:
+                why = f"connection is {row.status.value}"
+            else:
+                why = f"placed on {placed(row)}"
             items.append(
                 DriftItem(
                     kind="orphan",
@@ -175,6 +188,7 @@ def compute(
                     row_status=row.status.value,
                     server_state=state,
                     reason=f"live on the server but not wanted: {why}",
+                    server=server,
                 )
             )
             continue
@@ -193,11 +207,14 @@ def compute(
                         server_state=state,
                         report=report[0],
                         reason=report[1],
+                        server=server,
                     )
                 )
     for row in rows.values():
         if row.status not in WANTED_LIVE or not observed.knows(row.session_name):
             continue
+        if server is not None and placed(row) != server:
+            continue  # its session is wanted on another server
         if row.session_name in observed.sessions:
             if row.misses:
                 misses[row.id] = 0
@@ -225,6 +242,7 @@ def compute(
                 report="fail" if give_up else "recreate",
                 reason=LOST_REASON,
                 ripe=ripe,
+                server=server,
             )
         )
     return Drift(items=items, misses=misses)

@@ -107,7 +107,23 @@ class Fence:
 
     async def check_delete(self, cmd: DeleteSession) -> Verdict:
         found, row = await self._read(cmd.connection_id, fresh=True)
-        return delete_verdict(row, cmd) if found else Verdict.UNKNOWN
+        if not found:
+            return Verdict.UNKNOWN
+        verdict = delete_verdict(row, cmd)
+        if verdict is Verdict.DONE and cmd.server is not None and self.pool is not None:
+            # The generation is wanted, but placed on another server: the copy on this one
+            # (the reconciler found it there) goes.
+            try:
+                placed = await self.pool.fetchval(
+                    "SELECT server FROM placements WHERE connection_id = $1 AND generation = $2",
+                    cmd.connection_id,
+                    cmd.generation,
+                )
+            except _ERRORS:
+                return verdict
+            if placed is not None and placed != cmd.server:
+                return Verdict.RUN
+        return verdict
 
     async def _read(
         self, connection_id: uuid.UUID, fresh: bool

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypedDict
 
@@ -54,14 +54,15 @@ from proto.events import (
 )
 from proto.names import Names
 from services.session_worker.actions import Action, action_for
-from services.session_worker.breaker import Breaker
 from services.session_worker.fence import Fence, Verdict
 from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
+from services.session_worker.placement import Gone, Placed, Policy, Waiting, place, server_of
+from services.session_worker.pool import Server, ServerPool
 from services.session_worker.retry import RetryPolicy
 from zapbus import jsretry
-from zapbus.dialects.base import CreateSessionRequest, Dialect
-from zapbus.dialects.errors import BaileysError, PermanentError, clean_reason
+from zapbus.dialects.base import CreateSessionRequest
+from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, clean_reason
 from zapbus.logs import fields
 from zapbus.outbox import queue_delete, untrack_delete
 from zapbus.tokens import webhook_signing_key, webhook_url
@@ -73,6 +74,13 @@ def _attempts_used(msg: Msg) -> int:
     """Attempts spent by earlier copies of this command (header set by ``_hand_back``)."""
     raw = (msg.headers or {}).get(headers.ATTEMPTS_USED, "0")
     return int(raw) if raw.isdigit() else 0
+
+
+def _reachable(server: Server) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return server.down_since is None
+
+    return check
 
 
 class _Common(TypedDict):
@@ -88,28 +96,30 @@ class CommandHandler:
         self,
         js: JetStreamContext,
         names: Names,
-        baileys: Dialect,
+        servers: ServerPool,
         retry: RetryPolicy,
         metrics: WorkerMetrics,
         webhook_base_url: str,
         webhook_secret: str,
         heartbeat_seconds: float,
         fence: Fence,
-        breaker: Breaker,
-        max_concurrent_creates: int,
         holds: Holds | None = None,
+        placement: Policy | None = None,
+        # how long a command waits for its (unreachable) server before it looks again
+        # whether it is still wanted (a failover may have moved its connection)
+        wait_slice_seconds: float = 5.0,
     ) -> None:
         self.js = js
         self.names = names
-        self.baileys = baileys
+        self.servers = servers
+        self.placement = placement or Policy()
+        self.wait_slice = wait_slice_seconds
         self.retry = retry
         self.metrics = metrics
         self.webhook_base_url = webhook_base_url
         self.webhook_secret = webhook_secret
         self.heartbeat_seconds = heartbeat_seconds
         self.fence = fence
-        self.breaker = breaker
-        self.create_slots = asyncio.Semaphore(max_concurrent_creates)
         self.holds = holds or Holds(None, heartbeat_seconds, heartbeat_seconds * 3)
 
     async def prime(self, msgs: list[Msg]) -> None:
@@ -187,16 +197,22 @@ class CommandHandler:
             # server finished, a copy re-driven by the watchdog) may have made the session:
             # make sure it is gone, retrying like any call if the server does not answer.
             return await self._undo_create(msg, cmd, attempt)
+        server = await self._placed(cmd)
+        if isinstance(server, str):
+            await msg.ack()  # waits in Postgres (or moved on); see placement.py
+            return server
         common = self._common(msg, cmd, "create.started", attempt)
         await self._emit(CreateStarted(**common, attempt=attempt))
         try:
-            await self.breaker.wait_closed()
-            async with self.create_slots:
-                already = await self._create_once(cmd, attempt)
+            if not await self._wait_for(server, lambda: self._create_wanted(cmd)):
+                # moved on (a failover) while its server was unreachable
+                return await self._undo_create(msg, cmd, attempt)
+            async with server.create_slots:
+                already = await self._create_once(server, cmd, attempt)
         except BaileysError as exc:
-            self.breaker.record(exc.server_down)
+            server.breaker.record(exc.server_down)
             return await self._on_error(msg, cmd, attempt, exc)
-        self.breaker.record(server_down=False)
+        server.breaker.record(server_down=False)
         if await self.fence.check_create(cmd, fresh=True) is Verdict.UNDO:
             # Recreated, deleted or failed while we were creating: remove what we just made,
             # so no session lives behind a row that does not want it.
@@ -207,6 +223,55 @@ class CommandHandler:
             await self._ask_for_code(msg, cmd, attempt)
         await msg.ack()
         return "succeeded"
+
+    async def _placed(self, cmd: CreateSession) -> Server | str:
+        """The server of this generation (placed now if it is new), or the outcome when the
+        create cannot go on: "waiting" (no room in the pool) or "fenced" (moved on)."""
+        if self.fence.pool is None:
+            only = self.servers.only
+            assert only is not None, "a pool of several servers needs the database"
+            return only
+        placed = await place(self.fence.pool, cmd, self.servers.specs, self.placement)
+        match placed:
+            case Placed(server=name):
+                found = self.servers.get(name)
+                if found is None:
+                    raise RuntimeError(f"placed on {name!r}, which is not configured")
+                return found
+            case Waiting(reason=reason):
+                log.info(
+                    "create waits: %s",
+                    reason,
+                    extra=fields(connection_id=str(cmd.connection_id)),
+                )
+                return "waiting"
+            case Gone():
+                return "fenced"
+        raise AssertionError(placed)
+
+    async def _create_wanted(self, cmd: CreateSession) -> bool:
+        return await self.fence.check_create(cmd, fresh=True) in (Verdict.RUN, Verdict.UNKNOWN)
+
+    async def _wait_for(self, server: Server, still_wanted: Callable[[], Awaitable[bool]]) -> bool:
+        """Wait until ``server`` can be called; False if the command stopped being wanted
+        meanwhile (checked every ``wait_slice`` seconds)."""
+        while not await server.wait_available(self.wait_slice):
+            if not await still_wanted():
+                return False
+        return True
+
+    async def _servers_of(self, cmd: Command) -> list[Server]:
+        """The server(s) a generation's session may be on: its placement (or, for a delete,
+        the server it names)."""
+        name = getattr(cmd, "server", None)
+        if name is None and self.fence.pool is not None:
+            try:
+                name = await server_of(self.fence.pool, cmd.connection_id, cmd.generation)
+            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+                raise RetryableError(f"placement unknown, database unavailable: {exc}") from exc
+        if name is None and self.servers.only is not None:
+            return [self.servers.only]
+        return self.servers.holding(name)
 
     async def _ask_for_code(self, msg: Msg, cmd: CreateSession, attempt: int) -> None:
         """Code login: queue the one request for this generation's pairing code (the server
@@ -239,8 +304,12 @@ class CommandHandler:
             return "fenced"
         start = time.perf_counter()
         try:
-            await self.breaker.wait_closed()
-            code = await self.baileys.request_pairing_code(cmd.session_name, cmd.phone_number)
+            servers = await self._servers_of(cmd)
+            if len(servers) != 1:
+                raise RetryableError("the connection is not placed on a server yet")
+            server = servers[0]
+            await server.wait_available(self.wait_slice)
+            code = await server.dialect.request_pairing_code(cmd.session_name, cmd.phone_number)
         except BaileysError as exc:
             self.metrics.baileys_seconds.labels("pairing_code", "error").observe(
                 time.perf_counter() - start
@@ -255,10 +324,17 @@ class CommandHandler:
         return "succeeded"
 
     async def _undo_create(self, msg: Msg, cmd: CreateSession, attempt: int) -> str:
-        """Delete the session a fenced create may have made; ack once it is gone."""
+        """Delete the session a fenced create may have made; ack once it is gone. On a server
+        that does not answer, the delete is queued (tracked) for when it does."""
         start = time.perf_counter()
         try:
-            await self.baileys.delete_session_of(cmd.session_name, cmd.phone_number)
+            servers = await self._servers_of(cmd)
+            if servers and not all(s.available for s in servers):
+                await self._queue_delete(cmd, servers[0].name if len(servers) == 1 else None)
+                await msg.ack()
+                return "fenced"
+            for server in servers:
+                await server.dialect.delete_session_of(cmd.session_name, cmd.phone_number)
         except BaileysError as exc:
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
@@ -278,7 +354,7 @@ class CommandHandler:
         await msg.ack()
         return "fenced"
 
-    async def _create_once(self, cmd: CreateSession, attempt: int) -> bool:
+    async def _create_once(self, server: Server, cmd: CreateSession, attempt: int) -> bool:
         """Create the session unless an earlier attempt already did; True if it existed."""
         start = time.perf_counter()
         op, result = "create", "ok"
@@ -286,13 +362,13 @@ class CommandHandler:
             if attempt > 1:
                 # The last try may have timed out after the server created it: ask first.
                 op = "get"
-                if await self.baileys.session_exists(cmd.session_name):
+                if await server.dialect.session_exists(cmd.session_name):
                     return True
                 op = "create"
             url = webhook_url(
                 self.webhook_base_url, self.webhook_secret, cmd.connection_id, cmd.generation
             )
-            created = await self.baileys.create_session(
+            created = await server.dialect.create_session(
                 CreateSessionRequest(
                     name=cmd.session_name,
                     webhook_url=url,
@@ -318,11 +394,21 @@ class CommandHandler:
             await msg.ack()
             return "fenced"
         start = time.perf_counter()
+        server: Server | None = None
         try:
-            await self.breaker.wait_closed()
-            await self.baileys.delete_session_of(cmd.session_name, cmd.phone_number)
+            servers = await self._servers_of(cmd)
+            for server in servers:
+                if not await self._wait_for(server, _reachable(server)):
+                    # Unreachable (the pool manager's probes fail): not worth retries and
+                    # dead letters. The delete stays tracked; the watchdog re-drives it and
+                    # the reconciler finds the session once the server answers again.
+                    await msg.ack()
+                    return "deferred"
+                await server.dialect.delete_session_of(cmd.session_name, cmd.phone_number)
+                server.breaker.record(server_down=False)
         except BaileysError as exc:
-            self.breaker.record(exc.server_down)
+            if server is not None:
+                server.breaker.record(exc.server_down)
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
             )
@@ -360,7 +446,7 @@ class CommandHandler:
                     # A timed-out POST may have made the session after all: a failed row
                     # keeps none (the watchdog re-drives the delete; the reconciler is the
                     # backstop). A permanent refusal made nothing.
-                    await self._queue_delete(cmd)
+                    await self._queue_delete(cmd, None)
             await msg.term()
             self.metrics.failures.labels(cmd.kind, why).inc()
             return "failed"
@@ -392,8 +478,9 @@ class CommandHandler:
             with contextlib.suppress(Exception):
                 await msg.nak()
 
-    async def _queue_delete(self, cmd: CreateSession) -> None:
-        """Queue the deletion of a given-up create's session, through the outbox."""
+    async def _queue_delete(self, cmd: CreateSession, server: str | None) -> None:
+        """Queue the deletion of a create's session (given up, or fenced while its server
+        did not answer), through the outbox; ``server`` None: where it was placed."""
         if self.fence.pool is None:
             return
         try:
@@ -406,6 +493,7 @@ class CommandHandler:
                     cmd.generation,
                     cmd.session_name,
                     cmd.phone_number,
+                    server=server or await server_of(conn, cmd.connection_id, cmd.generation),
                 )
         except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning(

@@ -59,7 +59,8 @@ class WorkerMetrics:
         )
         self.breaker_open = Gauge(
             "zapbus_worker_breaker_open",
-            "1 while the circuit breaker in front of the Baileys server is open.",
+            "1 while the circuit breaker in front of a Baileys server is open, by server.",
+            ["server"],
             registry=registry,
         )
         self.dead_letters = Counter(

@@ -12,9 +12,11 @@ as everything else, so each repair is fenced, retried, dead-lettered and in hist
 * state -> a ``reconcile.status`` event on SESSION_EVENTS, applied by the projector's state
   machine like a webhook.
 
-It runs in the session worker: that is the role that talks to the Baileys server (its client,
-its breaker: no sweep while the breaker is open, since a server that does not answer would look
-empty), and it needs no state of its own beyond two columns on the row.
+It runs in the session worker: that is the role that talks to the Baileys servers (their
+clients, their breakers: a server whose breaker is open or whose health probes fail is not
+swept, since a server that does not answer would look empty), and it needs no state of its own
+beyond two columns on the row. With a pool of servers each is compared with the rows placed on
+it: a session on one server of a generation placed on another is an orphan there too.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from proto.commands import CreateSession
 from proto.events import EVENT_SUBJECT_KIND, SessionObserved, event_encoder
 from proto.names import Names
 from proto.states import Status
-from services.session_worker.breaker import Breaker
 from services.session_worker.drift import (
     KINDS,
     LOST_REASON,
@@ -48,8 +49,8 @@ from services.session_worker.drift import (
     compute,
     parse_session_name,
 )
+from services.session_worker.pool import Server, ServerPool
 from zapbus import jsretry
-from zapbus.dialects.base import Dialect
 from zapbus.dialects.errors import BaileysError
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
@@ -62,7 +63,7 @@ _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutErr
 
 _ROWS = """
 SELECT id, tenant_id, generation, session_name, status, updated_at, status_changed_at,
-       reconcile_misses, reconcile_recreates, held_until
+       reconcile_misses, reconcile_recreates, held_until, server
 FROM connections WHERE status = ANY($1::text[]) OR id = ANY($2::uuid[])
 """
 
@@ -117,20 +118,18 @@ class Reconciler:
         pool: asyncpg.Pool,
         js: JetStreamContext,
         names: Names,
-        baileys: Dialect,
+        servers: ServerPool,
         metrics: ReconcileMetrics,
         interval_seconds: float,
         policy: Policy,
-        breaker: Breaker | None = None,
     ) -> None:
         self.pool = pool
         self.js = js
         self.names = names
-        self.baileys = baileys
+        self.servers = servers
         self.metrics = metrics
         self.interval = interval_seconds
         self.policy = policy
-        self.breaker = breaker
         self._stopping = asyncio.Event()
         self._previous: set[tuple[str, str]] = set()
 
@@ -138,8 +137,8 @@ class Reconciler:
         self._stopping.set()
 
     async def run(self) -> None:
-        if not self.baileys.observable:
-            log.info("reconciler off: a %s server cannot be read back", self.baileys.kind)
+        if not self.servers.observable:
+            log.info("reconciler off: a %s server cannot be read back", self.servers.kind)
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.interval):
@@ -154,10 +153,10 @@ class Reconciler:
 
     async def sweep(self, dry_run: bool = False, wait_for_lock: float = 0.0) -> Drift | None:
         """One pass: observe, compare, repair (unless ``dry_run``). None when another
-        replica holds the lock (after ``wait_for_lock`` seconds) or the server did not answer."""
-        if not self.baileys.observable:
+        replica holds the lock (after ``wait_for_lock`` seconds) or no server answered."""
+        if not self.servers.observable:
             return None  # the server cannot be read back (fazer): nothing to compare
-        if self.breaker is not None and self.breaker.is_open:
+        if not any(s.available for s in self.servers.servers.values()):
             self.metrics.sweeps.labels("server_unavailable").inc()
             return None
         async with self.pool.acquire() as lock:
@@ -178,11 +177,38 @@ class Reconciler:
         return True
 
     async def _sweep_locked(self, dry_run: bool) -> Drift | None:
-        try:
-            observed = await self._observe()
-        except BaileysError as exc:
+        items: list[DriftItem] = []
+        misses: dict[uuid.UUID, int] = {}
+        swept = 0
+        for server in self.servers.servers.values():
+            if not server.available:
+                log.info("reconcile skips %r: it does not answer", server.name)
+                continue
+            drift = await self._sweep_server(server, dry_run)
+            if drift is not None:
+                swept += 1
+                items.extend(drift.items)
+                misses.update(drift.misses)
+        if not swept:
             self.metrics.sweeps.labels("server_unavailable").inc()
-            log.warning("reconcile skipped, the Baileys server did not answer: %s", exc.reason)
+            return None
+        merged = Drift(items=items, misses=misses)
+        self._count(merged)
+        if not dry_run:
+            self.metrics.sweeps.labels("done").inc()
+            self.metrics.last_sweep.set_to_current_time()
+        return merged
+
+    async def _sweep_server(self, server: Server, dry_run: bool) -> Drift | None:
+        only = self.servers.only
+        try:
+            observed = await self._observe(server)
+        except BaileysError as exc:
+            log.warning(
+                "reconcile skipped %r, the Baileys server did not answer: %s",
+                server.name,
+                exc.reason,
+            )
             return None
         referenced = [p[0] for n in observed.sessions if (p := parse_session_name(n))]
         rows = {
@@ -193,37 +219,50 @@ class Reconciler:
             r["session_name"]: r["last_driven_at"]
             for r in await self.pool.fetch(
                 "SELECT session_name, last_driven_at FROM session_deletes"
+                " WHERE server IS NULL OR server = $1",
+                server.name,
             )
         }
-        drift = compute(rows, observed, deleting, datetime.now(UTC), self.policy)
-        self._count(drift)
+        drift = compute(
+            rows,
+            observed,
+            deleting,
+            datetime.now(UTC),
+            self.policy,
+            server=server.name,
+            default_server=only.name if only is not None else None,
+        )
         if not dry_run:
             await self._repair(drift, rows)
             if observed.complete:
-                await self._forget_finished_deletes(observed)
-            self.metrics.sweeps.labels("done").inc()
-            self.metrics.last_sweep.set_to_current_time()
+                await self._forget_finished_deletes(observed, server)
         return drift
 
-    async def _observe(self) -> Observed:
+    async def _observe(self, server: Server) -> Observed:
         at = datetime.now(UTC)
-        listed = await self.baileys.list_sessions()
+        listed = await server.dialect.list_sessions()
         if listed is not None:
             return Observed(sessions={s.name: s.state for s in listed}, at=at, complete=True)
-        # No list route: ask for each session that should be live, and each pending delete.
+        # No list route: ask for each session that should be live there, and each pending
+        # delete there.
+        single = self.servers.only is not None
         names = [
             r["session_name"]
             for r in await self.pool.fetch(
                 "SELECT session_name FROM connections WHERE status = ANY($1::text[])"
-                " UNION SELECT session_name FROM session_deletes",
+                " AND (server = $2 OR (server IS NULL AND $3))"
+                " UNION SELECT session_name FROM session_deletes"
+                " WHERE server = $2 OR (server IS NULL AND $3)",
                 [s.value for s in WANTED_LIVE],
+                server.name,
+                single,
             )
         ]
         limit = asyncio.Semaphore(_PROBE_CONCURRENCY)
 
         async def probe(name: str) -> tuple[str, str | None, bool]:
             async with limit:
-                found = await self.baileys.get_session(name)
+                found = await server.dialect.get_session(name)
             return name, (found.state if found else None), found is not None
 
         results = await asyncio.gather(*(probe(n) for n in names))
@@ -293,6 +332,7 @@ class Reconciler:
                 item.tenant_id or uuid.UUID(int=0),
                 item.generation,
                 item.session_name,
+                server=item.server,
             )
             if item.kind == "orphan":
                 await _history(
@@ -391,13 +431,17 @@ class Reconciler:
         )
         return True
 
-    async def _forget_finished_deletes(self, observed: Observed) -> None:
-        """A tracked delete whose session the complete list no longer shows is done."""
+    async def _forget_finished_deletes(self, observed: Observed, server: Server) -> None:
+        """A tracked delete whose session the server's complete list no longer shows is done
+        (one of unknown server only in a pool of one)."""
         await self.pool.execute(
             "DELETE FROM session_deletes WHERE requested_at < $1"
-            " AND NOT (session_name = ANY($2::text[]))",
+            " AND NOT (session_name = ANY($2::text[]))"
+            " AND (server = $3 OR (server IS NULL AND $4))",
             observed.at,
             list(observed.sessions),
+            server.name,
+            self.servers.only is not None,
         )
 
 
@@ -413,6 +457,7 @@ def _row_view(r: asyncpg.Record) -> RowView:
         misses=r["reconcile_misses"],
         recreates=r["reconcile_recreates"],
         held_until=r["held_until"],
+        server=r["server"],
     )
 
 

@@ -40,6 +40,29 @@ class CreateSessionResult(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code: str | None = None  # when the server answers the create with it
 
 
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    """A server's answer to a health check: up or not, and how many sessions it says it holds
+    (None when it does not say)."""
+
+    up: bool
+    sessions: int | None = None
+
+
+def sessions_figure(body: object) -> int | None:
+    """The session count in a health body: ``sessions`` (or ``data.sessions``) as a number or
+    a list; None when absent or not a count."""
+    if isinstance(body, dict) and isinstance(body.get("data"), dict) and "sessions" not in body:
+        body = body["data"]
+    if not isinstance(body, dict):
+        return None
+    value = body.get("sessions")
+    if isinstance(value, list):
+        return len(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return int(value) if value >= 0 else None
+
+
 class Dialect(ABC):
     """A Baileys server's HTTP API (instance side) and its webhooks (class side)."""
 
@@ -90,6 +113,10 @@ class Dialect(ABC):
     @abstractmethod
     async def healthy(self) -> bool:
         """Does the server answer?"""
+
+    async def health(self) -> Health:
+        """Up or not, with the server's session count where its health route gives one."""
+        return Health(up=await self.healthy())
 
     async def session_exists(self, name: str) -> bool:
         return await self.get_session(name) is not None

@@ -22,7 +22,9 @@ from zapbus.dialects.base import (
     CreateSessionRequest,
     CreateSessionResult,
     Dialect,
+    Health,
     ServerSession,
+    sessions_figure,
 )
 from zapbus.dialects.errors import RetryableError
 from zapbus.dialects.http import (
@@ -129,11 +131,17 @@ class SeedDialect(Dialect):
         return code.strip()
 
     async def healthy(self) -> bool:
+        return (await self.health()).up
+
+    async def health(self) -> Health:
+        """``GET /health`` -> ``{status, sessions}``."""
         try:
             answer = await self._call("GET", "/health")
         except RetryableError:
-            return False
-        return answer.status == 200 and not answer.failed
+            return Health(up=False)
+        if answer.status != 200 or answer.failed:
+            return Health(up=False)
+        return Health(up=True, sessions=sessions_figure(answer.body))
 
     @classmethod
     def parse_webhook(cls, body: bytes, headers: Mapping[str, str], secret: str) -> Delivery:

@@ -1,0 +1,363 @@
+"""The pool manager: health, failover, drain --move and the creates waiting for room.
+
+A loop in every session worker. Each tick every replica reads ``baileys_servers`` (so its
+calls skip a server the probes see down) and exports the pool's gauges; one replica at a
+time (a Postgres advisory lock) also
+
+* asks every server's health (``GET /health`` or the dialect's route) every
+  ``baileys_health_interval_seconds``: two failed probes in a row mark it down (since the
+  first), one answer marks it up (on probation for ``baileys_rejoin_after_seconds`` after an
+  outage);
+* fails over: the connections of a server down for ``baileys_failover_after_seconds`` are
+  moved to the others (``moves.py``), at most ``baileys_failover_per_second``;
+* drains with ``--move``: one connection at a time, the next only once the previous one is
+  live again elsewhere (``qr_ready``, ``code_ready``, ``pairing``, ``connected``, or ended);
+* queues again, oldest first, the creates waiting for room, as many as there is room for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from proto.commands import CreateSession
+from proto.names import Names
+from services.session_worker.moves import ENDED, move_connection
+from services.session_worker.placement import PLACED_COUNTS, Policy, pool_views
+from services.session_worker.pool import Server, ServerPool
+from zapbus.logs import fields
+from zapbus.outbox import insert_outbox
+
+log = logging.getLogger("zapbus.pool")
+
+_LOCK_ID = 0x7A62706D  # "zbpm"
+_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+_LIVE_AGAIN = ("qr_ready", "code_ready", "pairing", "connected")
+_REQUEUE_AFTER_SECONDS = 15.0
+
+
+class PoolMetrics:
+    def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["server"], registry=registry)
+
+        self.up = gauge("zapbus_baileys_server_up", "1 while the server answers its health check.")
+        self.sessions = gauge(
+            "zapbus_baileys_server_sessions", "Sessions the server says it holds (/health)."
+        )
+        self.placements = gauge(
+            "zapbus_baileys_server_placements",
+            "Live connections zapbus placed on the server (its load for placement).",
+        )
+        self.drained = gauge("zapbus_baileys_server_drained", "1 while the server is drained.")
+        self.max_sessions = Gauge(
+            "zapbus_baileys_server_max_sessions",
+            "Sessions per server at most (ZAPBUS_BAILEYS_MAX_SESSIONS; 0: no cap).",
+            registry=registry,
+        )
+        self.waiting = Gauge(
+            "zapbus_pool_waiting_creates",
+            "Creates waiting for room on a Baileys server (every server full, drained or down).",
+            registry=registry,
+        )
+        self.moves = Counter(
+            "zapbus_pool_moves_total",
+            "Connections moved off a server, by server and why (failover, drain).",
+            ["server", "why"],
+            registry=registry,
+        )
+        self.requeued = Counter(
+            "zapbus_pool_requeued_creates_total",
+            "Waiting creates queued again as room freed.",
+            registry=registry,
+        )
+        for name in names:
+            for why in ("failover", "drain"):
+                self.moves.labels(name, why)
+
+
+@dataclass
+class _Health:
+    failures: int = 0
+    first_failure: datetime | None = None
+
+
+class PoolManager:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        names: Names,
+        servers: ServerPool,
+        metrics: PoolMetrics,
+        policy: Policy,
+        health_interval_seconds: float,
+        failover_after_seconds: float,
+        failover_per_second: float,
+        tick_seconds: float = 1.0,
+    ) -> None:
+        self.pool = pool
+        self.names = names
+        self.servers = servers
+        self.metrics = metrics
+        self.policy = policy
+        self.health_interval = health_interval_seconds
+        self.failover_after = timedelta(seconds=failover_after_seconds)
+        self.rate = failover_per_second
+        self.tick = min(tick_seconds, health_interval_seconds)
+        self._tokens = failover_per_second
+        self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
+        self._last_probe = float("-inf")
+        self._stopping = asyncio.Event()
+        metrics.max_sessions.set(policy.max_sessions)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.step()
+            except _DB_ERRORS as exc:
+                log.warning("pool manager step failed: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.tick):
+                    await self._stopping.wait()
+
+    async def step(self) -> None:
+        """One tick: lead if no other replica does, then mirror the table."""
+        async with self.pool.acquire() as conn:
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
+                try:
+                    await self._lead(conn)
+                finally:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        await self._mirror()
+
+    async def _lead(self, conn: asyncpg.Connection) -> None:
+        loop = asyncio.get_running_loop()
+        self._tokens = min(self.rate, self._tokens + self.rate * self.tick)
+        if loop.time() - self._last_probe >= self.health_interval:
+            self._last_probe = loop.time()
+            await self._probe_all(conn)
+        now: datetime = await conn.fetchval("SELECT now()")
+        await self._fail_over(conn, now)
+        await self._drain_moves(conn)
+        await self._requeue_waiting(conn, now)
+
+    async def _probe_all(self, conn: asyncpg.Connection) -> None:
+        specs = self.servers.specs
+        await conn.executemany(
+            "INSERT INTO baileys_servers (name, url) VALUES ($1, $2)"
+            " ON CONFLICT (name) DO UPDATE SET url = excluded.url",
+            [(s.name, s.public_url) for s in specs],
+        )
+        results = await asyncio.gather(*(self._probe(s) for s in self.servers.servers.values()))
+        now: datetime = await conn.fetchval("SELECT now()")
+        for server, (up, sessions) in zip(self.servers.servers.values(), results, strict=True):
+            seen = self._health[server.name]
+            if up:
+                seen.failures, seen.first_failure = 0, None
+                await conn.execute(
+                    "UPDATE baileys_servers SET up_since = CASE WHEN up IS false"
+                    " THEN now() ELSE up_since END, up = true, sessions = $2,"
+                    " checked_at = now(), down_since = NULL, updated_at = now()"
+                    " WHERE name = $1",
+                    server.name,
+                    sessions,
+                )
+                continue
+            seen.failures += 1
+            seen.first_failure = seen.first_failure or now
+            if seen.failures < 2:
+                await conn.execute(
+                    "UPDATE baileys_servers SET checked_at = now() WHERE name = $1", server.name
+                )
+                continue
+            changed = await conn.fetchval(
+                "UPDATE baileys_servers SET up = false, checked_at = now(), updated_at = now(),"
+                " down_since = coalesce(down_since, $2) WHERE name = $1"
+                " RETURNING up IS DISTINCT FROM true",
+                server.name,
+                seen.first_failure,
+            )
+            if changed and seen.failures == 2:
+                log.warning("Baileys server %r does not answer its health check", server.name)
+
+    async def _probe(self, server: Server) -> tuple[bool, int | None]:
+        try:
+            async with asyncio.timeout(max(1.0, min(5.0, self.health_interval))):
+                health = await server.dialect.health()
+        except TimeoutError:
+            return False, None
+        except Exception as exc:  # a dialect's unexpected error is a failed probe
+            log.debug("health probe of %r failed: %r", server.name, exc)
+            return False, None
+        return health.up, health.sessions
+
+    async def _fail_over(self, conn: asyncpg.Connection, now: datetime) -> None:
+        lost = await conn.fetch(
+            "SELECT name, down_since FROM baileys_servers WHERE up IS false"
+            " AND down_since <= $1 AND name = ANY($2::text[]) ORDER BY name",
+            now - self.failover_after,
+            list(self.servers.servers),
+        )
+        for server in lost:
+            budget = int(self._tokens)
+            if budget < 1:
+                return
+            rows = await conn.fetch(
+                f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
+                " ORDER BY created_at LIMIT $2",
+                server["name"],
+                budget,
+            )
+            down_for = int((now - server["down_since"]).total_seconds())
+            for row in rows:
+                moved = await move_connection(
+                    self.pool,
+                    self.names,
+                    row["id"],
+                    server["name"],
+                    "server_lost",
+                    f"Baileys server {server['name']!r} unreachable for {down_for} s:"
+                    " moved to another server; link it again",
+                )
+                self._tokens -= 1
+                if moved is not None:
+                    self.metrics.moves.labels(server["name"], "failover").inc()
+                    log.warning(
+                        "connection failed over",
+                        extra=fields(
+                            connection_id=str(row["id"]), generation=moved, server=server["name"]
+                        ),
+                    )
+
+    async def _drain_moves(self, conn: asyncpg.Connection) -> None:
+        draining = await conn.fetch(
+            "SELECT name, moving FROM baileys_servers WHERE move AND name = ANY($1::text[])",
+            list(self.servers.servers),
+        )
+        for server in draining:
+            name, moving = server["name"], server["moving"]
+            if moving is not None:
+                row = await conn.fetchrow(
+                    "SELECT status, server FROM connections WHERE id = $1", moving
+                )
+                if row is not None and row["status"] not in ENDED + _LIVE_AGAIN:
+                    continue  # the one being moved is not live elsewhere yet
+                if row is not None and row["server"] == name and row["status"] not in ENDED:
+                    continue  # not moved yet (the move did not happen)
+            if self._tokens < 1:
+                return
+            nxt = await conn.fetchval(
+                f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
+                " ORDER BY created_at, id LIMIT 1",
+                name,
+            )
+            if nxt is None:
+                await conn.execute(
+                    "UPDATE baileys_servers SET move = false, moving = NULL, updated_at = now()"
+                    " WHERE name = $1",
+                    name,
+                )
+                log.info("Baileys server %r drained: no connection left on it", name)
+                continue
+            moved = await move_connection(
+                self.pool,
+                self.names,
+                nxt,
+                name,
+                "server_drained",
+                f"Baileys server {name!r} drained: moved to another server; link it again",
+            )
+            self._tokens -= 1
+            await conn.execute(
+                "UPDATE baileys_servers SET moving = $2, updated_at = now() WHERE name = $1",
+                name,
+                nxt,
+            )
+            if moved is not None:
+                self.metrics.moves.labels(name, "drain").inc()
+                log.info(
+                    "connection moved off a drained server",
+                    extra=fields(connection_id=str(nxt), generation=moved, server=name),
+                )
+
+    async def _requeue_waiting(self, conn: asyncpg.Connection, now: datetime) -> None:
+        await conn.execute(
+            "UPDATE connections SET placement_wait_since = NULL, placement_requeued_at = NULL"
+            " WHERE placement_wait_since IS NOT NULL AND status <> 'pending'"
+        )
+        views = await pool_views(conn, self.servers.specs, self.policy, now)
+        usable = [v for v in views if not v.drained and v.up is not False]
+        room = sum(max(0.0, v.free(self.policy.max_sessions)) for v in usable)
+        if room < 1:
+            return
+        rows = await conn.fetch(
+            "SELECT id, tenant_id, generation, session_name, command_id, login, phone_number"
+            " FROM connections WHERE placement_wait_since IS NOT NULL AND status = 'pending'"
+            " AND (placement_requeued_at IS NULL OR placement_requeued_at < $1)"
+            " ORDER BY placement_wait_since, id LIMIT $2",
+            now - timedelta(seconds=_REQUEUE_AFTER_SECONDS),
+            int(min(room, 500)),
+        )
+        for row in rows:
+            async with conn.transaction():
+                cmd = CreateSession(
+                    command_id=row["command_id"] or uuid.uuid4(),
+                    connection_id=row["id"],
+                    tenant_id=row["tenant_id"],
+                    generation=row["generation"],
+                    session_name=row["session_name"],
+                    requested_at=now,
+                    login=row["login"],
+                    phone_number=row["phone_number"],
+                )
+                await insert_outbox(
+                    conn, self.names, cmd, msg_id=f"{cmd.command_id}:requeue:{uuid.uuid4().hex}"
+                )
+                await conn.execute(
+                    "UPDATE connections SET placement_requeued_at = now() WHERE id = $1",
+                    row["id"],
+                )
+            self.metrics.requeued.inc()
+
+    async def _mirror(self) -> None:
+        """This replica's view of the table: which servers to skip, and the gauges."""
+        rows = await self.pool.fetch(
+            "SELECT name, up, drained, sessions, down_since, checked_at, now() AS now"
+            " FROM baileys_servers"
+        )
+        placed = {r["server"]: r["n"] for r in await self.pool.fetch(PLACED_COUNTS)}
+        loop = asyncio.get_running_loop()
+        seen = {r["name"]: r for r in rows}
+        stale = timedelta(seconds=self.policy.stale_after_seconds)
+        for name, server in self.servers.servers.items():
+            row = seen.get(name)
+            fresh = row is not None and row["checked_at"] and row["now"] - row["checked_at"] < stale
+            if fresh and row is not None and row["up"] is False and row["down_since"]:
+                ago = (row["now"] - row["down_since"]).total_seconds()
+                server.down_since = loop.time() - ago
+            else:
+                server.down_since = None
+            self.metrics.up.labels(name).set(0 if server.down_since is not None else 1)
+            self.metrics.sessions.labels(name).set((row["sessions"] if row else None) or 0)
+            self.metrics.placements.labels(name).set(placed.get(name, 0))
+            self.metrics.drained.labels(name).set(1 if row is not None and row["drained"] else 0)
+        self.metrics.waiting.set(
+            await self.pool.fetchval(
+                "SELECT count(*) FROM connections WHERE placement_wait_since IS NOT NULL"
+                " AND status = 'pending'"
+            )
+        )
+
+
+def _sql(values: tuple[str, ...]) -> str:
+    return "(" + ", ".join(f"'{v}'" for v in values) + ")"

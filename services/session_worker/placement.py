@@ -1,0 +1,212 @@
+"""Placement: which Baileys server takes a connection generation, recorded once for good.
+
+A new generation goes to the healthy, undrained server with the most free capacity, counting
+zapbus's own placements (rows not terminal) and the server's own ``/health`` ``sessions``
+figure (other apps may share it): its load is the larger of the two. A server back after an
+outage is on probation for ``rejoin_after_seconds`` and takes placements only when no other
+server can. The choice goes into ``placements`` (and the row's ``server``, and history) under
+one advisory lock, so concurrent creates see each other's choices; every later call for that
+generation reads it back. No room anywhere: the row waits (``placement_wait_since``, the
+reason in ``status_reason``) and the pool manager queues its create again when room frees.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from proto.commands import CreateSession
+from zapbus.servers import ServerSpec
+
+_LOCK_ID = 0x7A62706C  # "zbpl"
+WAITING_PREFIX = "waiting for a Baileys server: "
+_ENDED = "('deleted', 'failed', 'logged_out', 'qr_expired', 'conflict')"
+# as the partial index connections_placed, so the count reads only that index
+PLACED_COUNTS = (
+    "SELECT server, count(*) AS n FROM connections"
+    f" WHERE server IS NOT NULL AND status NOT IN {_ENDED} GROUP BY server"
+)
+_SERVERS = "SELECT name, drained, up, sessions, checked_at, up_since FROM baileys_servers"
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """What placement knows of one configured server."""
+
+    name: str
+    drained: bool = False
+    up: bool | None = None  # None: not probed (recently): assumed up
+    sessions: int | None = None  # the server's own figure
+    placed: int = 0  # zapbus's live placements there
+    probation: bool = False  # back after an outage, not for long yet
+
+    def load(self) -> int:
+        return max(self.placed, self.sessions or 0)
+
+    def free(self, cap: int) -> float:
+        return float("inf") if cap <= 0 else cap - self.load()
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_sessions: int = 0  # 0: no cap
+    rejoin_after_seconds: float = 60.0
+    # health older than this is not trusted (no pool manager probing): assumed up
+    stale_after_seconds: float = 30.0
+
+
+def choose(views: list[ServerView], cap: int) -> tuple[str | None, str]:
+    """(the server to place on, "") or (None, why nothing can take it). Pure."""
+    usable = [v for v in views if not v.drained and v.up is not False]
+    for group in (
+        [v for v in usable if not v.probation],
+        [v for v in usable if v.probation],
+    ):
+        room = [v for v in group if v.free(cap) > 0]
+        if room:
+            best = max(room, key=lambda v: (v.free(cap), -v.load(), -v.placed, _rev(v.name)))
+            return best.name, ""
+    if not views or all(v.drained for v in views):
+        return None, "every Baileys server is drained"
+    if not usable:
+        return None, "no Baileys server is reachable"
+    return None, f"every Baileys server is at its cap of {cap} sessions"
+
+
+def _rev(name: str) -> tuple[int, ...]:
+    """Sort key that prefers the alphabetically first name under ``max``."""
+    return tuple(-ord(c) for c in name)
+
+
+async def pool_views(
+    conn: asyncpg.Connection | asyncpg.Pool,
+    specs: tuple[ServerSpec, ...],
+    policy: Policy,
+    now: datetime,
+) -> list[ServerView]:
+    """The configured servers as placement sees them now."""
+    placed = {r["server"]: r["n"] for r in await conn.fetch(PLACED_COUNTS)}
+    seen = {r["name"]: r for r in await conn.fetch(_SERVERS)}
+    stale = now - timedelta(seconds=policy.stale_after_seconds)
+    rejoin = now - timedelta(seconds=policy.rejoin_after_seconds)
+    views = []
+    for spec in specs:
+        row = seen.get(spec.name)
+        fresh = row is not None and row["checked_at"] is not None and row["checked_at"] > stale
+        views.append(
+            ServerView(
+                name=spec.name,
+                drained=bool(row and row["drained"]),
+                up=row["up"] if fresh and row is not None else None,
+                sessions=row["sessions"] if fresh and row is not None else None,
+                placed=placed.get(spec.name, 0),
+                probation=bool(
+                    fresh and row is not None and row["up_since"] and row["up_since"] > rejoin
+                ),
+            )
+        )
+    return views
+
+
+@dataclass(frozen=True)
+class Placed:
+    server: str
+    new: bool  # placed by this call (else read back)
+
+
+@dataclass(frozen=True)
+class Waiting:
+    reason: str
+
+
+class Gone:
+    """The row is no longer this generation's (nothing to place)."""
+
+
+async def place(
+    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: Policy
+) -> Placed | Waiting | Gone:
+    """The generation's server: read back if placed, else chosen and recorded now."""
+    async with pool.acquire() as conn, conn.transaction():
+        found = await server_of(conn, cmd.connection_id, cmd.generation)
+        if found is not None:
+            return Placed(found, new=False)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        row = await conn.fetchrow(
+            "SELECT generation, status, placement_wait_since FROM connections"
+            " WHERE id = $1 FOR UPDATE",
+            cmd.connection_id,
+        )
+        if row is None or row["generation"] != cmd.generation:
+            return Gone()
+        found = await server_of(conn, cmd.connection_id, cmd.generation)
+        if found is not None:
+            return Placed(found, new=False)  # placed by a copy while we waited for the lock
+        now = await conn.fetchval("SELECT now()")
+        name, why = choose(await pool_views(conn, specs, policy, now), policy.max_sessions)
+        if name is None:
+            reason = WAITING_PREFIX + why
+            await conn.execute(
+                "UPDATE connections SET placement_wait_since = coalesce(placement_wait_since,"
+                " now()), status_reason = $2, updated_at = now() WHERE id = $1",
+                cmd.connection_id,
+                reason,
+            )
+            if row["placement_wait_since"] is None:
+                await _history(conn, cmd, "placement.waiting", row["status"], None, reason)
+            return Waiting(reason)
+        await conn.execute(
+            "INSERT INTO placements (connection_id, generation, server) VALUES ($1, $2, $3)",
+            cmd.connection_id,
+            cmd.generation,
+            name,
+        )
+        await conn.execute(
+            "UPDATE connections SET server = $2, placement_wait_since = NULL,"
+            " placement_requeued_at = NULL,"
+            " status_reason = CASE WHEN status_reason LIKE $3 THEN NULL ELSE status_reason END"
+            " WHERE id = $1",
+            cmd.connection_id,
+            name,
+            WAITING_PREFIX + "%",
+        )
+        await _history(conn, cmd, "placement.assigned", row["status"], name, f"placed on {name}")
+        return Placed(name, new=True)
+
+
+async def server_of(
+    conn: asyncpg.Connection | asyncpg.Pool, connection_id: uuid.UUID, generation: int
+) -> str | None:
+    """Where a generation was placed (None: never placed)."""
+    value = await conn.fetchval(
+        "SELECT server FROM placements WHERE connection_id = $1 AND generation = $2",
+        connection_id,
+        generation,
+    )
+    return str(value) if value is not None else None
+
+
+async def _history(
+    conn: asyncpg.Connection,
+    cmd: CreateSession,
+    event_type: str,
+    status: str,
+    server: str | None,
+    reason: str,
+) -> None:
+    await conn.execute(
+        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
+        " from_status, to_status, applied, reason, command_id, occurred_at, server)"
+        " VALUES ($1, $2, $3, $4, $5, $5, false, $6, $7, now(), $8)",
+        uuid.uuid4(),
+        cmd.connection_id,
+        cmd.generation,
+        event_type,
+        status,
+        reason,
+        cmd.command_id,
+        server,
+    )

@@ -1,0 +1,331 @@
+"""A pool of three Baileys servers (simulator processes): placement, the full pool, failover,
+the lost server's return, and drain --move, each checked against the simulators' own record.
+
+The zapbus services run in this process (``start_stack``) with ``ZAPBUS_BAILEYS_URLS`` naming
+the three simulators; each simulator keeps its sessions in a state file, so a SIGKILLed one
+comes back holding them, as a Baileys server with persistent auth state does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from services.session_worker.drift import parse_session_name
+from services.session_worker.placement import ServerView, choose
+from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from zapbus import cli, servercli
+from zapbus.config import ConfigError, Settings, load_settings
+from zapbus.localinfra import free_port
+from zapbus.procs import ServiceProcess
+
+NAMES = ("a", "b", "c")
+LIVE = ("qr_ready",)
+POOL: dict[str, Any] = {
+    "baileys_health_interval_seconds": 0.3,
+    "baileys_failover_after_seconds": 2.0,
+    "baileys_failover_per_second": 50.0,
+    "baileys_rejoin_after_seconds": 3.0,
+    "reconcile_interval_seconds": 0.5,
+    "reconcile_grace_seconds": 0.5,
+}
+
+
+@dataclass
+class Sims:
+    procs: dict[str, ServiceProcess]
+    urls: dict[str, str]
+
+    def spec(self) -> str:
+        return ",".join(f"{n}={u}" for n, u in self.urls.items())
+
+    async def live(self, http: aiohttp.ClientSession, name: str) -> dict[str, str]:
+        async with http.get(f"{self.urls[name]}/_sim/stats") as r:
+            states: dict[str, str] = (await r.json())["states"]
+            return states
+
+    async def all_live(self, http: aiohttp.ClientSession) -> dict[str, dict[str, str]]:
+        return {n: await self.live(http, n) for n in self.urls if self.procs[n].running}
+
+
+@pytest.fixture
+async def sims(workdir: Path) -> AsyncIterator[Sims]:
+    procs, urls = {}, {}
+    for name in NAMES:
+        port = free_port()
+        env = {
+            "ZAPBUS_SIM_PORT": str(port),
+            "ZAPBUS_SIM_CREATE_DELAY": "0.02-0.1",
+            "ZAPBUS_SIM_QR_FIRST_SECONDS": "120",
+            "ZAPBUS_BAILEYS_API_KEY": FAST_SIM.api_key,
+            "ZAPBUS_SIM_STATE_FILE": str(workdir / f"sim-{name}.json"),
+            "ZAPBUS_LOG_LEVEL": "WARNING",
+        }
+        urls[name] = f"http://127.0.0.1:{port}"
+        procs[name] = ServiceProcess(
+            f"sim-{name}",
+            "services.baileys_sim",
+            env,
+            f"{urls[name]}/healthz",
+            workdir / f"sim-{name}.log",
+        )
+        procs[name].start()
+    try:
+        for proc in procs.values():
+            await proc.wait_healthy()
+        yield Sims(procs, urls)
+    finally:
+        for proc in procs.values():
+            proc.stop(timeout=5)
+
+
+async def _all(stack: Stack, ids: list[str]) -> list[dict[str, Any]]:
+    return [(await stack.get(i))[1] for i in ids]
+
+
+async def _wait_all(stack: Stack, ids: list[str], *statuses: str, timeout: float = 30) -> Any:
+    async def probe() -> list[dict[str, Any]] | None:
+        rows = await _all(stack, ids)
+        return rows if all(r["status"] in statuses for r in rows) else None
+
+    return await wait_for(f"{len(ids)} connections in {statuses}", probe, timeout)
+
+
+def _one_live_each(live: dict[str, dict[str, str]], rows: list[dict[str, Any]]) -> str | None:
+    """None if every connection has exactly one live session in the pool, of its current
+    generation, on the server its row names; else what is wrong."""
+    where: dict[str, list[tuple[str, int]]] = {}
+    for server, sessions in live.items():
+        for session in sessions:
+            parsed = parse_session_name(session)
+            if parsed is not None:
+                where.setdefault(str(parsed[0]), []).append((server, parsed[1]))
+    for row in rows:
+        found = where.get(row["id"], [])
+        if found != [(row["server"], row["generation"])]:
+            return f"{row['id']} (g{row['generation']} on {row['server']}): live {found}"
+    return None
+
+
+def test_choose_prefers_most_free_and_skips_drained_down_and_probation() -> None:
+    views = [
+        ServerView("a", placed=3),
+        ServerView("b", placed=1, sessions=4),  # other apps share b: its own figure counts
+        ServerView("c", placed=2),
+    ]
+    assert choose(views, 0) == ("c", "")
+    assert choose(views, 5)[0] == "c"
+    views = [ServerView("a", drained=True), ServerView("b", up=False), ServerView("c", placed=9)]
+    assert choose(views, 0) == ("c", "")
+    assert choose(views, 9) == (None, "every Baileys server is at its cap of 9 sessions")
+    rejoining = [ServerView("a", probation=True), ServerView("b", placed=5)]
+    assert choose(rejoining, 0) == ("b", "")  # back from an outage: only when nothing else
+    assert choose(rejoining, 5) == ("a", "")
+    assert choose([ServerView("a", up=False)], 0) == (None, "no Baileys server is reachable")
+    assert choose([ServerView("a", drained=True)], 0) == (None, "every Baileys server is drained")
+
+
+def test_servers_from_settings() -> None:
+    s = load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://10.0.0.1:3000, http://h:3001/api"})
+    assert [(x.name, x.url) for x in s.servers] == [
+        ("a", "http://10.0.0.1:3000"),
+        ("h:3001", "http://h:3001/api"),
+    ]
+    single = load_settings({"ZAPBUS_BAILEYS_URL": "https://b.example"})
+    assert [x.name for x in single.servers] == ["b.example:443"]
+    with pytest.raises(ConfigError, match="both set"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1", "ZAPBUS_BAILEYS_URL": "http://y:1"})
+    with pytest.raises(ConfigError, match="appears twice"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1,a=http://y:1"})
+    keyed = load_settings(
+        {
+            "ZAPBUS_BAILEYS_URLS": "a=http://x:1,b=http://y:1",
+            "ZAPBUS_BAILEYS_API_KEY": "shared",
+            "ZAPBUS_BAILEYS_API_KEYS": "b=own",
+        }
+    )
+    assert [x.api_key for x in keyed.servers] == ["shared", "own"]
+    assert "own" not in repr(keyed.servers)
+    assert keyed.servers[0].public_url == "http://x:1"
+    assert (
+        load_settings({"ZAPBUS_BAILEYS_URLS": "u=http://me:pw@h:9/p?k=1"}).servers[0].public_url
+        == "http://h:9/p"
+    )
+
+
+async def test_creates_spread_over_the_pool(settings: Settings, sims: Sims) -> None:
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(30)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        spread = Counter(r["server"] for r in rows)
+        assert set(spread) == set(NAMES) and all(9 <= n <= 11 for n in spread.values()), spread
+        assert _one_live_each(await sims.all_live(stack.http), rows) is None
+        history = await stack.http.get(
+            f"{stack.gateway_url}/v1/connections/{ids[0]}/history", headers=stack.auth()
+        )
+        placed = [
+            h for h in (await history.json())["items"] if h["event_type"] == "placement.assigned"
+        ]
+        assert [h["server"] for h in placed] == [rows[0]["server"]]
+
+
+async def test_a_full_pool_queues_creates_until_room_frees(settings: Settings, sims: Sims) -> None:
+    async with start_stack(
+        settings, None, baileys_urls=sims.spec(), baileys_max_sessions=5, **POOL
+    ) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(20)]
+
+        async def split() -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+            rows = await _all(stack, ids)
+            live = [r for r in rows if r["status"] == "qr_ready"]
+            waiting = [
+                r
+                for r in rows
+                if r["status"] == "pending"
+                and (r["status_reason"] or "").startswith("waiting for a Baileys server")
+            ]
+            return (live, waiting) if len(live) == 15 and len(waiting) == 5 else None
+
+        live, waiting = await wait_for("15 live and 5 waiting", split, timeout=30)
+        assert Counter(r["server"] for r in live) == {"a": 5, "b": 5, "c": 5}
+        assert "at its cap of 5" in waiting[0]["status_reason"]
+
+        async def gauge() -> bool:
+            async with stack.http.get(f"{stack.worker_url}/metrics") as r:
+                return "zapbus_pool_waiting_creates 5.0" in await r.text()
+
+        await wait_for("the waiting gauge at 5", gauge, timeout=5)
+        for row in live[:5]:
+            async with stack.http.delete(
+                f"{stack.gateway_url}/v1/connections/{row['id']}", headers=stack.auth()
+            ) as r:
+                assert r.status == 202
+        rows = await _wait_all(stack, [w["id"] for w in waiting], *LIVE, timeout=30)
+        assert all(r["status_reason"] is None for r in rows)
+        counts = Counter(r["server"] for r in await _all(stack, ids) if r["status"] == "qr_ready")
+        assert sum(counts.values()) == 15 and max(counts.values()) <= 5, counts
+
+
+async def test_failover_moves_a_dead_servers_connections_and_cleans_up_on_return(
+    settings: Settings, sims: Sims
+) -> None:
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(12)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        on_b = [r["id"] for r in rows if r["server"] == "b"]
+        assert on_b
+        old_sessions = {r["session_name"] for r in rows if r["server"] == "b"}
+        sims.procs["b"].kill()
+
+        async def moved() -> list[dict[str, Any]] | None:
+            now = await _all(stack, on_b)
+            ok = all(
+                r["status"] == "qr_ready" and r["generation"] == 2 and r["server"] in ("a", "c")
+                for r in now
+            )
+            return now if ok else None
+
+        now = await wait_for("b's connections re-placed on a and c", moved, timeout=30)
+        assert all(r["reason_code"] == "server_lost" for r in now)
+        everyone = await _all(stack, ids)
+        assert _one_live_each(await sims.all_live(stack.http), everyone) is None
+        history = await stack.http.get(
+            f"{stack.gateway_url}/v1/connections/{on_b[0]}/history", headers=stack.auth()
+        )
+        events = [h for h in (await history.json())["items"] if h["event_type"] == "failover.moved"]
+        assert len(events) == 1 and events[0]["reason_code"] == "server_lost"
+        assert events[0]["server"] == "b"
+
+        # b comes back holding its old sessions: the reconciler deletes every one of them
+        sims.procs["b"].start()
+        await sims.procs["b"].wait_healthy()
+        assert old_sessions <= set(await sims.live(stack.http, "b"))
+
+        async def cleaned() -> bool:
+            return not set(await sims.live(stack.http, "b")) & old_sessions
+
+        await wait_for("the superseded sessions deleted from b", cleaned, timeout=30)
+        everyone = await _all(stack, ids)
+        assert _one_live_each(await sims.all_live(stack.http), everyone) is None
+        assert Counter(r["generation"] for r in everyone)[2] == len(on_b)
+
+
+async def test_drain_move_empties_a_server(settings: Settings, sims: Sims) -> None:
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(9)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        on_a = [r["id"] for r in rows if r["server"] == "a"]
+        assert await servercli.server_drain(stack.settings, "a", True, move=True) == 0
+
+        async def emptied() -> list[dict[str, Any]] | None:
+            now = await _all(stack, ids)
+            if any(r["server"] == "a" for r in now) or any(r["status"] != "qr_ready" for r in now):
+                return None
+            return now if not await sims.live(stack.http, "a") else None
+
+        now = await wait_for("a emptied, its connections live elsewhere", emptied, timeout=40)
+        moved = [r for r in now if r["id"] in on_a]
+        assert all(r["generation"] == 2 and r["reason_code"] == "server_drained" for r in moved)
+        assert _one_live_each(await sims.all_live(stack.http), now) is None
+        # a new create never goes to the drained server
+        extra = (await stack.create("after"))["id"]
+        (late,) = await _wait_all(stack, [extra], *LIVE)
+        assert late["server"] in ("b", "c")
+        assert await servercli.server_drain(stack.settings, "a", False) == 0
+        assert await servercli.server_drain(stack.settings, "nope", True) == 2
+
+
+async def test_server_list_shows_health_counts_and_drain(
+    settings: Settings,
+    sims: Sims,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(3)]
+        await _wait_all(stack, ids, *LIVE)
+        assert await servercli.server_drain(stack.settings, "c", True) == 0
+        sims.procs["b"].kill()
+
+        async def listed() -> list[dict[str, Any]] | None:
+            capsys.readouterr()
+            await servercli.server_list(stack.settings, as_json=True)
+            out: list[dict[str, Any]] = json.loads(capsys.readouterr().out)
+            by = {s["name"]: s for s in out}
+            ok = by["b"]["health"].startswith("down") and by["a"]["health"] == "up"
+            return out if ok else None
+
+        out = await wait_for("b seen down", listed, timeout=10)
+        by = {s["name"]: s for s in out}
+        assert by["c"]["drained"] is True and by["a"]["drained"] is False
+        assert by["a"]["url"] == sims.urls["a"] and by["a"]["placed"] == 1
+        assert by["a"]["sessions"] == 1
+
+        async def metrics() -> str | None:
+            async with stack.http.get(f"{stack.worker_url}/metrics") as r:
+                text = await r.text()
+            return text if 'zapbus_baileys_server_up{server="b"} 0.0' in text else None
+
+        text = await wait_for("b down in the metrics", metrics, timeout=5)
+        assert 'zapbus_baileys_server_drained{server="c"} 1.0' in text
+        assert 'zapbus_baileys_server_placements{server="a"} 1.0' in text
+        # the table form, through the command line (in a thread: it runs its own loop)
+        for var, value in {
+            "ZAPBUS_DATABASE_URL": stack.settings.database_url,
+            "ZAPBUS_DB_SCHEMA": stack.settings.db_schema,
+            "ZAPBUS_BAILEYS_URLS": sims.spec(),
+        }.items():
+            monkeypatch.setenv(var, value)
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["server", "list"]) == 0
+        table = capsys.readouterr().out.splitlines()
+        assert table[0].split() == ["NAME", "URL", "HEALTH", "SESSIONS", "PLACED", "CAP", "DRAINED"]
+        assert table[3].split()[0] == "c" and table[3].split()[-1] == "yes"
