@@ -49,8 +49,9 @@ lint: venv
 SEED ?=
 STEPS ?= 60
 MINUTES ?= 0
+POOL ?= 1
 soak: deps-system venv
-	$(BIN)/python -m tests.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS) --minutes $(MINUTES)
+	$(BIN)/python -m tests.soak $(if $(SEED),--seed $(SEED)) --steps $(STEPS) --minutes $(MINUTES) --pool $(POOL)
 
 bench: venv
 	$(BIN)/python -m bench $(BENCH_ARGS)

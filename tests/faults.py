@@ -2,7 +2,9 @@
 
 The five services run as child processes (so a test can SIGKILL one), on a nats-server and a
 PostgreSQL that the test started itself (so it can restart them); the shared servers are never
-touched. The Baileys simulator runs in the test's event loop.
+touched. The Baileys simulator runs in the test's event loop; with ``sims=3`` three of them
+form a pool (``ZAPBUS_BAILEYS_URLS``, names ``s1``, ``s2``, ``s3``), each keeping its sessions
+in a state file so that one stopped and started again comes back holding them.
 """
 
 from __future__ import annotations
@@ -45,6 +47,25 @@ class ProcessStack:
     logs: Path
     sim_url: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # the pool: name -> URL, and the runner of each simulator that is up
+    sim_urls: dict[str, str] = field(default_factory=dict)
+    sim_runners: dict[str, web.AppRunner] = field(default_factory=dict)
+    sim_configs: dict[str, SimConfig] = field(default_factory=dict)
+
+    async def stop_sim(self, name: str) -> None:
+        """The server dies (its sessions stay in its state file)."""
+        runner = self.sim_runners.pop(name, None)
+        if runner is not None:
+            await runner.cleanup()
+
+    async def start_sim(self, name: str) -> None:
+        if name in self.sim_runners:
+            return
+        config = self.sim_configs[name]
+        runner = web.AppRunner(create_sim(config))
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", config.port).start()
+        self.sim_runners[name] = runner
 
     @property
     def gateway_url(self) -> str:
@@ -70,6 +91,7 @@ async def process_stack(
     env: dict[str, str] | None = None,
     replicas: int = 1,
     nats: NatsServer | NatsCluster | None = None,
+    sims: int = 1,
 ) -> AsyncIterator[ProcessStack]:
     """``replicas`` copies of every service: the webhook copies share one port (SO_REUSEPORT),
     the others get ports of their own (``procs["gateway_2"]``, ``ports["gateway_2"]``...).
@@ -78,8 +100,23 @@ async def process_stack(
     postgres = PostgresServer(tmp / "pg")
     await nats.astart()
     await postgres.astart()
-    sim_port = free_port()
-    sim_runner = web.AppRunner(create_sim(msgspec.structs.replace(sim, port=sim_port)))
+    sim_names = [f"s{n}" for n in range(1, sims + 1)]
+    sim_configs = {
+        name: msgspec.structs.replace(
+            sim,
+            port=free_port(),
+            seed=None if sim.seed is None else sim.seed + n,
+            state_file=str(tmp / f"{name}.json") if sims > 1 else "",
+        )
+        for n, name in enumerate(sim_names)
+    }
+    sim_urls = {name: f"http://127.0.0.1:{c.port}" for name, c in sim_configs.items()}
+    sim_port = sim_configs[sim_names[0]].port
+    servers = (
+        {"ZAPBUS_BAILEYS_URLS": ",".join(f"{n}={u}" for n, u in sim_urls.items())}
+        if sims > 1
+        else {"ZAPBUS_BAILEYS_URL": f"http://127.0.0.1:{sim_port}"}
+    )
     ports = {name: free_port() for name in PORT_VARS}
     logs = tmp / "logs"
     logs.mkdir()
@@ -90,7 +127,7 @@ async def process_stack(
         "ZAPBUS_LOG_FORMAT": "json",
         "ZAPBUS_SHUTDOWN_GRACE_SECONDS": "3",
         "ZAPBUS_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{ports['webhook']}",
-        "ZAPBUS_BAILEYS_URL": f"http://127.0.0.1:{sim_port}",
+        **servers,
         "ZAPBUS_BAILEYS_API_KEY": sim.api_key,
         **{var: str(ports[name]) for name, var in PORT_VARS.items()},
         **({"ZAPBUS_REUSE_PORT": "true"} if replicas > 1 else {}),
@@ -118,6 +155,7 @@ async def process_stack(
                 logs / f"{copy}.log",
             )
     http = aiohttp.ClientSession()
+    stack: ProcessStack | None = None
     try:
         await db.migrate(postgres.dsn)
         await topology.declare_with(load_settings(base))  # as `zapbus migrate` would
@@ -126,13 +164,7 @@ async def process_stack(
             _, key = await create_tenant(pool, "chaos")
         finally:
             await pool.close()
-        await sim_runner.setup()
-        await web.TCPSite(sim_runner, "127.0.0.1", sim_port).start()
-        for proc in procs.values():
-            proc.start()
-        for proc in procs.values():
-            await proc.wait_healthy(timeout=30)
-        yield ProcessStack(
+        stack = ProcessStack(
             nats=nats,
             postgres=postgres,
             procs=procs,
@@ -141,11 +173,22 @@ async def process_stack(
             http=http,
             logs=logs,
             sim_url=f"http://127.0.0.1:{sim_port}",
+            sim_urls=sim_urls,
+            sim_configs=sim_configs,
         )
+        for name in sim_names:
+            await stack.start_sim(name)
+        for proc in procs.values():
+            proc.start()
+        for proc in procs.values():
+            await proc.wait_healthy(timeout=30)
+        yield stack
     finally:
         await http.close()
         for proc in procs.values():
             proc.stop(timeout=10)
-        await sim_runner.cleanup()
+        if stack is not None:
+            for name in list(stack.sim_runners):
+                await stack.stop_sim(name)
         await nats.astop()
         await postgres.astop()

@@ -95,6 +95,14 @@ OPERATIONS = {
     "postgres_restart": 1,
     "dlq_replay": 2,
 }
+# with a pool of servers (--pool 3): servers die and come back (failover in between)
+POOL_OPERATIONS = {"server_death": 2, "server_return": 2}
+POOL_ENV = {
+    "ZAPBUS_BAILEYS_HEALTH_INTERVAL_SECONDS": "0.3",
+    "ZAPBUS_BAILEYS_FAILOVER_AFTER_SECONDS": "1.5",
+    "ZAPBUS_BAILEYS_FAILOVER_PER_SECOND": "20",
+    "ZAPBUS_BAILEYS_REJOIN_AFTER_SECONDS": "2",
+}
 
 
 @dataclass
@@ -127,11 +135,14 @@ class Report:
 
 
 class Driver:
-    def __init__(self, stack: ProcessStack, rng: random.Random, report: Report) -> None:
+    def __init__(
+        self, stack: ProcessStack, rng: random.Random, report: Report, pool: bool = False
+    ) -> None:
         self.stack = stack
         self.rng = rng
         self.report = report
         self.connections: list[dict[str, Any]] = []
+        self.operations = {**OPERATIONS, **(POOL_OPERATIONS if pool else {})}
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -154,23 +165,35 @@ class Driver:
                 raise AssertionError(f"{method} {path} never answered")
             await asyncio.sleep(0.1)
 
-    async def _sim(self, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-        async with self.stack.http.request(method, f"{self.stack.sim_url}{path}", **kw) as r:
+    async def _sim(
+        self, method: str, path: str, server: str | None = None, **kw: Any
+    ) -> tuple[int, Any]:
+        """A call to one simulator (``server``; the first by default); nothing if it is down."""
+        server = server or next(iter(self.stack.sim_urls))
+        if server not in self.stack.sim_runners:
+            return 0, None
+        url = self.stack.sim_urls[server]
+        async with self.stack.http.request(method, f"{url}{path}", **kw) as r:
             return r.status, await r.json(content_type=None)
+
+    async def _all_sims(self, method: str, path: str, **kw: Any) -> None:
+        for server in list(self.stack.sim_runners):
+            await self._sim(method, path, server, **kw)
 
     def _pick(self) -> dict[str, Any] | None:
         live = [c for c in self.connections if not c.get("deleted")]
         return self.rng.choice(live) if live else None
 
-    async def _session_of(self, connection: dict[str, Any]) -> str:
+    async def _session_of(self, connection: dict[str, Any]) -> tuple[str, str | None]:
+        """The connection's session name and the server it is placed on."""
         status, body = await self._gateway("GET", f"/v1/connections/{connection['id']}")
         assert status == 200, body
-        return str(body["session_name"])
+        return str(body["session_name"]), body.get("server")
 
     # --- operations ----------------------------------------------------------------------------
 
     async def step(self, n: int) -> None:
-        names, weights = zip(*OPERATIONS.items(), strict=True)
+        names, weights = zip(*self.operations.items(), strict=True)
         op = self.rng.choices(names, weights)[0]
         if not self.connections:
             op = "create"
@@ -203,34 +226,35 @@ class Driver:
 
     async def op_scan(self) -> None:
         if (c := self._pick()) is not None:
-            await self._sim("POST", f"/_sim/sessions/{await self._session_of(c)}/scan")
+            name, server = await self._session_of(c)
+            await self._sim("POST", f"/_sim/sessions/{name}/scan", server)
 
     async def op_logout(self) -> None:
         if (c := self._pick()) is not None:
-            await self._sim("POST", f"/_sim/sessions/{await self._session_of(c)}/logout")
+            name, server = await self._session_of(c)
+            await self._sim("POST", f"/_sim/sessions/{name}/logout", server)
 
     async def op_reconnect_cycle(self) -> None:
         """close 428 / connected twice: identical bodies, each a real event."""
         if (c := self._pick()) is not None:
-            name = await self._session_of(c)
+            name, server = await self._session_of(c)
             for _ in range(2):
-                await self._sim("POST", f"/_sim/sessions/{name}/disconnect")
+                await self._sim("POST", f"/_sim/sessions/{name}/disconnect", server)
                 await asyncio.sleep(0.05)
-                await self._sim("POST", f"/_sim/sessions/{name}/reconnect")
+                await self._sim("POST", f"/_sim/sessions/{name}/reconnect", server)
 
     async def op_replay(self) -> None:
         if (c := self._pick()) is not None:
             mode = self.rng.choice(["duplicate", "reverse"])
-            await self._sim(
-                "POST", f"/_sim/sessions/{await self._session_of(c)}/replay", json={"mode": mode}
-            )
+            name, server = await self._session_of(c)
+            await self._sim("POST", f"/_sim/sessions/{name}/replay", server, json={"mode": mode})
 
     async def _for_a_while(self, patch: dict[str, Any], undo: dict[str, Any]) -> None:
-        await self._sim("PATCH", "/_sim/config", json=patch)
+        await self._all_sims("PATCH", "/_sim/config", json=patch)
         for _ in range(self.rng.randint(1, 3)):
             await self.op_create()
         await asyncio.sleep(self.rng.uniform(0.5, 2.0))
-        await self._sim("PATCH", "/_sim/config", json=undo)
+        await self._all_sims("PATCH", "/_sim/config", json=undo)
 
     async def op_timeouts_after_create(self) -> None:
         await self._for_a_while({"timeout_rate": 0.7}, {"timeout_rate": 0.0})
@@ -239,14 +263,29 @@ class Driver:
         await self._for_a_while({"fail_rate": 1.0}, {"fail_rate": 0.0})
 
     async def op_failing_deletes(self) -> None:
-        await self._sim("PATCH", "/_sim/config", json={"delete_fail_rate": 1.0})
+        await self._all_sims("PATCH", "/_sim/config", json={"delete_fail_rate": 1.0})
         await self.op_delete()
         await self.op_recreate()
         await asyncio.sleep(self.rng.uniform(0.5, 2.0))
-        await self._sim("PATCH", "/_sim/config", json={"delete_fail_rate": 0.0})
+        await self._all_sims("PATCH", "/_sim/config", json={"delete_fail_rate": 0.0})
 
     async def op_server_restart(self) -> None:
-        await self._sim("POST", "/_sim/restart")
+        """A server restarts and keeps nothing (every session vanishes silently)."""
+        await self._sim("POST", "/_sim/restart", self.rng.choice(sorted(self.stack.sim_urls)))
+
+    async def op_server_death(self) -> None:
+        """A server of the pool dies (one at least stays up); for long enough, sometimes,
+        that its connections fail over."""
+        up = sorted(self.stack.sim_runners)
+        if len(up) > 1:
+            await self.stack.stop_sim(self.rng.choice(up))
+            await asyncio.sleep(self.rng.uniform(0.2, 3.0))
+
+    async def op_server_return(self) -> None:
+        """A dead server comes back, holding the sessions it had."""
+        down = sorted(set(self.stack.sim_urls) - set(self.stack.sim_runners))
+        if down:
+            await self.stack.start_sim(self.rng.choice(down))
 
     async def op_worker_kill(self) -> None:
         await self.stack.restart("session_worker")
@@ -277,14 +316,21 @@ class Driver:
 async def check(stack: ProcessStack) -> tuple[list[str], Counter[str]]:
     """The invariants, against the simulator's record and the database. Empty when all hold."""
     problems: list[str] = []
-    async with stack.http.get(f"{stack.sim_url}/_sim/stats") as r:
-        states: dict[str, str] = (await r.json())["states"]
+    states: dict[str, str] = {}
+    holder: dict[str, str] = {}  # session name -> the server holding it
+    for server, url in stack.sim_urls.items():
+        async with stack.http.get(f"{url}/_sim/stats") as r:
+            for name, state in (await r.json())["states"].items():
+                states[name] = state
+                holder[name] = server
+    pool = len(stack.sim_urls) > 1
     conn = await asyncpg.connect(stack.postgres.dsn)
     try:
         rows = {
             r["id"]: dict(r)
             for r in await conn.fetch(
-                "SELECT id, generation, session_name, status, status_reason FROM connections"
+                "SELECT id, generation, session_name, status, status_reason, server"
+                " FROM connections"
             )
         }
         outbox = await conn.fetchval("SELECT count(*) FROM outbox")
@@ -310,6 +356,8 @@ async def check(stack: ProcessStack) -> tuple[list[str], Counter[str]]:
             )
         elif row["status"] in TERMINAL:
             problems.append(f"2: live session {name} ({state}) behind a {row['status']} row")
+        elif pool and holder[name] != row["server"]:
+            problems.append(f"1: live session {name} on {holder[name]}, placed on {row['server']}")
     problems += [f"1: {n} live sessions for {cid}" for cid, n in per_connection.items() if n > 1]
     final: Counter[str] = Counter()
     for cid, row in rows.items():
@@ -352,8 +400,9 @@ async def check(stack: ProcessStack) -> tuple[list[str], Counter[str]]:
 
 
 async def run_schedule(
-    workdir: Path, seed: int, steps: int, settle_seconds: float = 90.0
+    workdir: Path, seed: int, steps: int, settle_seconds: float = 90.0, pool: int = 1
 ) -> Report:
+    """``pool``: how many Baileys servers (with 2 or more, servers die and come back)."""
     report = Report(seed=seed, steps=steps)
     rng = random.Random(seed)
     # Half the schedules get a sender without delivery ids and with duplicated deliveries:
@@ -363,13 +412,18 @@ async def run_schedule(
         SIM, seed=seed, webhook_ids=not bare, webhook_duplicate_rate=0.2 if bare else 0.0
     )
     report.schedule.append(f"sender: {'no webhook-id, 20 % duplicated' if bare else 'webhook-id'}")
+    if pool > 1:
+        report.schedule.append(f"a pool of {pool} servers")
     start = time.monotonic()
-    async with process_stack(workdir, sim, ENV) as stack:
-        driver = Driver(stack, rng, report)
+    env = {**ENV, **(POOL_ENV if pool > 1 else {})}
+    async with process_stack(workdir, sim, env, sims=pool) as stack:
+        driver = Driver(stack, rng, report, pool=pool > 1)
         for n in range(steps):
             await driver.step(n)
-        # The faults stop; now everything must converge.
-        await driver._sim(
+        # The faults stop (dead servers come back); now everything must converge.
+        for server in stack.sim_urls:
+            await stack.start_sim(server)
+        await driver._all_sims(
             "PATCH",
             "/_sim/config",
             json={"fail_rate": 0.0, "timeout_rate": 0.0, "delete_fail_rate": 0.0},
@@ -391,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="run this one schedule")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--minutes", type=float, default=0, help="random seeds for this long")
+    parser.add_argument("--pool", type=int, default=1, help="Baileys servers (deaths if > 1)")
     args = parser.parse_args(argv)
     deadline = time.monotonic() + args.minutes * 60
     runs = failures = total_steps = 0
@@ -398,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**9)
         work = Path(tempfile.mkdtemp(prefix="zapbus-soak-"))
         try:
-            report = asyncio.run(run_schedule(work, seed, args.steps))
+            report = asyncio.run(run_schedule(work, seed, args.steps, pool=args.pool))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         runs += 1
