@@ -13,7 +13,7 @@ from tests.soak import run_schedule
 
 SEEDS = (1, 2, 3)
 # a pool of three servers, with server deaths and returns in the schedule
-POOL_SEEDS = (4,)
+POOL_SEEDS = (5,)
 
 
 @pytest.mark.timeout(240)

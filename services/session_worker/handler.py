@@ -197,7 +197,10 @@ class CommandHandler:
             # server finished, a copy re-driven by the watchdog) may have made the session:
             # make sure it is gone, retrying like any call if the server does not answer.
             return await self._undo_create(msg, cmd, attempt)
-        server = await self._placed(cmd)
+        try:
+            server = await self._placed(cmd)
+        except BaileysError as exc:
+            return await self._on_error(msg, cmd, attempt, exc)
         if isinstance(server, str):
             await msg.ack()  # waits in Postgres (or moved on); see placement.py
             return server
@@ -231,7 +234,15 @@ class CommandHandler:
             only = self.servers.only
             assert only is not None, "a pool of several servers needs the database"
             return only
-        placed = await place(self.fence.pool, cmd, self.servers.specs, self.placement)
+        try:
+            placed = await place(self.fence.pool, cmd, self.servers.specs, self.placement)
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            if self.servers.only is not None:
+                # One server: nothing to choose; go ahead as the fence does (later calls
+                # look for an unrecorded placement on the only server).
+                log.warning("placement not recorded, database unavailable: %s", exc)
+                return self.servers.only
+            raise RetryableError(f"placement: database unavailable: {exc}") from exc
         match placed:
             case Placed(server=name):
                 found = self.servers.get(name)
