@@ -9,6 +9,7 @@ comes back holding them, as a Baileys server with persistent auth state does.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -237,10 +238,8 @@ async def test_failover_moves_a_dead_servers_connections_and_cleans_up_on_return
         assert all(r["reason_code"] == "server_lost" for r in now)
         everyone = await _all(stack, ids)
         assert _one_live_each(await sims.all_live(stack.http), everyone) is None
-        history = await stack.http.get(
-            f"{stack.gateway_url}/v1/connections/{on_b[0]}/history", headers=stack.auth()
-        )
-        events = [h for h in (await history.json())["items"] if h["event_type"] == "failover.moved"]
+        items = await _history(stack, on_b[0])
+        events = [h for h in items if h["event_type"] == "failover.moved"]
         assert len(events) == 1 and events[0]["reason_code"] == "server_lost"
         assert events[0]["server"] == "b"
 
@@ -258,12 +257,29 @@ async def test_failover_moves_a_dead_servers_connections_and_cleans_up_on_return
         assert Counter(r["generation"] for r in everyone)[2] == len(on_b)
 
 
-async def test_drain_move_empties_a_server(settings: Settings, sims: Sims) -> None:
+async def _history(stack: Stack, connection_id: str) -> list[dict[str, Any]]:
+    async with stack.http.get(
+        f"{stack.gateway_url}/v1/connections/{connection_id}/history", headers=stack.auth()
+    ) as r:
+        items: list[dict[str, Any]] = (await r.json())["items"]
+        return items
+
+
+async def test_drain_move_empties_a_server(
+    settings: Settings, sims: Sims, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
         ids = [(await stack.create(f"c{i}"))["id"] for i in range(9)]
         rows = await _wait_all(stack, ids, *LIVE)
         on_a = [r["id"] for r in rows if r["server"] == "a"]
-        assert await servercli.server_drain(stack.settings, "a", True, move=True) == 0
+        for var, value in {
+            "ZAPBUS_DATABASE_URL": stack.settings.database_url,
+            "ZAPBUS_DB_SCHEMA": stack.settings.db_schema,
+            "ZAPBUS_BAILEYS_URLS": sims.spec(),
+        }.items():
+            monkeypatch.setenv(var, value)
+        # the command line, in a thread (it runs its own event loop)
+        assert await asyncio.to_thread(cli.main, ["server", "drain", "a", "--move"]) == 0
 
         async def emptied() -> list[dict[str, Any]] | None:
             now = await _all(stack, ids)
@@ -274,6 +290,16 @@ async def test_drain_move_empties_a_server(settings: Settings, sims: Sims) -> No
         now = await wait_for("a emptied, its connections live elsewhere", emptied, timeout=40)
         moved = [r for r in now if r["id"] in on_a]
         assert all(r["generation"] == 2 and r["reason_code"] == "server_drained" for r in moved)
+        # one at a time: each move only after the one before was live again elsewhere
+        steps = []
+        for cid in on_a:
+            items = await _history(stack, cid)
+            (move,) = [h for h in items if h["event_type"] == "drain.moved"]
+            live = [h for h in items if h["generation"] == 2 and h["to_status"] == "qr_ready"]
+            steps.append((move["recorded_at"], live[0]["recorded_at"]))
+        steps.sort()
+        for (_, live_at), (next_move_at, _) in itertools.pairwise(steps):
+            assert next_move_at >= live_at, steps
         assert _one_live_each(await sims.all_live(stack.http), now) is None
         # a new create never goes to the drained server
         extra = (await stack.create("after"))["id"]
