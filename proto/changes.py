@@ -33,6 +33,8 @@ class ConnectionChanged(msgspec.Struct, frozen=True, kw_only=True):
     # the status before this change (None: unknown, e.g. a create); the notifier tells a
     # state change from a new QR or code by it
     previous_status: str | None = None
+    # the Baileys server the generation is placed on (None: not placed yet)
+    server: str | None = None
 
 
 change_encoder = msgspec.json.Encoder()

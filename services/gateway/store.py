@@ -43,6 +43,7 @@ def change_of(c: Connection, cause: str) -> ConnectionChanged:
         pairing_code=c.pairing_code,
         pairing_code_expires_at=c.pairing_code_expires_at,
         reason_code=c.reason_code,
+        server=c.server,
     )
 
 

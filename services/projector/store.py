@@ -29,7 +29,7 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
 _LOAD = """
 SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts, login,
        pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since,
-       account_phone, account_name
+       account_phone, account_name, server
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -92,6 +92,7 @@ async def project(
             conflicts_since=r["conflicts_since"],
             account_phone=r["account_phone"],
             account_name=r["account_name"],
+            server=r["server"],
         )
         for r in await conn.fetch(_LOAD, ids)
     }
@@ -183,6 +184,7 @@ def _change_row(names: Names, result: Applied, at: datetime | None) -> tuple[obj
         pairing_code_expires_at=row.pairing_code_expires_at,
         reason_code=row.reason_code,
         previous_status=result.from_status.value if result.from_status else None,
+        server=row.server,
     )
     return (
         f"chg:{event.event_id}",

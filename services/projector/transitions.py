@@ -67,6 +67,8 @@ class Row(msgspec.Struct, frozen=True, kw_only=True):
     conflicts_since: datetime | None = None
     account_phone: str | None = None
     account_name: str | None = None
+    # the Baileys server of this generation (read only here: placement writes it)
+    server: str | None = None
 
 
 class QrPolicy(msgspec.Struct, frozen=True, kw_only=True):

@@ -405,6 +405,9 @@ class Reconciler:
                     qr_expires_at=None,
                     cause=event,
                     changed_at=datetime.now(UTC),
+                    reason_code="session_lost",
+                    previous_status=seen.status.value,
+                    server=seen.server,
                 ),
             )
         return True
