@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +22,9 @@ import aiohttp
 import pytest
 
 from services.session_worker.drift import parse_session_name
-from services.session_worker.placement import ServerView, choose
+from services.session_worker.placement import Policy, ServerView, choose, pool_views
 from tests.stack import FAST_SIM, Stack, start_stack, wait_for
-from zapbus import cli, servercli
+from zapbus import cli, db, servercli
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import free_port
 from zapbus.procs import ServiceProcess
@@ -355,3 +356,78 @@ async def test_server_list_shows_health_counts_and_drain(
         table = capsys.readouterr().out.splitlines()
         assert table[0].split() == ["NAME", "URL", "HEALTH", "SESSIONS", "PLACED", "CAP", "DRAINED"]
         assert table[3].split()[0] == "c" and table[3].split()[-1] == "yes"
+
+
+async def test_a_copy_of_a_generation_on_another_server_is_deleted_there(
+    settings: Settings, sims: Sims
+) -> None:
+    """A generation lives on one server: a session of it found on another (made behind
+    zapbus's back) is an orphan there, and the placed one stays."""
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        (row,) = await _wait_all(stack, [(await stack.create("one"))["id"]], *LIVE)
+        other = next(n for n in NAMES if n != row["server"])
+        async with stack.http.post(
+            f"{sims.urls[other]}/sessions",
+            json={"name": row["session_name"], "webhookUrl": "http://127.0.0.1:9/nowhere"},
+            headers={"X-API-Key": FAST_SIM.api_key},
+        ) as r:
+            assert r.status == 201, await r.text()
+
+        async def copy_gone() -> bool:
+            return row["session_name"] not in await sims.live(stack.http, other)
+
+        await wait_for(f"the copy on {other} deleted", copy_gone, timeout=15)
+        assert row["session_name"] in await sims.live(stack.http, row["server"])
+        _, now = await stack.get(row["id"])
+        assert now["status"] == "qr_ready" and now["server"] == row["server"]
+
+
+async def test_failover_is_rate_limited(settings: Settings, sims: Sims) -> None:
+    pool = {**POOL, "baileys_failover_per_second": 1.0}
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **pool) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(9)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        on_b = [r["id"] for r in rows if r["server"] == "b"]
+        assert len(on_b) >= 3
+        sims.procs["b"].kill()
+
+        async def moved() -> list[str] | None:
+            times = []
+            for cid in on_b:
+                events = [
+                    h for h in await _history(stack, cid) if h["event_type"] == "failover.moved"
+                ]
+                if not events:
+                    return None
+                times.append(events[0]["recorded_at"])
+            return sorted(times)
+
+        times = await wait_for("b's connections failed over", moved, timeout=30)
+        first, last = datetime.fromisoformat(times[0]), datetime.fromisoformat(times[-1])
+        # one a second: n moves take n - 1 seconds at least (less a tick of slack)
+        assert (last - first).total_seconds() >= (len(times) - 1) * 0.7, times
+
+
+async def test_pool_views_put_a_server_back_from_an_outage_on_probation(
+    settings: Settings,
+) -> None:
+    specs = load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1,b=http://y:1,c=http://z:1"}).servers
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    try:
+        await pool.execute(
+            "INSERT INTO baileys_servers (name, url, up, sessions, checked_at, up_since, drained)"
+            " VALUES ('a', 'u', true, 7, now(), now() - interval '5 s', false),"
+            " ('b', 'u', true, NULL, now() - interval '1 hour', NULL, false),"
+            " ('c', 'u', false, 1, now(), NULL, true)"
+        )
+        now = await pool.fetchval("SELECT now()")
+        views = {v.name: v for v in await pool_views(pool, specs, Policy(), now)}
+        assert views["a"].probation and views["a"].up and views["a"].sessions == 7
+        assert views["b"].up is None and not views["b"].probation  # stale: assumed up
+        assert views["c"].drained and views["c"].up is False
+        later = {
+            v.name: v for v in await pool_views(pool, specs, Policy(rejoin_after_seconds=4), now)
+        }
+        assert not later["a"].probation
+    finally:
+        await pool.close()
