@@ -29,8 +29,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto.commands import CreateSession
 from proto.names import Names
+from services.session_worker import placement
 from services.session_worker.moves import ENDED, move_connection
-from services.session_worker.placement import PLACED_COUNTS, Policy, pool_views
+from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
@@ -146,6 +147,9 @@ class PoolManager:
         if loop.time() - self._last_probe >= self.health_interval:
             self._last_probe = loop.time()
             await self._probe_all(conn)
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", placement.LOCK_ID)
+            await conn.execute(REFRESH_COUNTS)
         now: datetime = await conn.fetchval("SELECT now()")
         await self._fail_over(conn, now)
         await self._drain_moves(conn)

@@ -21,7 +21,7 @@ import asyncpg
 from proto.commands import CreateSession
 from zapbus.servers import ServerSpec
 
-_LOCK_ID = 0x7A62706C  # "zbpl"
+LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
 WAITING_PREFIX = "waiting for a Baileys server: "
 _ENDED = "('deleted', 'failed', 'logged_out', 'qr_expired', 'conflict')"
 # as the partial index connections_placed, so the count reads only that index
@@ -29,7 +29,17 @@ PLACED_COUNTS = (
     "SELECT server, count(*) AS n FROM connections"
     f" WHERE server IS NOT NULL AND status NOT IN {_ENDED} GROUP BY server"
 )
-_SERVERS = "SELECT name, drained, up, sessions, checked_at, up_since FROM baileys_servers"
+_SERVERS = (
+    "SELECT name, drained, up, sessions, checked_at, up_since, placed, placed_counted_at"
+    " FROM baileys_servers"
+)
+_SINCE = "SELECT server, count(*) AS n FROM placements WHERE placed_at > $1 GROUP BY server"
+# the pool manager's count, taken under the placement lock (so no placement is in flight)
+REFRESH_COUNTS = f"""
+UPDATE baileys_servers b SET placed = coalesce(c.n, 0), placed_counted_at = clock_timestamp()
+FROM baileys_servers s LEFT JOIN ({PLACED_COUNTS}) c ON c.server = s.name
+WHERE b.name = s.name
+"""
 
 
 @dataclass(frozen=True)
@@ -87,9 +97,23 @@ async def pool_views(
     policy: Policy,
     now: datetime,
 ) -> list[ServerView]:
-    """The configured servers as placement sees them now."""
-    placed = {r["server"]: r["n"] for r in await conn.fetch(PLACED_COUNTS)}
+    """The configured servers as placement sees them now.
+
+    zapbus's placements per server: the pool manager's recent count plus the placements made
+    since (ends since then are not subtracted: the load is over-counted for a moment, never
+    under); counted in full when there is no recent count."""
     seen = {r["name"]: r for r in await conn.fetch(_SERVERS)}
+    counted: list[datetime] = [
+        seen[s.name]["placed_counted_at"]
+        for s in specs
+        if s.name in seen and seen[s.name]["placed_counted_at"] is not None
+    ]
+    recent = now - timedelta(seconds=policy.stale_after_seconds)
+    if len(counted) == len(specs) and all(at > recent for at in counted):
+        since = {r["server"]: r["n"] for r in await conn.fetch(_SINCE, min(counted))}
+        placed = {s.name: (seen[s.name]["placed"] or 0) + since.get(s.name, 0) for s in specs}
+    else:
+        placed = {r["server"]: r["n"] for r in await conn.fetch(PLACED_COUNTS)}
     stale = now - timedelta(seconds=policy.stale_after_seconds)
     rejoin = now - timedelta(seconds=policy.rejoin_after_seconds)
     views = []
@@ -134,7 +158,7 @@ async def place(
         found = await server_of(conn, cmd.connection_id, cmd.generation)
         if found is not None:
             return Placed(found, new=False)
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_ID)
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_ID)
         row = await conn.fetchrow(
             "SELECT generation, status, placement_wait_since FROM connections"
             " WHERE id = $1 FOR UPDATE",

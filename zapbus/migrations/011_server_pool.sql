@@ -15,9 +15,11 @@ CREATE TABLE placements (
     connection_id uuid NOT NULL REFERENCES connections (id) ON DELETE CASCADE,
     generation    integer NOT NULL,
     server        text NOT NULL,
-    placed_at     timestamptz NOT NULL DEFAULT now(),
+    -- the clock when it was made (under the placement lock), not the transaction's start
+    placed_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (connection_id, generation)
 );
+CREATE INDEX placements_recent ON placements (placed_at);
 
 -- Which server holds a session zapbus wants gone (NULL: the generation's placement).
 ALTER TABLE session_deletes ADD COLUMN server text;
@@ -37,5 +39,10 @@ CREATE TABLE baileys_servers (
     checked_at  timestamptz,
     down_since  timestamptz,             -- first failed probe of the current outage
     up_since    timestamptz,             -- back after an outage since (NULL: never down)
+    -- zapbus's live placements there, counted by the pool manager under the placement lock
+    -- at placed_counted_at: placement adds the placements made since, instead of counting
+    -- every live connection each time
+    placed      integer,
+    placed_counted_at timestamptz,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
