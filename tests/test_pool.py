@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -127,11 +128,26 @@ def test_choose_prefers_most_free_and_skips_drained_down_and_probation() -> None
     assert choose(views, 5)[0] == "c"
     views = [ServerView("a", drained=True), ServerView("b", up=False), ServerView("c", placed=9)]
     assert choose(views, 0) == ("c", "")
-    assert choose(views, 9) == (None, "every Baileys server is at its cap of 9 sessions")
+    assert choose(views, 9) == (
+        None,
+        "every other Baileys server is at its cap of 9 sessions (1 down, 1 drained)",
+    )
+    assert choose([ServerView("a", placed=9)], 9) == (
+        None,
+        "every Baileys server is at its cap of 9 sessions",
+    )
     rejoining = [ServerView("a", probation=True), ServerView("b", placed=5)]
     assert choose(rejoining, 0) == ("b", "")  # back from an outage: only when nothing else
     assert choose(rejoining, 5) == ("a", "")
-    assert choose([ServerView("a", up=False)], 0) == (None, "no Baileys server is reachable")
+    assert choose([ServerView("a", up=False)], 0) == (
+        None,
+        "no Baileys server is reachable (1 down)",
+    )
+    full = [ServerView("a", up=False), ServerView("b", placed=2)]
+    assert choose(full, 2) == (
+        None,
+        "every other Baileys server is at its cap of 2 sessions (1 down)",
+    )
     assert choose([ServerView("a", drained=True)], 0) == (None, "every Baileys server is drained")
 
 
@@ -147,6 +163,16 @@ def test_servers_from_settings() -> None:
         load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1", "ZAPBUS_BAILEYS_URL": "http://y:1"})
     with pytest.raises(ConfigError, match="appears twice"):
         load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1,a=http://y:1"})
+    with pytest.raises(ConfigError, match="the same server"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1,b=http://X:1/"})
+    with pytest.raises(ConfigError, match="ZAPBUS_BAILEYS_URLS: bad port"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:99999"})
+    with pytest.raises(ConfigError, match="no name before it"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "=http://x:1"})
+    with pytest.raises(ConfigError, match="ZAPBUS_BAILEYS_FAILOVER_AFTER_SECONDS"):
+        load_settings({"ZAPBUS_BAILEYS_FAILOVER_AFTER_SECONDS": "-5"})
+    ipv6 = load_settings({"ZAPBUS_BAILEYS_URLS": "http://[::1]:3201"})
+    assert [x.name for x in ipv6.servers] == ["[::1]:3201"]
     keyed = load_settings(
         {
             "ZAPBUS_BAILEYS_URLS": "a=http://x:1,b=http://y:1",
@@ -431,3 +457,65 @@ async def test_pool_views_put_a_server_back_from_an_outage_on_probation(
         assert not later["a"].probation
     finally:
         await pool.close()
+
+
+async def test_failover_waits_while_no_other_server_has_room(
+    settings: Settings, sims: Sims
+) -> None:
+    """Moving a connection nowhere would end its (maybe linked) session for nothing: the dead
+    server's connections move only once another server has room for them."""
+    async with start_stack(
+        settings, None, baileys_urls=sims.spec(), baileys_max_sessions=2, **POOL
+    ) as stack:
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(6)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        on_b = [r["id"] for r in rows if r["server"] == "b"]
+        assert len(on_b) == 2
+        sims.procs["b"].kill()
+        await asyncio.sleep(POOL["baileys_failover_after_seconds"] + 2.0)  # past the deadline
+        assert all(r["generation"] == 1 and r["server"] == "b" for r in await _all(stack, on_b))
+        for row in [r for r in rows if r["server"] in ("a", "c")][:2]:
+            async with stack.http.delete(
+                f"{stack.gateway_url}/v1/connections/{row['id']}", headers=stack.auth()
+            ) as r:
+                assert r.status == 202
+
+        async def moved() -> list[dict[str, Any]] | None:
+            now = await _all(stack, on_b)
+            done = all(r["generation"] == 2 and r["status"] == "qr_ready" for r in now)
+            return now if done else None
+
+        now = await wait_for("b's connections moved once there is room", moved, timeout=20)
+        assert all(r["server"] in ("a", "c") and r["reason_code"] == "server_lost" for r in now)
+
+
+async def test_connections_of_a_server_no_longer_configured_fail_over(
+    settings: Settings, sims: Sims
+) -> None:
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **POOL) as stack:
+        (row,) = await _wait_all(stack, [(await stack.create("old"))["id"]], *LIVE)
+        # as if it had been placed on a server since taken out of ZAPBUS_BAILEYS_URLS
+        await stack.pool.execute(
+            "INSERT INTO baileys_servers (name, url, up, checked_at) VALUES"
+            " ('retired', 'http://10.9.9.9:3000', true, now())"
+        )
+        await stack.pool.execute(
+            "UPDATE connections SET server = 'retired' WHERE id = $1", uuid.UUID(row["id"])
+        )
+        await stack.pool.execute(
+            "UPDATE placements SET server = 'retired' WHERE connection_id = $1",
+            uuid.UUID(row["id"]),
+        )
+
+        async def moved() -> dict[str, Any] | None:
+            _, now = await stack.get(row["id"])
+            ok = now["generation"] == 2 and now["status"] == "qr_ready"
+            return now if ok and now["server"] in NAMES else None
+
+        now = await wait_for("the connection moved to a configured server", moved, timeout=20)
+        assert now["reason_code"] == "server_lost"
+
+        async def old_gone() -> bool:  # its first session (on a configured one) is deleted
+            return row["session_name"] not in await sims.live(stack.http, row["server"])
+
+        await wait_for("the superseded session deleted", old_gone, timeout=15)

@@ -217,6 +217,9 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
         for name in ("baileys_failover_per_second", "baileys_health_interval_seconds"):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"bad configuration in ZAPBUS_{name.upper()}: must be > 0")
+        for name in ("baileys_failover_after_seconds", "baileys_rejoin_after_seconds"):
+            if getattr(settings, name) < 0:
+                raise ConfigError(f"bad configuration in ZAPBUS_{name.upper()}: must be >= 0")
         if settings.baileys_max_sessions < 0:
             raise ConfigError("bad configuration in ZAPBUS_BAILEYS_MAX_SESSIONS: must be >= 0")
         if settings.baileys_kind not in KINDS:

@@ -17,6 +17,7 @@ import asyncpg
 from services.session_worker.placement import PLACED_COUNTS
 from zapbus import db
 from zapbus.config import Settings
+from zapbus.servers import public_url
 
 
 def _health(row: asyncpg.Record | None, now: datetime, rejoin: float) -> str:
@@ -30,24 +31,40 @@ def _health(row: asyncpg.Record | None, now: datetime, rejoin: float) -> str:
     return "up"
 
 
+async def _pool(settings: Settings) -> asyncpg.Pool | None:
+    try:
+        return await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        where = public_url(settings.database_url)
+        print(f"zapbus: cannot use the database at {where}: {exc}", file=sys.stderr)
+        return None
+
+
 async def server_list(settings: Settings, as_json: bool = False) -> int:
-    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    pool = await _pool(settings)
+    if pool is None:
+        return 1
     try:
         seen = {r["name"]: r for r in await pool.fetch("SELECT * FROM baileys_servers")}
         placed = {r["server"]: r["n"] for r in await pool.fetch(PLACED_COUNTS)}
         now = datetime.now(UTC)
     finally:
         await pool.close()
+    configured = {s.name: s.public_url for s in settings.servers}
+    # servers no longer configured but still holding connections are shown too
+    gone = {n: r["url"] for n, r in seen.items() if n not in configured and placed.get(n)}
     out = []
-    for spec in settings.servers:
-        row = seen.get(spec.name)
+    for name, url in {**configured, **gone}.items():
+        row = seen.get(name)
+        health = _health(row, now, settings.baileys_rejoin_after_seconds)
         out.append(
             {
-                "name": spec.name,
-                "url": spec.public_url,
-                "health": _health(row, now, settings.baileys_rejoin_after_seconds),
-                "sessions": row["sessions"] if row is not None else None,
-                "placed": placed.get(spec.name, 0),
+                "name": name,
+                "url": url,
+                "configured": name in configured,
+                "health": health if name in configured else "not configured",
+                "sessions": row["sessions"] if row is not None and row["up"] else None,
+                "placed": placed.get(name, 0),
                 "max_sessions": settings.baileys_max_sessions or None,
                 "drained": bool(row and row["drained"]),
                 "moving": bool(row and row["move"]),
@@ -76,22 +93,31 @@ async def server_list(settings: Settings, as_json: bool = False) -> int:
 
 
 async def server_drain(settings: Settings, name: str, drained: bool, move: bool = False) -> int:
+    """Drain (``move``: and empty) or undrain one server. A plain drain leaves a move under
+    way going; only undrain stops it."""
     names = [s.name for s in settings.servers]
     spec = next((s for s in settings.servers if s.name == name), None)
-    if spec is None:
-        print(
-            f"zapbus: no Baileys server named {name!r}; configured: {', '.join(names)}",
-            file=sys.stderr,
-        )
-        return 2
-    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
+    pool = await _pool(settings)
+    if pool is None:
+        return 1
     try:
+        # a server no longer configured can still be drained (to move its connections off)
+        known = spec is not None or await pool.fetchval(
+            "SELECT true FROM baileys_servers WHERE name = $1", name
+        )
+        if not known:
+            print(
+                f"zapbus: no Baileys server named {name!r}; configured: {', '.join(names)}",
+                file=sys.stderr,
+            )
+            return 2
         await pool.execute(
             "INSERT INTO baileys_servers (name, url, drained, move) VALUES ($1, $2, $3, $4)"
-            " ON CONFLICT (name) DO UPDATE SET drained = $3, move = $4,"
-            " moving = CASE WHEN $4 THEN baileys_servers.moving END, updated_at = now()",
+            " ON CONFLICT (name) DO UPDATE SET drained = $3,"
+            " move = CASE WHEN $3 THEN baileys_servers.move OR $4 ELSE false END,"
+            " moving = CASE WHEN $3 THEN baileys_servers.moving END, updated_at = now()",
             name,
-            spec.public_url,
+            spec.public_url if spec is not None else "",
             drained,
             move and drained,
         )

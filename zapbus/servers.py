@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]{0,62}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -44,7 +44,8 @@ def _checked_url(url: str, where: str) -> str:
     try:
         parts.port  # noqa: B018 (raises on a malformed port)
     except ValueError as exc:
-        raise ValueError(f"{where}: bad port in {public_url(url)!r}") from exc
+        host = parts.hostname or "?"
+        raise ValueError(f"{where}: bad port in the URL of {host} ({exc})") from exc
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError(f"{where}: {public_url(url)!r} is not an http(s) URL with a host")
     return url
@@ -54,7 +55,8 @@ def default_name(url: str) -> str:
     """A bare URL's name: its ``host:port`` (the scheme's port when none is given)."""
     parts = urlsplit(url)
     port = parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
-    return f"{parts.hostname}:{port}"
+    host = parts.hostname or ""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _pairs(text: str, what: str) -> list[tuple[str | None, str]]:
@@ -66,12 +68,23 @@ def _pairs(text: str, what: str) -> list[tuple[str | None, str]]:
         head, sep, tail = item.partition("=")
         # "name=url": the name has no "/" or ":" before the "=" that a URL would have
         if sep and "/" not in head and "://" not in head:
+            if not head.strip():
+                raise ValueError("an item starts with '=' (no name before it)")
             out.append((head.strip(), tail.strip()))
         elif what == "url":
             out.append((None, item))
         else:
-            raise ValueError("ZAPBUS_BAILEYS_API_KEYS: expected name=key items")
+            raise ValueError("expected name=key items")
     return out
+
+
+def _same_server(a: str, b: str) -> bool:
+    def key(url: str) -> tuple[str, str, int, str]:
+        p = urlsplit(url)
+        port = p.port or _DEFAULT_PORTS.get(p.scheme, 0)
+        return (p.scheme, (p.hostname or "").lower(), port, p.path.rstrip("/"))
+
+    return key(a) == key(b)
 
 
 def parse_servers(
@@ -80,12 +93,20 @@ def parse_servers(
     """The pool from ``ZAPBUS_BAILEYS_URLS`` (when not empty) or ``ZAPBUS_BAILEYS_URL``.
     Raises ValueError saying what is wrong (never with a key in the message)."""
     keys: dict[str, str] = {}
-    for name, key in _pairs(api_keys, "key"):
+    try:
+        pairs = _pairs(api_keys, "key")
+    except ValueError as exc:
+        raise ValueError(f"ZAPBUS_BAILEYS_API_KEYS: {exc}") from None
+    for name, key in pairs:
         assert name is not None
         keys[name] = key
     specs: list[ServerSpec] = []
     if urls.strip():
-        for name, url in _pairs(urls, "url"):
+        try:
+            items = _pairs(urls, "url")
+        except ValueError as exc:
+            raise ValueError(f"ZAPBUS_BAILEYS_URLS: {exc}") from None
+        for name, url in items:
             _checked_url(url, "ZAPBUS_BAILEYS_URLS")
             name = name or default_name(url)
             if not _NAME.match(name):
@@ -95,6 +116,12 @@ def parse_servers(
                 )
             if any(s.name == name for s in specs):
                 raise ValueError(f"ZAPBUS_BAILEYS_URLS: server name {name!r} appears twice")
+            same = next((s for s in specs if _same_server(s.url, url)), None)
+            if same is not None:
+                raise ValueError(
+                    f"ZAPBUS_BAILEYS_URLS: {name!r} and {same.name!r} are the same server"
+                    f" ({public_url(url)}): it would count twice"
+                )
             specs.append(ServerSpec(name=name, url=url, api_key=keys.get(name, api_key)))
         if not specs:
             raise ValueError("ZAPBUS_BAILEYS_URLS: no server given")

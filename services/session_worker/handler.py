@@ -408,6 +408,15 @@ class CommandHandler:
         server: Server | None = None
         try:
             servers = await self._servers_of(cmd)
+            if not servers:
+                # Placed on a server no longer configured: it cannot be called. Tracked, not
+                # done (the operator sees it in session_deletes and the worker's log).
+                log.warning(
+                    "delete deferred: the session's Baileys server is not configured",
+                    extra=fields(connection_id=str(cmd.connection_id), session=cmd.session_name),
+                )
+                await msg.ack()
+                return "deferred"
             for server in servers:
                 if not await self._wait_for(server, _reachable(server)):
                     # Unreachable (the pool manager's probes fail): not worth retries and

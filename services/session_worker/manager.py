@@ -51,7 +51,8 @@ class PoolMetrics:
 
         self.up = gauge("zapbus_baileys_server_up", "1 while the server answers its health check.")
         self.sessions = gauge(
-            "zapbus_baileys_server_sessions", "Sessions the server says it holds (/health)."
+            "zapbus_baileys_server_sessions",
+            "Sessions the server says it holds (/health; -1: it does not say, or is down).",
         )
         self.placements = gauge(
             "zapbus_baileys_server_placements",
@@ -113,6 +114,8 @@ class PoolManager:
         self.rate = failover_per_second
         self.tick = min(tick_seconds, health_interval_seconds)
         self._tokens = failover_per_second
+        self._room = 0.0
+        self._no_room_logged: dict[str, float] = {}
         self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
         self._last_probe = float("-inf")
         self._stopping = asyncio.Event()
@@ -151,6 +154,7 @@ class PoolManager:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", placement.LOCK_ID)
             await conn.execute(REFRESH_COUNTS)
         now: datetime = await conn.fetchval("SELECT now()")
+        self._room = await self._room_elsewhere(conn, now)
         await self._fail_over(conn, now)
         await self._drain_moves(conn)
         await self._requeue_waiting(conn, now)
@@ -162,6 +166,19 @@ class PoolManager:
             " ON CONFLICT (name) DO UPDATE SET url = excluded.url",
             [(s.name, s.public_url) for s in specs],
         )
+        # A server taken out of ZAPBUS_BAILEYS_URLS while connections are placed on it can no
+        # longer be called: it counts as unreachable (since it left), so they fail over.
+        gone = await conn.fetch(
+            "UPDATE baileys_servers SET up = false, checked_at = now(), updated_at = now(),"
+            " down_since = coalesce(down_since, now()) WHERE NOT (name = ANY($1::text[]))"
+            " AND up IS DISTINCT FROM false RETURNING name",
+            [s.name for s in specs],
+        )
+        for row in gone:
+            log.warning(
+                "Baileys server %r is no longer configured: its connections fail over",
+                row["name"],
+            )
         results = await asyncio.gather(*(self._probe(s) for s in self.servers.servers.values()))
         now: datetime = await conn.fetchval("SELECT now()")
         for server, (up, sessions) in zip(self.servers.servers.values(), results, strict=True):
@@ -205,16 +222,48 @@ class PoolManager:
             return False, None
         return health.up, health.sessions
 
+    async def _room_elsewhere(self, conn: asyncpg.Connection, now: datetime) -> float:
+        """How many connections the servers that take placements can still take, less the
+        creates not placed yet: a move is made only where the moved connection can go (a
+        move with nowhere to go would end a session, maybe linked, for nothing)."""
+        views = await pool_views(conn, self.servers.specs, self.policy, now)
+        room = sum(
+            max(0.0, v.free(self.policy.max_sessions))
+            for v in views
+            if not v.drained and v.up is not False
+        )
+        unplaced = await conn.fetchval(
+            "SELECT count(*) FROM connections WHERE server IS NULL"
+            " AND status IN ('pending', 'creating')"
+        )
+        return float(room - unplaced)
+
+    def _take_room(self, server: str, why: str) -> bool:
+        """One move's worth of rate and room; False (logged once a minute) without room."""
+        if self._tokens < 1:
+            return False
+        if self._room < 1:
+            loop = asyncio.get_running_loop()
+            if loop.time() - self._no_room_logged.get(server, float("-inf")) > 60:
+                self._no_room_logged[server] = loop.time()
+                log.warning(
+                    "cannot move connections off %r (%s): no other server has room", server, why
+                )
+            return False
+        self._tokens -= 1
+        self._room -= 1
+        return True
+
     async def _fail_over(self, conn: asyncpg.Connection, now: datetime) -> None:
         lost = await conn.fetch(
             "SELECT name, down_since FROM baileys_servers WHERE up IS false"
-            " AND down_since <= $1 AND name = ANY($2::text[]) ORDER BY name",
+            " AND down_since <= $1 ORDER BY name",
             now - self.failover_after,
-            list(self.servers.servers),
         )
         for server in lost:
-            budget = int(self._tokens)
+            budget = int(min(self._tokens, self._room))
             if budget < 1:
+                self._take_room(server["name"], "unreachable")  # logs why nothing moves
                 return
             rows = await conn.fetch(
                 f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
@@ -224,6 +273,8 @@ class PoolManager:
             )
             down_for = int((now - server["down_since"]).total_seconds())
             for row in rows:
+                if not self._take_room(server["name"], "unreachable"):
+                    return
                 moved = await move_connection(
                     self.pool,
                     self.names,
@@ -233,7 +284,6 @@ class PoolManager:
                     f"Baileys server {server['name']!r} unreachable for {down_for} s:"
                     " moved to another server; link it again",
                 )
-                self._tokens -= 1
                 if moved is not None:
                     self.metrics.moves.labels(server["name"], "failover").inc()
                     log.warning(
@@ -244,10 +294,7 @@ class PoolManager:
                     )
 
     async def _drain_moves(self, conn: asyncpg.Connection) -> None:
-        draining = await conn.fetch(
-            "SELECT name, moving FROM baileys_servers WHERE move AND name = ANY($1::text[])",
-            list(self.servers.servers),
-        )
+        draining = await conn.fetch("SELECT name, moving FROM baileys_servers WHERE move")
         for server in draining:
             name, moving = server["name"], server["moving"]
             if moving is not None:
@@ -258,8 +305,6 @@ class PoolManager:
                     continue  # the one being moved is not live elsewhere yet
                 if row is not None and row["server"] == name and row["status"] not in ENDED:
                     continue  # not moved yet (the move did not happen)
-            if self._tokens < 1:
-                return
             nxt = await conn.fetchval(
                 f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
                 " ORDER BY created_at, id LIMIT 1",
@@ -273,6 +318,8 @@ class PoolManager:
                 )
                 log.info("Baileys server %r drained: no connection left on it", name)
                 continue
+            if not self._take_room(name, "drained"):
+                continue
             moved = await move_connection(
                 self.pool,
                 self.names,
@@ -281,7 +328,6 @@ class PoolManager:
                 "server_drained",
                 f"Baileys server {name!r} drained: moved to another server; link it again",
             )
-            self._tokens -= 1
             await conn.execute(
                 "UPDATE baileys_servers SET moving = $2, updated_at = now() WHERE name = $1",
                 name,
@@ -352,7 +398,8 @@ class PoolManager:
             else:
                 server.down_since = None
             self.metrics.up.labels(name).set(0 if server.down_since is not None else 1)
-            self.metrics.sessions.labels(name).set((row["sessions"] if row else None) or 0)
+            sessions = row["sessions"] if row is not None and row["up"] else None
+            self.metrics.sessions.labels(name).set(-1 if sessions is None else sessions)
             self.metrics.placements.labels(name).set(placed.get(name, 0))
             self.metrics.drained.labels(name).set(1 if row is not None and row["drained"] else 0)
         self.metrics.waiting.set(

@@ -81,8 +81,17 @@ def choose(views: list[ServerView], cap: int) -> tuple[str | None, str]:
             return best.name, ""
     if not views or all(v.drained for v in views):
         return None, "every Baileys server is drained"
+    down = sum(1 for v in views if v.up is False)
+    drained = sum(1 for v in views if v.drained)
+    others = ", ".join(
+        part
+        for part in (f"{down} down" if down else "", f"{drained} drained" if drained else "")
+        if part
+    )
     if not usable:
-        return None, "no Baileys server is reachable"
+        return None, f"no Baileys server is reachable ({others})"
+    if others:
+        return None, f"every other Baileys server is at its cap of {cap} sessions ({others})"
     return None, f"every Baileys server is at its cap of {cap} sessions"
 
 
