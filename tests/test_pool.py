@@ -519,3 +519,27 @@ async def test_connections_of_a_server_no_longer_configured_fail_over(
             return row["session_name"] not in await sims.live(stack.http, row["server"])
 
         await wait_for("the superseded session deleted", old_gone, timeout=15)
+
+
+async def test_a_create_that_fails_on_one_server_is_placed_on_another(
+    settings: Settings, sims: Sims
+) -> None:
+    """A server that answers its health check but refuses every create: its creates are placed
+    again elsewhere (and it takes new ones only when no other server can), nothing fails."""
+    async with start_stack(
+        settings, None, baileys_urls=sims.spec(), create_max_attempts=2, **POOL
+    ) as stack:
+        async with stack.http.patch(f"{sims.urls['b']}/_sim/config", json={"fail_rate": 1.0}) as r:
+            assert r.status == 200, await r.text()
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(9)]
+        rows = await _wait_all(stack, ids, *LIVE, timeout=30)
+        assert {r["server"] for r in rows} <= {"a", "c"}, Counter(r["server"] for r in rows)
+        assert not await sims.live(stack.http, "b")
+        failed_on_b = [
+            h
+            for cid in ids
+            for h in await _history(stack, cid)
+            if h["event_type"] == "placement.failed"
+        ]
+        assert failed_on_b and all(h["server"] == "b" for h in failed_on_b)
+        assert _one_live_each(await sims.all_live(stack.http), rows) is None

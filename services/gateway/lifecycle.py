@@ -304,7 +304,7 @@ async def recreate_connection(
             f" command_id = $5, redrives = 0, reconcile_misses = 0, reconcile_recreates = 0,"
             f" login = $6, phone_number = $7, pairing_code = NULL,"
             f" pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
-            f" server = NULL, reason_code = NULL,"
+            f" server = NULL, reason_code = NULL, placement_excluded = NULL,"
             f" updated_at = now(), status_changed_at = now()"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,

@@ -121,8 +121,8 @@ class Fence:
                 )
             except _ERRORS:
                 return verdict
-            if placed is not None and placed != cmd.server:
-                return Verdict.RUN
+            if placed != cmd.server:
+                return Verdict.RUN  # not placed there (or not placed at all, for now)
         return verdict
 
     async def _read(

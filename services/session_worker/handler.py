@@ -57,7 +57,15 @@ from services.session_worker.actions import Action, action_for
 from services.session_worker.fence import Fence, Verdict
 from services.session_worker.holds import Holds
 from services.session_worker.metrics import WorkerMetrics
-from services.session_worker.placement import Gone, Placed, Policy, Waiting, place, server_of
+from services.session_worker.placement import (
+    Gone,
+    Placed,
+    Policy,
+    Waiting,
+    place,
+    place_elsewhere,
+    server_of,
+)
 from services.session_worker.pool import Server, ServerPool
 from services.session_worker.retry import RetryPolicy
 from zapbus import jsretry
@@ -214,6 +222,8 @@ class CommandHandler:
                 already = await self._create_once(server, cmd, attempt)
         except BaileysError as exc:
             server.breaker.record(exc.server_down)
+            if await self._elsewhere(msg, cmd, attempt, server, exc):
+                return "replaced"
             return await self._on_error(msg, cmd, attempt, exc)
         server.breaker.record(server_down=False)
         if await self.fence.check_create(cmd, fresh=True) is Verdict.UNDO:
@@ -259,6 +269,40 @@ class CommandHandler:
             case Gone():
                 return "fenced"
         raise AssertionError(placed)
+
+    async def _elsewhere(
+        self, msg: Msg, cmd: CreateSession, attempt: int, server: Server, exc: BaileysError
+    ) -> bool:
+        """A create given up on one server of a pool (every attempt failed, or it refused
+        for good) is placed again on another, before the connection is failed; True if so."""
+        if len(self.servers.servers) < 2 or self.fence.pool is None:
+            return False
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return False  # shutting down: _on_error hands the command back
+        if action_for(exc, self.retry.is_last(attempt)) is not Action.GIVE_UP:
+            return False
+        try:
+            moved = await place_elsewhere(
+                self.fence.pool,
+                self.names,
+                cmd,
+                server.name,
+                self.servers.specs,
+                clean_reason(exc.reason),
+            )
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as err:
+            log.warning("could not place a failed create elsewhere: %s", err)
+            return False
+        if moved:
+            log.warning(
+                "create failed on %r, placed again on another server: %s",
+                server.name,
+                exc.reason,
+                extra=fields(connection_id=str(cmd.connection_id), generation=cmd.generation),
+            )
+            await msg.ack()
+        return moved
 
     async def _create_wanted(self, cmd: CreateSession) -> bool:
         return await self.fence.check_create(cmd, fresh=True) in (Verdict.RUN, Verdict.UNKNOWN)

@@ -14,7 +14,7 @@ from zapbus.consumer import PendingGauges
 from zapbus.httpkit import LATENCY_BUCKETS
 
 COMMAND_KINDS = ("create", "delete", "pairing_code")
-OUTCOMES = ("succeeded", "retried", "failed", "fenced")
+OUTCOMES = ("succeeded", "retried", "failed", "fenced", "waiting", "deferred", "replaced")
 FAILURE_REASONS = ("permanent", "exhausted")
 
 

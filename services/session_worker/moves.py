@@ -61,6 +61,7 @@ async def move_connection(
             " reconcile_misses = 0, reconcile_recreates = 0, pairing_code = NULL,"
             " pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
             " placement_wait_since = NULL, placement_requeued_at = NULL,"
+            " placement_excluded = NULL,"
             " updated_at = now(), status_changed_at = now() WHERE id = $1",
             connection_id,
             generation,

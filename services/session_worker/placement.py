@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
+import msgspec
 
 from proto.commands import CreateSession
+from proto.names import Names
+from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.servers import ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
@@ -30,8 +33,8 @@ PLACED_COUNTS = (
     f" WHERE server IS NOT NULL AND status NOT IN {_ENDED} GROUP BY server"
 )
 _SERVERS = (
-    "SELECT name, drained, up, sessions, checked_at, up_since, placed, placed_counted_at"
-    " FROM baileys_servers"
+    "SELECT name, drained, up, sessions, checked_at, up_since, placed, placed_counted_at,"
+    " create_failed_at FROM baileys_servers"
 )
 _SINCE = "SELECT server, count(*) AS n FROM placements WHERE placed_at > $1 GROUP BY server"
 # the pool manager's count, taken under the placement lock (so no placement is in flight)
@@ -136,8 +139,13 @@ async def pool_views(
                 up=row["up"] if fresh and row is not None else None,
                 sessions=row["sessions"] if fresh and row is not None else None,
                 placed=placed.get(spec.name, 0),
+                # back from an outage, or failing creates lately: only if nothing else can
                 probation=bool(
-                    fresh and row is not None and row["up_since"] and row["up_since"] > rejoin
+                    row is not None
+                    and (
+                        (fresh and row["up_since"] and row["up_since"] > rejoin)
+                        or (row["create_failed_at"] and row["create_failed_at"] > rejoin)
+                    )
                 ),
             )
         )
@@ -169,8 +177,8 @@ async def place(
             return Placed(found, new=False)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_ID)
         row = await conn.fetchrow(
-            "SELECT generation, status, placement_wait_since FROM connections"
-            " WHERE id = $1 FOR UPDATE",
+            "SELECT generation, status, placement_wait_since, placement_excluded"
+            " FROM connections WHERE id = $1 FOR UPDATE",
             cmd.connection_id,
         )
         if row is None or row["generation"] != cmd.generation:
@@ -179,7 +187,9 @@ async def place(
         if found is not None:
             return Placed(found, new=False)  # placed by a copy while we waited for the lock
         now = await conn.fetchval("SELECT now()")
-        name, why = choose(await pool_views(conn, specs, policy, now), policy.max_sessions)
+        excluded = set(row["placement_excluded"] or ())
+        views = [v for v in await pool_views(conn, specs, policy, now) if v.name not in excluded]
+        name, why = choose(views, policy.max_sessions)
         if name is None:
             reason = WAITING_PREFIX + why
             await conn.execute(
@@ -208,6 +218,70 @@ async def place(
         )
         await _history(conn, cmd, "placement.assigned", row["status"], name, f"placed on {name}")
         return Placed(name, new=True)
+
+
+async def place_elsewhere(
+    pool: asyncpg.Pool,
+    names: Names,
+    cmd: CreateSession,
+    server: str,
+    specs: tuple[ServerSpec, ...],
+    reason: str,
+) -> bool:
+    """The generation's create failed on ``server`` for good: place it anew, on another
+    server (one it has not failed on), with its create queued again; a delete of whatever
+    that server may hold under the name is queued for it. False when the row moved on or
+    every server has failed this generation (it then fails as a single server would)."""
+    async with pool.acquire() as conn, conn.transaction():
+        row = await conn.fetchrow(
+            "SELECT generation, status, placement_excluded, phone_number FROM connections"
+            " WHERE id = $1 FOR UPDATE",
+            cmd.connection_id,
+        )
+        if row is None or row["generation"] != cmd.generation:
+            return False
+        if row["status"] not in ("pending", "creating"):
+            return False
+        excluded = sorted(set(row["placement_excluded"] or ()) | {server})
+        if all(s.name in excluded for s in specs):
+            return False
+        await conn.execute(
+            "DELETE FROM placements WHERE connection_id = $1 AND generation = $2",
+            cmd.connection_id,
+            cmd.generation,
+        )
+        await conn.execute(
+            "UPDATE connections SET server = NULL, placement_excluded = $2, updated_at = now()"
+            " WHERE id = $1",
+            cmd.connection_id,
+            excluded,
+        )
+        await conn.execute(
+            "UPDATE baileys_servers SET create_failed_at = now() WHERE name = $1", server
+        )
+        await _history(
+            conn,
+            cmd,
+            "placement.failed",
+            row["status"],
+            server,
+            f"create failed on {server} ({reason}): placed again on another server",
+        )
+        await queue_delete(
+            conn,
+            names,
+            cmd.connection_id,
+            cmd.tenant_id,
+            cmd.generation,
+            cmd.session_name,
+            row["phone_number"],
+            server=server,
+        )
+        again = msgspec.structs.replace(cmd, requested_at=datetime.now(UTC))
+        await insert_outbox(
+            conn, names, again, msg_id=f"{cmd.command_id}:elsewhere:{uuid.uuid4().hex}"
+        )
+        return True
 
 
 async def server_of(

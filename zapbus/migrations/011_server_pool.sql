@@ -5,6 +5,8 @@ ALTER TABLE connections ADD COLUMN server text;
 -- the pool manager queues it again, oldest first, as capacity frees.
 ALTER TABLE connections ADD COLUMN placement_wait_since timestamptz;
 ALTER TABLE connections ADD COLUMN placement_requeued_at timestamptz;
+-- servers that failed this generation's create (it is placed anew, on another one)
+ALTER TABLE connections ADD COLUMN placement_excluded text[];
 CREATE INDEX connections_placed ON connections (server)
     WHERE status NOT IN ('deleted', 'failed', 'logged_out', 'qr_expired', 'conflict');
 CREATE INDEX connections_waiting ON connections (placement_wait_since)
@@ -44,5 +46,8 @@ CREATE TABLE baileys_servers (
     -- every live connection each time
     placed      integer,
     placed_counted_at timestamptz,
+    -- the last create it failed on every attempt (it takes placements only when no other
+    -- server can, for a while)
+    create_failed_at timestamptz,
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
