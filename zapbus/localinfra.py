@@ -299,7 +299,15 @@ class NatsServer(_Server):
         cmd = [binary, "-c", str(self.conf_path), "-a", "127.0.0.1", "-p", str(self.port)]
         cmd += ["-n", self.name, "-P", str(self.pid_path)]
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            # A session of its own: Ctrl-C on `make run` reaches the services, which stop
+            # first, and not this server under them (run_dev stops it last).
+            self.proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
 
     def wait_started(self, timeout: float = 20.0) -> None:
         """Return once the spawned server's JetStream answers, else stop it and raise."""
@@ -521,8 +529,15 @@ class PostgresServer(_Server):
         icu = bindir.parent / "share" / "icu"  # musl wheels read ICU data from a file
         if icu.is_dir():
             env["ICU_DATA"] = str(icu)
+        # (the postmaster pg_ctl starts stays in this new session: see NatsServer.start)
         return subprocess.run(
-            cmd, cwd=self.workdir, capture_output=True, text=True, timeout=timeout, env=env
+            cmd,
+            cwd=self.workdir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            start_new_session=True,
         )
 
     def _prepare_dir(self) -> None:
@@ -762,7 +777,14 @@ def write_state(data_dir: Path, infra: Infra, extra: dict[str, str] | None = Non
 
 
 def clear_state(data_dir: Path) -> None:
-    (Path(data_dir) / STATE_FILE).unlink(missing_ok=True)
+    """Remove this process's state file (not one a newer ``make run`` wrote meanwhile)."""
+    path = Path(data_dir) / STATE_FILE
+    try:
+        if int(json.loads(path.read_text())["pid"]) != os.getpid():
+            return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    path.unlink(missing_ok=True)
 
 
 def read_state(data_dir: Path) -> dict[str, str]:

@@ -44,6 +44,9 @@ class ServiceProcess:
             env={**os.environ, **self.env},
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
+            # Ctrl-C on `make run` reaches `zapbus run` only, which stops each service with
+            # one SIGTERM (a second signal mid-shutdown would cancel its cleanup)
+            start_new_session=True,
         )
 
     @property
