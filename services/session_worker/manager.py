@@ -116,6 +116,7 @@ class PoolManager:
         self._tokens = failover_per_second
         self._room = 0.0
         self._no_room_logged: dict[str, float] = {}
+        self._leader: asyncpg.Connection | None = None  # holds the lock while leading
         self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
         self._last_probe = float("-inf")
         self._stopping = asyncio.Event()
@@ -125,24 +126,50 @@ class PoolManager:
         self._stopping.set()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                await self.step()
-            except _DB_ERRORS as exc:
-                log.warning("pool manager step failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.tick):
-                    await self._stopping.wait()
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self.step()
+                except _DB_ERRORS as exc:
+                    log.warning("pool manager step failed: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.tick):
+                        await self._stopping.wait()
+        finally:
+            await self._step_down()
 
     async def step(self) -> None:
-        """One tick: lead if no other replica does, then mirror the table."""
-        async with self.pool.acquire() as conn:
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
-                try:
-                    await self._lead(conn)
-                finally:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        """One tick: lead if no other replica does, then mirror the table. Leadership is
+        kept from tick to tick (the lock is held on a connection of its own), so one replica
+        counts probe failures and spends the failover rate, not each in turn."""
+        if self._leader is None:
+            conn = await self.pool.acquire()
+            try:
+                won = await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID)
+            except BaseException:
+                await self.pool.release(conn)
+                raise
+            if won:
+                self._leader = conn
+                log.info("pool manager leads: probes, failover, drains, waiting creates")
+            else:
+                await self.pool.release(conn)
+        if self._leader is not None:
+            try:
+                await self._lead(self._leader)
+            except _DB_ERRORS:
+                await self._step_down()  # its lock may be gone with its connection
+                raise
         await self._mirror()
+
+    async def _step_down(self) -> None:
+        conn, self._leader = self._leader, None
+        if conn is None:
+            return
+        with contextlib.suppress(*_DB_ERRORS):
+            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+        with contextlib.suppress(*_DB_ERRORS):
+            await self.pool.release(conn)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
         loop = asyncio.get_running_loop()
