@@ -369,6 +369,7 @@ async def test_server_list_shows_health_counts_and_drain(
 
         text = await wait_for("b down in the metrics", metrics, timeout=5)
         assert 'zapbus_baileys_server_drained{server="c"} 1.0' in text
+        assert f'zapbus_baileys_server_info{{server="a",url="{sims.urls["a"]}"}} 1.0' in text
         assert 'zapbus_baileys_server_placements{server="a"} 1.0' in text
         # the table form, through the command line (in a thread: it runs its own loop)
         for var, value in {

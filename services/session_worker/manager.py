@@ -59,6 +59,12 @@ class PoolMetrics:
             "Live connections zapbus placed on the server (its load for placement).",
         )
         self.drained = gauge("zapbus_baileys_server_drained", "1 while the server is drained.")
+        self.info = Gauge(
+            "zapbus_baileys_server_info",
+            "Each configured Baileys server (always 1), with its URL (without credentials).",
+            ["server", "url"],
+            registry=registry,
+        )
         self.max_sessions = Gauge(
             "zapbus_baileys_server_max_sessions",
             "Sessions per server at most (ZAPBUS_BAILEYS_MAX_SESSIONS; 0: no cap).",
@@ -121,6 +127,8 @@ class PoolManager:
         self._last_probe = float("-inf")
         self._stopping = asyncio.Event()
         metrics.max_sessions.set(policy.max_sessions)
+        for spec in servers.specs:
+            metrics.info.labels(spec.name, spec.public_url).set(1)
 
     def stop(self) -> None:
         self._stopping.set()
