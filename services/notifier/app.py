@@ -8,7 +8,7 @@ from aiohttp import web
 from nats.js import api as js_api
 
 from services.notifier.dispatcher import Dispatcher, Policy
-from services.notifier.fanout import Fanout
+from services.notifier.fanout import FANOUT_BATCH, Fanout
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.sender import Sender
 from zapbus.config import Settings
@@ -31,9 +31,12 @@ def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
         filter_subject=names.changes_subjects,
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.NEW,
-        ack_wait=30.0,
+        # a batch is one insert: a fan-out that died holding one is noticed within this
+        ack_wait=10.0,
         max_deliver=-1,  # a database outage must not drop a change
-        max_ack_pending=1000,
+        # no more than one batch unacked: after a crash, the unacked batch comes back before
+        # anything newer, so a connection's webhooks keep their order
+        max_ack_pending=FANOUT_BATCH,
     )
 
 

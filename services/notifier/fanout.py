@@ -28,6 +28,11 @@ from zapbus.webhooks import event_types, wants
 
 log = logging.getLogger("zapbus.notifier")
 
+# Changes fetched at once; also the consumer's max_ack_pending (app.consumer_config), so a
+# fan-out killed before acking a batch lets nothing newer through until that batch comes
+# back (after ack_wait): later changes of a connection never overtake earlier ones.
+FANOUT_BATCH = 256
+
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4c3e-9a37-0c1b0f2f5e11")
 _RETRY_DELAY_SECONDS = 2.0
 _STANDBY_SECONDS = 1.0
@@ -84,7 +89,7 @@ class Fanout:
         pool: asyncpg.Pool,
         metrics: NotifierMetrics,
         on_queued: Callable[[], None],
-        batch: int = 256,
+        batch: int = FANOUT_BATCH,
         fetch_timeout: float = 1.0,
     ) -> None:
         self.consumer = consumer
