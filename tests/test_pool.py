@@ -544,3 +544,34 @@ async def test_a_create_that_fails_on_one_server_is_placed_on_another(
         ]
         assert failed_on_b and all(h["server"] == "b" for h in failed_on_b)
         assert _one_live_each(await sims.all_live(stack.http), rows) is None
+
+
+async def test_a_create_placed_again_with_no_room_waits_then_proceeds(
+    settings: Settings, sims: Sims
+) -> None:
+    async with start_stack(
+        settings,
+        None,
+        baileys_urls=sims.spec(),
+        create_max_attempts=2,
+        baileys_max_sessions=1,
+        **POOL,
+    ) as stack:
+        async with stack.http.patch(f"{sims.urls['b']}/_sim/config", json={"fail_rate": 1.0}) as r:
+            assert r.status == 200, await r.text()
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(3)]
+
+        async def split() -> list[dict[str, Any]] | None:
+            rows = await _all(stack, ids)
+            live = [r for r in rows if r["status"] == "qr_ready"]
+            waiting = [r for r in rows if "failed this create" in (r["status_reason"] or "")]
+            return live if len(live) == 2 and len(waiting) == 1 else None
+
+        live = await wait_for("two live, one waiting after failing on b", split, timeout=30)
+        async with stack.http.delete(
+            f"{stack.gateway_url}/v1/connections/{live[0]['id']}", headers=stack.auth()
+        ) as r:
+            assert r.status == 202
+        rest = [i for i in ids if i != live[0]["id"]]
+        rows = await _wait_all(stack, rest, *LIVE, timeout=30)
+        assert {r["server"] for r in rows} <= {"a", "c"}

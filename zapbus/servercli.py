@@ -20,9 +20,12 @@ from zapbus.config import Settings
 from zapbus.servers import public_url
 
 
-def _health(row: asyncpg.Record | None, now: datetime, rejoin: float) -> str:
-    if row is None or row["up"] is None:
+def _health(row: asyncpg.Record | None, now: datetime, rejoin: float, stale: float) -> str:
+    if row is None or row["up"] is None or row["checked_at"] is None:
         return "unknown"
+    ago = (now - row["checked_at"]).total_seconds()
+    if ago > stale:  # no session worker has probed it lately
+        return f"unknown (not probed for {int(ago)}s)"
     if row["up"] is False:
         since = row["down_since"]
         return f"down {int((now - since).total_seconds())}s" if since else "down"
@@ -56,7 +59,12 @@ async def server_list(settings: Settings, as_json: bool = False) -> int:
     out = []
     for name, url in {**configured, **gone}.items():
         row = seen.get(name)
-        health = _health(row, now, settings.baileys_rejoin_after_seconds)
+        health = _health(
+            row,
+            now,
+            settings.baileys_rejoin_after_seconds,
+            max(30.0, 6 * settings.baileys_health_interval_seconds),
+        )
         out.append(
             {
                 "name": name,
@@ -123,7 +131,9 @@ async def server_drain(settings: Settings, name: str, drained: bool, move: bool 
         )
     finally:
         await pool.close()
-    if not drained:
+    if not drained and spec is None:
+        print(f"{name}: undrained (it is not configured: it takes no placements)")
+    elif not drained:
         print(f"{name}: undrained, takes new placements again")
     elif move:
         print(f"{name}: drained; its connections move to other servers one at a time")

@@ -265,7 +265,7 @@ class PoolManager:
         room = sum(
             max(0.0, v.free(self.policy.max_sessions))
             for v in views
-            if not v.drained and v.up is not False
+            if not v.drained and v.up is not False and not v.refusing
         )
         unplaced = await conn.fetchval(
             "SELECT count(*) FROM connections WHERE server IS NULL"
@@ -298,11 +298,17 @@ class PoolManager:
         for server in lost:
             budget = int(min(self._tokens, self._room))
             if budget < 1:
-                self._take_room(server["name"], "unreachable")  # logs why nothing moves
+                left = await conn.fetchval(
+                    f"SELECT count(*) FROM connections WHERE server = $1"
+                    f" AND status NOT IN {_sql(ENDED)}",
+                    server["name"],
+                )
+                if left:
+                    self._take_room(server["name"], "unreachable")  # logs why nothing moves
                 return
             rows = await conn.fetch(
                 f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
-                " ORDER BY created_at LIMIT $2",
+                " ORDER BY status = 'connected', created_at LIMIT $2",
                 server["name"],
                 budget,
             )
@@ -342,7 +348,7 @@ class PoolManager:
                     continue  # not moved yet (the move did not happen)
             nxt = await conn.fetchval(
                 f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
-                " ORDER BY created_at, id LIMIT 1",
+                " ORDER BY status = 'connected', created_at, id LIMIT 1",
                 name,
             )
             if nxt is None:
@@ -378,7 +384,7 @@ class PoolManager:
     async def _requeue_waiting(self, conn: asyncpg.Connection, now: datetime) -> None:
         await conn.execute(
             "UPDATE connections SET placement_wait_since = NULL, placement_requeued_at = NULL"
-            " WHERE placement_wait_since IS NOT NULL AND status <> 'pending'"
+            " WHERE placement_wait_since IS NOT NULL AND status NOT IN ('pending', 'creating')"
         )
         views = await pool_views(conn, self.servers.specs, self.policy, now)
         usable = [v for v in views if not v.drained and v.up is not False]
@@ -387,7 +393,8 @@ class PoolManager:
             return
         rows = await conn.fetch(
             "SELECT id, tenant_id, generation, session_name, command_id, login, phone_number"
-            " FROM connections WHERE placement_wait_since IS NOT NULL AND status = 'pending'"
+            " FROM connections WHERE placement_wait_since IS NOT NULL"
+            " AND status IN ('pending', 'creating')"
             " AND (placement_requeued_at IS NULL OR placement_requeued_at < $1)"
             " ORDER BY placement_wait_since, id LIMIT $2",
             now - timedelta(seconds=_REQUEUE_AFTER_SECONDS),
@@ -440,7 +447,7 @@ class PoolManager:
         self.metrics.waiting.set(
             await self.pool.fetchval(
                 "SELECT count(*) FROM connections WHERE placement_wait_since IS NOT NULL"
-                " AND status = 'pending'"
+                " AND status IN ('pending', 'creating')"
             )
         )
 

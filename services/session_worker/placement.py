@@ -54,7 +54,8 @@ class ServerView:
     up: bool | None = None  # None: not probed (recently): assumed up
     sessions: int | None = None  # the server's own figure
     placed: int = 0  # zapbus's live placements there
-    probation: bool = False  # back after an outage, not for long yet
+    probation: bool = False  # back from an outage, or failing creates, not for long yet
+    refusing: bool = False  # failed a create for good lately: no room for moves there
 
     def load(self) -> int:
         return max(self.placed, self.sessions or 0)
@@ -139,6 +140,9 @@ async def pool_views(
                 up=row["up"] if fresh and row is not None else None,
                 sessions=row["sessions"] if fresh and row is not None else None,
                 placed=placed.get(spec.name, 0),
+                refusing=bool(
+                    row is not None and row["create_failed_at"] and row["create_failed_at"] > rejoin
+                ),
                 # back from an outage, or failing creates lately: only if nothing else can
                 probation=bool(
                     row is not None
@@ -191,6 +195,8 @@ async def place(
         views = [v for v in await pool_views(conn, specs, policy, now) if v.name not in excluded]
         name, why = choose(views, policy.max_sessions)
         if name is None:
+            if excluded:
+                why += f"; {', '.join(sorted(excluded))} failed this create"
             reason = WAITING_PREFIX + why
             await conn.execute(
                 "UPDATE connections SET placement_wait_since = coalesce(placement_wait_since,"
