@@ -90,6 +90,13 @@ async def sims(workdir: Path) -> AsyncIterator[Sims]:
             proc.stop(timeout=5)
 
 
+def _cli_env(monkeypatch: pytest.MonkeyPatch, stack: Stack, sims: Sims) -> None:
+    """The environment a `zapbus` command needs to see this stack's pool."""
+    monkeypatch.setenv("ZAPBUS_DATABASE_URL", stack.settings.database_url)
+    monkeypatch.setenv("ZAPBUS_DB_SCHEMA", stack.settings.db_schema)
+    monkeypatch.setenv("ZAPBUS_BAILEYS_URLS", sims.spec())
+
+
 async def _all(stack: Stack, ids: list[str]) -> list[dict[str, Any]]:
     return [(await stack.get(i))[1] for i in ids]
 
@@ -299,12 +306,7 @@ async def test_drain_move_empties_a_server(
         ids = [(await stack.create(f"c{i}"))["id"] for i in range(9)]
         rows = await _wait_all(stack, ids, *LIVE)
         on_a = [r["id"] for r in rows if r["server"] == "a"]
-        for var, value in {
-            "ZAPBUS_DATABASE_URL": stack.settings.database_url,
-            "ZAPBUS_DB_SCHEMA": stack.settings.db_schema,
-            "ZAPBUS_BAILEYS_URLS": sims.spec(),
-        }.items():
-            monkeypatch.setenv(var, value)
+        _cli_env(monkeypatch, stack, sims)
         # the command line, in a thread (it runs its own event loop)
         assert await asyncio.to_thread(cli.main, ["server", "drain", "a", "--move"]) == 0
 
@@ -372,12 +374,7 @@ async def test_server_list_shows_health_counts_and_drain(
         assert f'zapbus_baileys_server_info{{server="a",url="{sims.urls["a"]}"}} 1.0' in text
         assert 'zapbus_baileys_server_placements{server="a"} 1.0' in text
         # the table form, through the command line (in a thread: it runs its own loop)
-        for var, value in {
-            "ZAPBUS_DATABASE_URL": stack.settings.database_url,
-            "ZAPBUS_DB_SCHEMA": stack.settings.db_schema,
-            "ZAPBUS_BAILEYS_URLS": sims.spec(),
-        }.items():
-            monkeypatch.setenv(var, value)
+        _cli_env(monkeypatch, stack, sims)
         capsys.readouterr()
         assert await asyncio.to_thread(cli.main, ["server", "list"]) == 0
         table = capsys.readouterr().out.splitlines()

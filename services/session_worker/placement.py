@@ -179,7 +179,10 @@ async def place(
         found = await server_of(conn, cmd.connection_id, cmd.generation)
         if found is not None:
             return Placed(found, new=False)
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_ID)
+        if len(specs) > 1 or policy.max_sessions > 0:
+            # the choice depends on the others' placements: one at a time (one server with
+            # no cap has nothing to count, and a burst need not queue on the lock)
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_ID)
         row = await conn.fetchrow(
             "SELECT generation, status, placement_wait_since, placement_excluded"
             " FROM connections WHERE id = $1 FOR UPDATE",
