@@ -145,6 +145,7 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
                 metrics=ReconcileMetrics(CollectorRegistry()),
                 interval_seconds=settings.reconcile_interval_seconds,
                 policy=reconcile_policy(settings),
+                leader_timeout_seconds=settings.leader_timeout_seconds,
             )
             drift = await reconciler.sweep(dry_run=dry_run, wait_for_lock=30.0)
     finally:

@@ -166,6 +166,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # share one Baileys server).
     reconcile_delete_unknown: bool = False
 
+    # The loops one replica runs at a time (pool manager, reconciler, notifier fan-out,
+    # retention) hold a lease (zapbus/leases.py): a replica frozen this long loses it to
+    # another. Also Postgres's idle_in_transaction_session_timeout for the services' pools,
+    # so a frozen transaction does not keep its row locks (a placement's lock) forever.
+    leader_timeout_seconds: float = 30.0
+
     # shutdown: how long in-flight work may take after SIGTERM
     shutdown_grace_seconds: float = 10.0
 
@@ -214,7 +220,11 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
             settings.servers  # noqa: B018
         except ValueError as exc:
             raise ConfigError(f"bad configuration in {exc}") from exc
-        for name in ("baileys_failover_per_second", "baileys_health_interval_seconds"):
+        for name in (
+            "baileys_failover_per_second",
+            "baileys_health_interval_seconds",
+            "leader_timeout_seconds",
+        ):
             if getattr(settings, name) <= 0:
                 raise ConfigError(f"bad configuration in ZAPBUS_{name.upper()}: must be > 0")
         for name in ("baileys_failover_after_seconds", "baileys_rejoin_after_seconds"):

@@ -31,7 +31,8 @@ def _check_schema(schema: str) -> str:
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """Skip asyncpg's reset query on release: zapbus keeps no session state (no SET, no
-    LISTEN, only transaction-scoped advisory locks), and the reset was a full round trip on
+    LISTEN, only transaction-scoped advisory locks; the leases of zapbus/leases.py undo
+    theirs before they hand their connection back), and the reset was a full round trip on
     every release (~8-12 % of a service's CPU under load, bench/findings.md). asyncpg still
     rolls back a transaction left open."""
 
@@ -53,12 +54,15 @@ async def create_pool(
     *,
     command_timeout: float | None = None,
     acquire_timeout: float | None = None,
+    idle_in_transaction_timeout: float | None = None,
     **kwargs: Any,
 ) -> asyncpg.Pool:
     """A pool whose connections resolve zapbus's tables in ``schema``.
 
     ``command_timeout`` bounds every statement (asyncpg cancels it and raises TimeoutError);
-    ``acquire_timeout`` bounds the wait for a pooled connection (see TimedPool).
+    ``acquire_timeout`` bounds the wait for a pooled connection (see TimedPool);
+    ``idle_in_transaction_timeout``: Postgres ends a session idle that long inside a
+    transaction (a process frozen mid-transaction), so its locks do not outlive it.
     """
     kwargs.setdefault("min_size", 1)
     kwargs.setdefault("max_size", 10)
@@ -68,6 +72,10 @@ async def create_pool(
         # is seq-scanned for every projector batch's duplicate check.
         "random_page_cost": "1.1",
     }
+    if idle_in_transaction_timeout is not None:
+        settings["idle_in_transaction_session_timeout"] = str(
+            max(1, int(idle_in_transaction_timeout * 1000))
+        )
     # asyncpg.create_pool(), with our Pool class (it takes none); these are its defaults.
     pool = TimedPool(
         dsn,
@@ -94,6 +102,7 @@ async def open_pool(settings: Settings, **kwargs: Any) -> asyncpg.Pool:
         settings.db_schema,
         command_timeout=settings.db_command_timeout_seconds,
         acquire_timeout=settings.db_acquire_timeout_seconds,
+        idle_in_transaction_timeout=settings.leader_timeout_seconds,
         **kwargs,
     )
 

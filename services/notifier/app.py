@@ -75,6 +75,7 @@ def build_fanout(app: web.Application) -> Fanout:
         app[pool_key],
         app[metrics_key],
         on_queued=dispatcher.kick,
+        leader_timeout_seconds=settings.leader_timeout_seconds,
     )
 
 

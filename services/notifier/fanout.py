@@ -23,6 +23,7 @@ from proto import headers
 from proto.changes import ConnectionChanged, change_decoder
 from services.notifier.metrics import NotifierMetrics
 from zapbus.consumer import DurableConsumer
+from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease
 from zapbus.logs import fields
 from zapbus.webhooks import event_types, wants
 
@@ -36,8 +37,7 @@ FANOUT_BATCH = 256
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4c3e-9a37-0c1b0f2f5e11")
 _RETRY_DELAY_SECONDS = 2.0
 _STANDBY_SECONDS = 1.0
-_LOCK = "SELECT pg_try_advisory_lock(hashtext('zapbus.notifier.fanout.' || current_schema()))"
-_UNLOCK = "SELECT pg_advisory_unlock(hashtext('zapbus.notifier.fanout.' || current_schema()))"
+_LEASE = "zapbus.notifier.fanout"
 
 _ENDPOINTS = """
 SELECT c.id AS connection_id, c.name, e.id AS endpoint_id, e.events
@@ -91,6 +91,7 @@ class Fanout:
         on_queued: Callable[[], None],
         batch: int = FANOUT_BATCH,
         fetch_timeout: float = 1.0,
+        leader_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.consumer = consumer
         self.pool = pool
@@ -98,6 +99,7 @@ class Fanout:
         self.on_queued = on_queued
         self.batch = batch
         self.fetch_timeout = fetch_timeout
+        self.leader_timeout = leader_timeout_seconds
         self._stopping = asyncio.Event()
         self._conn: asyncpg.Connection | None = None
 
@@ -105,12 +107,14 @@ class Fanout:
         self._stopping.set()
 
     async def run(self) -> None:
-        # One fan-out at a time per schema (other notifier replicas wait on the lock): two
+        # One fan-out at a time per schema (other notifier replicas wait on the lease): two
         # consumers side by side could queue one connection's changes out of order. The
-        # batches are written on the connection that holds the lock: if it breaks, the run
-        # fails, and the supervisor starts it again (lock taken anew).
+        # batches are written on the lease's connection: if it breaks (or Postgres ended it
+        # because this replica froze and another took over), the run fails and the
+        # supervisor starts it again (lease taken anew).
         async with self.pool.acquire() as conn:
-            while not await conn.fetchval(_LOCK):
+            lease = Lease(conn, _LEASE, self.leader_timeout)
+            while not await lease.take():
                 if self._stopping.is_set():
                     return
                 with contextlib.suppress(TimeoutError):
@@ -121,8 +125,7 @@ class Fanout:
                 await self._consume()
             finally:
                 self._conn = None
-                with contextlib.suppress(Exception):
-                    await conn.execute(_UNLOCK)
+                await lease.release()
 
     async def _consume(self) -> None:
         await self.consumer.open()

@@ -1,6 +1,6 @@
 """History retention: Postgres must not grow without bound.
 
-Every ``every`` seconds (hourly), one projector replica (a Postgres advisory lock) removes, for
+Every ``every`` seconds (hourly), one projector replica (a lease, ``zapbus/leases.py``) removes, for
 connections that ended more than ``ZAPBUS_HISTORY_RETENTION_DAYS`` ago (default 90; 0 keeps
 everything):
 
@@ -26,10 +26,11 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
 from proto.states import TERMINAL, Status
+from zapbus.leases import Lease
 
 log = logging.getLogger("zapbus.retention")
 
-_LOCK_ID = 0x7A627274  # "zbrt"
+_LEASE = "zapbus.retention"
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 # A literal list, not a parameter: the planner matches it to the partial index's predicate.
 _ENDED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
@@ -89,7 +90,8 @@ class Retention:
         cutoff = (now or datetime.now(UTC)) - timedelta(days=self.days)
         history = connections = 0
         async with self.pool.acquire() as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
+            lease = Lease(conn, _LEASE)
+            if not await lease.take():
                 return None
             try:
                 at, last = datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0)
@@ -119,7 +121,7 @@ class Retention:
                         )
                     at, last = rows[-1]["status_changed_at"], rows[-1]["id"]
             finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+                await lease.release()
         self.metrics.deleted.labels("connection_events").inc(history)
         self.metrics.deleted.labels("connections").inc(connections)
         if history or connections:

@@ -134,6 +134,7 @@ def build_reconciler(app: web.Application) -> Reconciler:
         metrics=ReconcileMetrics(app[registry_key]),
         interval_seconds=settings.reconcile_interval_seconds,
         policy=reconcile_policy(settings),
+        leader_timeout_seconds=settings.leader_timeout_seconds,
     )
 
 
@@ -149,6 +150,7 @@ def build_manager(app: web.Application) -> PoolManager:
         health_interval_seconds=settings.baileys_health_interval_seconds,
         failover_after_seconds=settings.baileys_failover_after_seconds,
         failover_per_second=settings.baileys_failover_per_second,
+        leader_timeout_seconds=settings.leader_timeout_seconds,
     )
 
 

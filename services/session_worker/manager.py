@@ -2,7 +2,9 @@
 
 A loop in every session worker. Each tick every replica reads ``baileys_servers`` (so its
 calls skip a server the probes see down) and exports the pool's gauges; one replica at a
-time (a Postgres advisory lock) also
+time (a lease: a Postgres advisory lock that Postgres takes back from a replica frozen for
+``leader_timeout_seconds``, ``zapbus/leases.py``; its writes go through the lease's
+connection, so a replica that wakes up after losing it writes nothing) also
 
 * asks every server's health (``GET /health`` or the dialect's route) every
   ``baileys_health_interval_seconds``: two failed probes in a row mark it down (since the
@@ -33,12 +35,13 @@ from services.session_worker import placement
 from services.session_worker.moves import ENDED, move_connection
 from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
+from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
 
 log = logging.getLogger("zapbus.pool")
 
-_LOCK_ID = 0x7A62706D  # "zbpm"
+_LEASE = "zapbus.pool_manager"
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 _LIVE_AGAIN = ("qr_ready", "code_ready", "pairing", "connected")
 _REQUEUE_AFTER_SECONDS = 15.0
@@ -109,6 +112,7 @@ class PoolManager:
         failover_after_seconds: float,
         failover_per_second: float,
         tick_seconds: float = 1.0,
+        leader_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.pool = pool
         self.names = names
@@ -122,7 +126,8 @@ class PoolManager:
         self._tokens = failover_per_second
         self._room = 0.0
         self._no_room_logged: dict[str, float] = {}
-        self._leader: asyncpg.Connection | None = None  # holds the lock while leading
+        self.leader_timeout = leader_timeout_seconds
+        self._leader: Lease | None = None  # held while leading
         self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
         self._last_probe = float("-inf")
         self._stopping = asyncio.Event()
@@ -152,32 +157,32 @@ class PoolManager:
         counts probe failures and spends the failover rate, not each in turn."""
         if self._leader is None:
             conn = await self.pool.acquire()
+            lease = Lease(conn, _LEASE, self.leader_timeout)
             try:
-                won = await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID)
+                won = await lease.take()
             except BaseException:
                 await self.pool.release(conn)
                 raise
             if won:
-                self._leader = conn
+                self._leader = lease
                 log.info("pool manager leads: probes, failover, drains, waiting creates")
             else:
                 await self.pool.release(conn)
         if self._leader is not None:
             try:
-                await self._lead(self._leader)
+                await self._lead(self._leader.conn)
             except _DB_ERRORS:
                 await self._step_down()  # its lock may be gone with its connection
                 raise
         await self._mirror()
 
     async def _step_down(self) -> None:
-        conn, self._leader = self._leader, None
-        if conn is None:
+        lease, self._leader = self._leader, None
+        if lease is None:
             return
+        await lease.release()
         with contextlib.suppress(*_DB_ERRORS):
-            await conn.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
-        with contextlib.suppress(*_DB_ERRORS):
-            await self.pool.release(conn)
+            await self.pool.release(lease.conn)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
         loop = asyncio.get_running_loop()
@@ -317,7 +322,7 @@ class PoolManager:
                 if not self._take_room(server["name"], "unreachable"):
                     return
                 moved = await move_connection(
-                    self.pool,
+                    conn,
                     self.names,
                     row["id"],
                     server["name"],
@@ -362,7 +367,7 @@ class PoolManager:
             if not self._take_room(name, "drained"):
                 continue
             moved = await move_connection(
-                self.pool,
+                conn,
                 self.names,
                 nxt,
                 name,

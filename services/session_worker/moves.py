@@ -26,7 +26,7 @@ ENDED = ("deleted", "failed", "logged_out", "qr_expired", "conflict")
 
 
 async def move_connection(
-    pool: asyncpg.Pool,
+    conn: asyncpg.Connection,
     names: Names,
     connection_id: uuid.UUID,
     server: str,
@@ -34,8 +34,9 @@ async def move_connection(
     reason: str,
 ) -> int | None:
     """Re-place the connection if it is still live on ``server``; its new generation, or
-    None when it no longer is (moved, deleted or ended meanwhile)."""
-    async with pool.acquire() as conn, conn.transaction():
+    None when it no longer is (moved, deleted or ended meanwhile). Runs on ``conn`` (the pool
+    manager's lease connection: a replica that lost its lease moves nothing)."""
+    async with conn.transaction():
         old = await conn.fetchrow(
             "SELECT tenant_id, generation, session_name, status, login, phone_number, server"
             " FROM connections WHERE id = $1 FOR UPDATE",

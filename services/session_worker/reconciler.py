@@ -1,7 +1,8 @@
 """The reconciler: level-triggered repair of drift between Postgres and the Baileys server.
 
 Edges (commands, webhooks) make zapbus fast; this loop makes it true. Every
-``reconcile_interval_seconds`` one replica (a Postgres advisory lock) reads what the server
+``reconcile_interval_seconds`` one replica (a lease, ``zapbus/leases.py``: a replica frozen
+mid-sweep loses it, and checks it before repairing) reads what the server
 holds (``GET /sessions``, or ``GET /sessions/{name}`` per wanted session where there is no
 list route), compares it with the rows (``drift.compute``) and repairs through the same paths
 as everything else, so each repair is fenced, retried, dead-lettered and in history:
@@ -52,12 +53,13 @@ from services.session_worker.drift import (
 from services.session_worker.pool import Server, ServerPool
 from zapbus import jsretry
 from zapbus.dialects.errors import BaileysError
+from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
 
 log = logging.getLogger("zapbus.reconciler")
 
-_LOCK_ID = 0x7A62726E  # "zbrn"
+_LEASE = "zapbus.reconciler"
 _PROBE_CONCURRENCY = 10
 _DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 
@@ -122,8 +124,10 @@ class Reconciler:
         metrics: ReconcileMetrics,
         interval_seconds: float,
         policy: Policy,
+        leader_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.pool = pool
+        self.leader_timeout = leader_timeout_seconds
         self.js = js
         self.names = names
         self.servers = servers
@@ -159,24 +163,22 @@ class Reconciler:
         if not any(s.available for s in self.servers.servers.values()):
             self.metrics.sweeps.labels("server_unavailable").inc()
             return None
-        async with self.pool.acquire() as lock:
-            if not await self._lock(lock, wait_for_lock):
+        async with self.pool.acquire() as conn:
+            lease = Lease(conn, _LEASE, self.leader_timeout)
+            if not await lease.take_within(wait_for_lock):
                 self.metrics.sweeps.labels("not_leader").inc()
                 return None
             try:
-                return await self._sweep_locked(dry_run)
+                async with lease.kept_alive():
+                    return await self._sweep_locked(dry_run, lease)
+            except LeaseLost as exc:
+                self.metrics.sweeps.labels("not_leader").inc()
+                log.warning("reconcile sweep stopped: this replica lost its lease (%s)", exc)
+                return None
             finally:
-                await lock.execute("SELECT pg_advisory_unlock($1)", _LOCK_ID)
+                await lease.release()
 
-    async def _lock(self, conn: asyncpg.Connection, wait: float) -> bool:
-        deadline = asyncio.get_running_loop().time() + wait
-        while not await conn.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK_ID):
-            if asyncio.get_running_loop().time() >= deadline:
-                return False
-            await asyncio.sleep(0.2)
-        return True
-
-    async def _sweep_locked(self, dry_run: bool) -> Drift | None:
+    async def _sweep_locked(self, dry_run: bool, lease: Lease) -> Drift | None:
         items: list[DriftItem] = []
         misses: dict[uuid.UUID, int] = {}
         swept = 0
@@ -184,7 +186,7 @@ class Reconciler:
             if not server.available:
                 log.info("reconcile skips %r: it does not answer", server.name)
                 continue
-            drift = await self._sweep_server(server, dry_run)
+            drift = await self._sweep_server(server, dry_run, lease)
             if drift is not None:
                 swept += 1
                 items.extend(drift.items)
@@ -199,7 +201,7 @@ class Reconciler:
             self.metrics.last_sweep.set_to_current_time()
         return merged
 
-    async def _sweep_server(self, server: Server, dry_run: bool) -> Drift | None:
+    async def _sweep_server(self, server: Server, dry_run: bool, lease: Lease) -> Drift | None:
         only = self.servers.only
         try:
             observed = await self._observe(server)
@@ -233,6 +235,7 @@ class Reconciler:
             default_server=only.name if only is not None else None,
         )
         if not dry_run:
+            await lease.confirm()  # frozen since the lease was taken: another replica leads
             await self._repair(drift, rows)
             if observed.complete:
                 await self._forget_finished_deletes(observed, server)
