@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -458,7 +459,7 @@ async def test_pool_views_put_a_server_back_from_an_outage_on_probation(
 
 
 async def test_failover_waits_while_no_other_server_has_room(
-    settings: Settings, sims: Sims
+    settings: Settings, sims: Sims, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Moving a connection nowhere would end its (maybe linked) session for nothing: the dead
     server's connections move only once another server has room for them."""
@@ -469,8 +470,13 @@ async def test_failover_waits_while_no_other_server_has_room(
         rows = await _wait_all(stack, ids, *LIVE)
         on_b = [r["id"] for r in rows if r["server"] == "b"]
         assert len(on_b) == 2
+        caplog.set_level(logging.WARNING, logger="zapbus.pool")
         sims.procs["b"].kill()
-        await asyncio.sleep(POOL["baileys_failover_after_seconds"] + 2.0)  # past the deadline
+
+        async def declined() -> bool:  # past the failover deadline, and nothing moved
+            return any("cannot move connections off 'b'" in r.getMessage() for r in caplog.records)
+
+        await wait_for("the failover of b, declined for want of room", declined, timeout=30)
         assert all(r["generation"] == 1 and r["server"] == "b" for r in await _all(stack, on_b))
         for row in [r for r in rows if r["server"] in ("a", "c")][:2]:
             async with stack.http.delete(

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from functools import partial
@@ -35,7 +34,7 @@ from proto.commands import (
 )
 from proto.names import Names
 from proto.states import Status
-from zapbus import jsretry
+from zapbus import history, jsretry
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
@@ -118,18 +117,16 @@ async def replay(js: JetStreamContext, pool: asyncpg.Pool, names: Names, seq: in
 async def _record(
     conn: asyncpg.Connection, cmd: Command, seq: int, from_status: str, to_status: str
 ) -> None:
-    await conn.execute(
-        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-        " from_status, to_status, applied, reason, command_id, occurred_at)"
-        " VALUES ($1, $2, $3, 'dlq.replayed', $4, $5, true, $6, $7, $8)",
-        uuid.uuid4(),
+    await history.record(
+        conn,
         cmd.connection_id,
         cmd.generation,
-        from_status,
-        to_status,
-        f"dead letter {seq} ({cmd.kind}) replayed by an operator",
-        cmd.command_id,
-        datetime.now(UTC),
+        "dlq.replayed",
+        from_status=from_status,
+        to_status=to_status,
+        applied=True,
+        reason=f"dead letter {seq} ({cmd.kind}) replayed by an operator",
+        command_id=cmd.command_id,
     )
 
 

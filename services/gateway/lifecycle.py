@@ -20,6 +20,7 @@ from services.gateway.models import Connection
 from services.gateway.store import COLUMNS as _COLUMNS
 from services.gateway.store import change_of
 from services.gateway.store import to_connection as _to_connection
+from zapbus import history
 from zapbus.outbox import change_row, command_row, insert_outbox, queue_change
 from zapbus.tokens import session_name
 
@@ -144,19 +145,17 @@ async def _record(
     reason: str | None = None,
 ) -> None:
     """A history row for a change the gateway itself made."""
-    await conn.execute(
-        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-        " from_status, to_status, applied, reason, command_id, occurred_at)"
-        " VALUES ($1, $2, $3, $4, $5, $6, true, $7, $8, $9)",
-        uuid.uuid4(),
+    await history.record(
+        conn,
         cmd.connection_id,
         cmd.generation,
         event_type,
-        from_status.value if from_status else None,
-        to_status.value,
-        reason,
-        cmd.command_id,
-        cmd.requested_at,
+        from_status=from_status.value if from_status else None,
+        to_status=to_status.value,
+        applied=True,
+        reason=reason,
+        command_id=cmd.command_id,
+        occurred_at=cmd.requested_at,
     )
 
 
@@ -241,15 +240,15 @@ async def request_pairing_code(
             connection_id,
         )
         await insert_outbox(conn, names, cmd)
-        await conn.execute(
-            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-            " from_status, to_status, applied, command_id, occurred_at)"
-            " VALUES ($1, $2, $3, 'pairing_code.requested', $4, $4, false, $5, now())",
-            uuid.uuid4(),
+        await history.record(
+            conn,
             connection_id,
             row["generation"],
-            row["status"],
-            cmd.command_id,
+            "pairing_code.requested",
+            from_status=row["status"],
+            to_status=row["status"],
+            applied=False,
+            command_id=cmd.command_id,
         )
         record = dict(row)
         for extra in ("tenant_id", "pairing_code_requested_at", "since"):

@@ -35,6 +35,7 @@ from proto.changes import ConnectionChanged
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
+from zapbus import history
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
 
@@ -282,20 +283,17 @@ class Watchdog:
         reason: str,
         reason_code: str | None = None,
     ) -> None:
-        await conn.execute(
-            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-            " from_status, to_status, applied, reason, command_id, occurred_at, reason_code)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
-            uuid.uuid4(),
+        await history.record(
+            conn,
             row["id"],
             row["generation"],
             event_type,
-            row["status"],
-            to_status,
-            applied,
-            reason,
-            row["command_id"],
-            reason_code,
+            from_status=row["status"],
+            to_status=to_status,
+            applied=applied,
+            reason=reason,
+            command_id=row["command_id"],
+            reason_code=reason_code,
         )
 
     async def _refresh_gauges(self, conn: asyncpg.Connection) -> None:

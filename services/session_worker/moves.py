@@ -19,6 +19,7 @@ from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.names import Names
 from proto.states import Status
+from zapbus import history
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
 from zapbus.tokens import session_name
 
@@ -83,19 +84,18 @@ async def move_connection(
         )
         await insert_outbox(conn, names, create)
         event = "failover.moved" if reason_code == "server_lost" else "drain.moved"
-        await conn.execute(
-            "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-            " from_status, to_status, applied, reason, command_id, occurred_at, reason_code,"
-            " server) VALUES ($1, $2, $3, $4, $5, 'pending', true, $6, $7, now(), $8, $9)",
-            uuid.uuid4(),
+        await history.record(
+            conn,
             connection_id,
             generation,
             event,
-            old["status"],
-            reason,
-            create.command_id,
-            reason_code,
-            server,
+            from_status=old["status"],
+            to_status="pending",
+            applied=True,
+            reason=reason,
+            command_id=create.command_id,
+            reason_code=reason_code,
+            server=server,
         )
         await queue_change(
             conn,

@@ -21,6 +21,7 @@ import msgspec
 
 from proto.commands import CreateSession
 from proto.names import Names
+from zapbus import history
 from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.servers import ServerSpec
 
@@ -313,16 +314,15 @@ async def _history(
     server: str | None,
     reason: str,
 ) -> None:
-    await conn.execute(
-        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-        " from_status, to_status, applied, reason, command_id, occurred_at, server)"
-        " VALUES ($1, $2, $3, $4, $5, $5, false, $6, $7, now(), $8)",
-        uuid.uuid4(),
+    await history.record(
+        conn,
         cmd.connection_id,
         cmd.generation,
         event_type,
-        status,
-        reason,
-        cmd.command_id,
-        server,
+        from_status=status,
+        to_status=status,
+        applied=False,
+        reason=reason,
+        command_id=cmd.command_id,
+        server=server,
     )

@@ -51,7 +51,7 @@ from services.session_worker.drift import (
     parse_session_name,
 )
 from services.session_worker.pool import Server, ServerPool
-from zapbus import jsretry
+from zapbus import history, jsretry
 from zapbus.dialects.errors import BaileysError
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
@@ -477,18 +477,15 @@ async def _history(
     command_id: uuid.UUID | None,
     reason_code: str | None = None,
 ) -> None:
-    await conn.execute(
-        "INSERT INTO connection_events (event_id, connection_id, generation, event_type,"
-        " from_status, to_status, applied, reason, command_id, occurred_at, reason_code)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), $10)",
-        uuid.uuid4(),
+    await history.record(
+        conn,
         item.connection_id,
         item.generation,
         event_type,
-        item.row_status,
-        to_status,
-        applied,
-        reason,
-        command_id,
-        reason_code,
+        from_status=item.row_status,
+        to_status=to_status,
+        applied=applied,
+        reason=reason,
+        command_id=command_id,
+        reason_code=reason_code,
     )
