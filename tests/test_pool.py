@@ -129,7 +129,7 @@ def _one_live_each(live: dict[str, dict[str, str]], rows: list[dict[str, Any]]) 
 def test_choose_prefers_most_free_and_skips_drained_down_and_probation() -> None:
     views = [
         ServerView("a", placed=3),
-        ServerView("b", placed=1, sessions=4),  # other apps share b: its own figure counts
+        ServerView("b", placed=1, sessions=4, foreign=3),  # other apps share b: theirs count
         ServerView("c", placed=2),
     ]
     assert choose(views, 0) == ("c", "")
@@ -211,6 +211,35 @@ async def test_creates_spread_over_the_pool(settings: Settings, sims: Sims) -> N
             h for h in (await history.json())["items"] if h["event_type"] == "placement.assigned"
         ]
         assert [h["server"] for h in placed] == [rows[0]["server"]]
+
+
+async def test_placement_counts_the_sessions_other_apps_hold(
+    settings: Settings, sims: Sims
+) -> None:
+    """Server a holds 12 sessions of another app (its /health says so): zapbus's 30 creates
+    even out the servers' totals (42 over 3), so a gets few, even though the whole burst
+    is placed between two of its probes."""
+    async with aiohttp.ClientSession() as http:
+        for i in range(12):
+            async with http.post(
+                f"{sims.urls['a']}/sessions",
+                json={"name": f"other-app-{i}", "webhookUrl": "http://127.0.0.1:9/hook"},
+                headers={"X-API-Key": FAST_SIM.api_key},
+            ) as r:
+                assert r.status < 300, await r.text()
+    slow_probes = {**POOL, "baileys_health_interval_seconds": 30.0}
+    async with start_stack(settings, None, baileys_urls=sims.spec(), **slow_probes) as stack:
+
+        async def probed() -> bool:
+            n = await stack.pool.fetchval("SELECT sessions FROM baileys_servers WHERE name = 'a'")
+            return n is not None and n >= 12
+
+        await wait_for("the first probe of a", probed)
+        ids = [(await stack.create(f"c{i}"))["id"] for i in range(30)]
+        rows = await _wait_all(stack, ids, *LIVE)
+        spread = Counter(r["server"] for r in rows)
+        totals = {"a": spread["a"] + 12, "b": spread["b"], "c": spread["c"]}
+        assert max(totals.values()) - min(totals.values()) <= 2, spread
 
 
 async def test_a_full_pool_queues_creates_until_room_frees(settings: Settings, sims: Sims) -> None:

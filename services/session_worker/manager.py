@@ -228,10 +228,13 @@ class PoolManager:
                 await conn.execute(
                     "UPDATE baileys_servers SET up_since = CASE WHEN up IS false"
                     " THEN now() ELSE up_since END, up = true, sessions = $2,"
+                    " sessions_ours = (SELECT count(*) FROM connections WHERE server = $1"
+                    " AND status = ANY($3::text[])),"
                     " checked_at = now(), down_since = NULL, updated_at = now()"
                     " WHERE name = $1",
                     server.name,
                     sessions,
+                    list(placement.CREATED),
                 )
                 continue
             seen.failures += 1

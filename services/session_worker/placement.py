@@ -2,7 +2,9 @@
 
 A new generation goes to the healthy, undrained server with the most free capacity, counting
 zapbus's own placements (rows not terminal) and the server's own ``/health`` ``sessions``
-figure (other apps may share it): its load is the larger of the two. A server back after an
+figure (other apps may share it): its load is zapbus's live placements there now plus the
+sessions the server held for others at its last probe (its figure less zapbus's sessions
+created there then), so placements made between two probes all count. A server back after an
 outage is on probation for ``rejoin_after_seconds`` and takes placements only when no other
 server can. The choice goes into ``placements`` (and the row's ``server``, and history) under
 one advisory lock, so concurrent creates see each other's choices; every later call for that
@@ -29,13 +31,15 @@ LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
 WAITING_PREFIX = "waiting for a Baileys server: "
 _ENDED = "('deleted', 'failed', 'logged_out', 'qr_expired', 'conflict')"
 # as the partial index connections_placed, so the count reads only that index
+# a placed generation whose session the server holds (its create went through)
+CREATED = ("awaiting_qr", "qr_ready", "code_ready", "pairing", "connected", "reconnecting")
 PLACED_COUNTS = (
     "SELECT server, count(*) AS n FROM connections"
     f" WHERE server IS NOT NULL AND status NOT IN {_ENDED} GROUP BY server"
 )
 _SERVERS = (
-    "SELECT name, drained, up, sessions, checked_at, up_since, placed, placed_counted_at,"
-    " create_failed_at FROM baileys_servers"
+    "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since, placed,"
+    " placed_counted_at, create_failed_at FROM baileys_servers"
 )
 _SINCE = "SELECT server, count(*) AS n FROM placements WHERE placed_at > $1 GROUP BY server"
 # the pool manager's count, taken under the placement lock (so no placement is in flight)
@@ -54,12 +58,13 @@ class ServerView:
     drained: bool = False
     up: bool | None = None  # None: not probed (recently): assumed up
     sessions: int | None = None  # the server's own figure
+    foreign: int = 0  # sessions it held for others at its last probe
     placed: int = 0  # zapbus's live placements there
     probation: bool = False  # back from an outage, or failing creates, not for long yet
     refusing: bool = False  # failed a create for good lately: no room for moves there
 
     def load(self) -> int:
-        return max(self.placed, self.sessions or 0)
+        return self.placed + self.foreign
 
     def free(self, cap: int) -> float:
         return float("inf") if cap <= 0 else cap - self.load()
@@ -140,6 +145,7 @@ async def pool_views(
                 drained=bool(row and row["drained"]),
                 up=row["up"] if fresh and row is not None else None,
                 sessions=row["sessions"] if fresh and row is not None else None,
+                foreign=_foreign(row) if fresh and row is not None else 0,
                 placed=placed.get(spec.name, 0),
                 refusing=bool(
                     row is not None and row["create_failed_at"] and row["create_failed_at"] > rejoin
@@ -155,6 +161,13 @@ async def pool_views(
             )
         )
     return views
+
+
+def _foreign(row: asyncpg.Record) -> int:
+    """The server's sessions at its last probe that were not zapbus's."""
+    if row["sessions"] is None:
+        return 0
+    return max(0, int(row["sessions"]) - int(row["sessions_ours"] or 0))
 
 
 @dataclass(frozen=True)
