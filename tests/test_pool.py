@@ -9,6 +9,7 @@ comes back holding them, as a Baileys server with persistent auth state does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -62,10 +63,23 @@ class Sims:
 
 @pytest.fixture
 async def sims(workdir: Path) -> AsyncIterator[Sims]:
+    async with _sims(workdir, "seed") as started:
+        yield started
+
+
+@pytest.fixture
+async def waha_sims(workdir: Path) -> AsyncIterator[Sims]:
+    async with _sims(workdir, "waha") as started:
+        yield started
+
+
+@contextlib.asynccontextmanager
+async def _sims(workdir: Path, kind: str) -> AsyncIterator[Sims]:
     procs, urls = {}, {}
     for name in NAMES:
         port = free_port()
         env = {
+            "ZAPBUS_SIM_KIND": kind,
             "ZAPBUS_SIM_PORT": str(port),
             "ZAPBUS_SIM_CREATE_DELAY": "0.02-0.1",
             "ZAPBUS_SIM_QR_FIRST_SECONDS": "120",
@@ -167,6 +181,12 @@ def test_servers_from_settings() -> None:
     ]
     single = load_settings({"ZAPBUS_BAILEYS_URL": "https://b.example"})
     assert [x.name for x in single.servers] == ["b.example:443"]
+    with pytest.raises(ConfigError, match="has a query or fragment"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://h:1/x?key=S"})
+    with pytest.raises(ConfigError, match="API_KEYS: server name 'a' appears twice"):
+        load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://h:1", "ZAPBUS_BAILEYS_API_KEYS": "a=k,a=j"})
+    # an empty single URL (compose's ${VAR:-}) is not set
+    assert load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://h:1", "ZAPBUS_BAILEYS_URL": ""}).servers
     with pytest.raises(ConfigError, match="both set"):
         load_settings({"ZAPBUS_BAILEYS_URLS": "a=http://x:1", "ZAPBUS_BAILEYS_URL": "http://y:1"})
     with pytest.raises(ConfigError, match="appears twice"):
@@ -192,7 +212,7 @@ def test_servers_from_settings() -> None:
     assert "own" not in repr(keyed.servers)
     assert keyed.servers[0].public_url == "http://x:1"
     assert (
-        load_settings({"ZAPBUS_BAILEYS_URLS": "u=http://me:pw@h:9/p?k=1"}).servers[0].public_url
+        load_settings({"ZAPBUS_BAILEYS_URLS": "u=http://me:pw@h:9/p/"}).servers[0].public_url
         == "http://h:9/p"
     )
 
@@ -240,6 +260,26 @@ async def test_placement_counts_the_sessions_other_apps_hold(
         spread = Counter(r["server"] for r in rows)
         totals = {"a": spread["a"] + 12, "b": spread["b"], "c": spread["c"]}
         assert max(totals.values()) - min(totals.values()) <= 2, spread
+
+
+async def test_a_waha_pool_fetches_each_qr_from_the_server_holding_the_session(
+    settings: Settings, waha_sims: Sims
+) -> None:
+    """WAHA does not push its QR: the webhook service asks for it, and in a pool it must ask
+    the server the session was placed on (the webhook URL names it)."""
+    async with start_stack(
+        settings, None, baileys_urls=waha_sims.spec(), baileys_kind="waha", **POOL
+    ) as stack:
+        ids = [(await stack.create(f"w{i}"))["id"] for i in range(6)]
+        rows = await _wait_all(stack, ids, "qr_ready")
+        assert len({r["server"] for r in rows}) == 3
+        for row in rows:
+            async with stack.http.get(
+                f"{waha_sims.urls[row['server']]}/api/{row['session_name']}/auth/qr",
+                params={"format": "raw"},
+                headers={"X-Api-Key": FAST_SIM.api_key},
+            ) as r:
+                assert row["qr"] == (await r.json())["value"]
 
 
 async def test_a_full_pool_queues_creates_until_room_frees(settings: Settings, sims: Sims) -> None:

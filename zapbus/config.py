@@ -206,7 +206,7 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
         if var in env:
             raw[name] = env[var]
     raw.update(overrides)
-    if raw.get("baileys_urls") and "baileys_url" in raw:
+    if raw.get("baileys_urls") and raw.get("baileys_url"):
         raise ConfigError(
             "bad configuration: ZAPBUS_BAILEYS_URL and ZAPBUS_BAILEYS_URLS are both set; use"
             " ZAPBUS_BAILEYS_URLS for a pool (one server is a pool of one)"

@@ -48,6 +48,9 @@ def _checked_url(url: str, where: str) -> str:
         raise ValueError(f"{where}: bad port in the URL of {host} ({exc})") from exc
     if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
         raise ValueError(f"{where}: {public_url(url)!r} is not an http(s) URL with a host")
+    if parts.query or parts.fragment or url.rstrip().endswith(("?", "#")):
+        # routes are appended to the base URL: a query or fragment would swallow them
+        raise ValueError(f"{where}: the URL of {public_url(url)!r} has a query or fragment")
     return url
 
 
@@ -99,6 +102,8 @@ def parse_servers(
         raise ValueError(f"ZAPBUS_BAILEYS_API_KEYS: {exc}") from None
     for name, key in pairs:
         assert name is not None
+        if name in keys:
+            raise ValueError(f"ZAPBUS_BAILEYS_API_KEYS: server name {name!r} appears twice")
         keys[name] = key
     specs: list[ServerSpec] = []
     if urls.strip():

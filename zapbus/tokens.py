@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import secrets
 import uuid
+from urllib.parse import quote
 
 
 def webhook_token(secret: str, connection_id: uuid.UUID, generation: int) -> str:
@@ -33,10 +34,15 @@ def webhook_signing_key(secret: str, connection_id: uuid.UUID, generation: int) 
     return mac.hexdigest()
 
 
-def webhook_url(base: str, secret: str, connection_id: uuid.UUID, generation: int) -> str:
-    """The URL given to the Baileys server for one generation of a connection."""
+def webhook_url(
+    base: str, secret: str, connection_id: uuid.UUID, generation: int, server: str | None = None
+) -> str:
+    """The URL given to the Baileys server for one generation of a connection; in a pool of
+    several servers it names the server (``?server=``), so the webhook service asks that one
+    for what the server does not push (WAHA's QR)."""
     token = webhook_token(secret, connection_id, generation)
-    return f"{base.rstrip('/')}/webhooks/baileys/{connection_id}/{generation}/{token}"
+    url = f"{base.rstrip('/')}/webhooks/baileys/{connection_id}/{generation}/{token}"
+    return url if server is None else f"{url}?server={quote(server, safe='')}"
 
 
 def session_name(connection_id: uuid.UUID, generation: int) -> str:

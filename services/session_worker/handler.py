@@ -421,7 +421,11 @@ class CommandHandler:
                     return True
                 op = "create"
             url = webhook_url(
-                self.webhook_base_url, self.webhook_secret, cmd.connection_id, cmd.generation
+                self.webhook_base_url,
+                self.webhook_secret,
+                cmd.connection_id,
+                cmd.generation,
+                server.name if len(self.servers.servers) > 1 else None,
             )
             created = await server.dialect.create_session(
                 CreateSessionRequest(

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from services.webhook.app_keys import dialect_key
+from services.webhook.app_keys import dialect_key, server_dialects_key
 from services.webhook.handlers import receive
 from services.webhook.metrics import WebhookMetrics, metrics_key
 from zapbus.config import Settings, require_own_secrets
@@ -17,16 +17,22 @@ from zapbus.runtime import nats_ctx, settings_key
 
 
 async def dialect_ctx(app: web.Application) -> AsyncIterator[None]:
-    """The server's dialect, with an HTTP client for the QR some servers do not push."""
+    """The servers' dialect (one per server of the pool), with an HTTP client for the QR some
+    servers do not push: it is fetched from the server the session is on."""
     settings = app[settings_key]
     async with aiohttp.ClientSession() as http:
-        app[dialect_key] = make_dialect(
-            settings.baileys_kind,
-            http,
-            settings.baileys_url,
-            settings.baileys_api_key,
-            settings.baileys_timeout_seconds,
-        )
+        dialects = {
+            spec.name: make_dialect(
+                settings.baileys_kind,
+                http,
+                spec.url,
+                spec.api_key,
+                settings.baileys_timeout_seconds,
+            )
+            for spec in settings.servers
+        }
+        app[server_dialects_key] = dialects
+        app[dialect_key] = next(iter(dialects.values()))
         yield
 
 

@@ -22,7 +22,7 @@ from proto.events import (
     WebhookIgnored,
     event_encoder,
 )
-from services.webhook.app_keys import dialect_key
+from services.webhook.app_keys import dialect_key, server_dialects_key
 from services.webhook.metrics import metrics_key
 from zapbus import jsretry, signing
 from zapbus.dialects.errors import BaileysError
@@ -210,7 +210,7 @@ async def _events(
             # moved on already (then there is nothing to show): not an error.
             name = session_name(connection_id, generation)
             try:
-                fetched = await request.app[dialect_key].fetch_qr(name)
+                fetched = await _fetch_qr(request, name)
             except BaileysError as exc:
                 log.warning(
                     "QR not fetched: %s", exc.reason, extra=fields(connection_id=str(connection_id))
@@ -225,3 +225,27 @@ async def _events(
             # kept in history: Postgres text refuses NUL, and the name is the sender's
             return [("other", WebhookIgnored(**common, event=clean_text(name, 100) or "?"))]
     return [("other", WebhookIgnored(**common, event=type(report).__name__))]
+
+
+async def _fetch_qr(request: web.Request, name: str) -> str | None:
+    """The QR of session ``name`` from the server the webhook URL names (``?server=``, set in
+    a pool of several); a URL without one (minted before, or a pool of one) asks each
+    configured server in turn until one has the session."""
+    dialects = request.app[server_dialects_key]
+    named = dialects.get(request.query.get("server", ""))
+    if named is not None:
+        return await named.fetch_qr(name)
+    error: BaileysError | None = None
+    answered = False
+    for dialect in dialects.values():
+        try:
+            qr = await dialect.fetch_qr(name)
+        except BaileysError as exc:
+            error = exc
+            continue
+        answered = True
+        if qr is not None:
+            return qr
+    if error is not None and not answered:
+        raise error  # no server answered: say why
+    return None
