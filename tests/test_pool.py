@@ -280,6 +280,16 @@ async def test_a_waha_pool_fetches_each_qr_from_the_server_holding_the_session(
                 headers={"X-Api-Key": FAST_SIM.api_key},
             ) as r:
                 assert row["qr"] == (await r.json())["value"]
+        placed = Counter(r["server"] for r in rows)
+
+        async def counted() -> bool:  # WAHA's count is its session list's length
+            found = {
+                r["name"]: r["sessions"]
+                for r in await stack.pool.fetch("SELECT name, sessions FROM baileys_servers")
+            }
+            return found == dict(placed)
+
+        await wait_for("each WAHA server's session count", counted)
 
 
 async def test_a_full_pool_queues_creates_until_room_frees(settings: Settings, sims: Sims) -> None:

@@ -58,6 +58,7 @@ from zapbus.dialects.base import (
     CreateSessionRequest,
     CreateSessionResult,
     Dialect,
+    Health,
     ServerSession,
 )
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, error_for_status
@@ -204,6 +205,17 @@ class WahaDialect(Dialect):
         except RetryableError:
             return False
         return _ok(answer)
+
+    async def health(self) -> Health:
+        """``/ping`` says up; WAHA's health gives no session count, so it is the length of
+        its session list (None when the list does not answer)."""
+        if not await self.healthy():
+            return Health(up=False)
+        try:
+            listed = await self.list_sessions()
+        except BaileysError:
+            listed = None
+        return Health(up=True, sessions=None if listed is None else len(listed))
 
     @classmethod
     def parse_webhook(cls, body: bytes, headers: Mapping[str, str], secret: str) -> Delivery:
