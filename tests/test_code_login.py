@@ -8,7 +8,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from services.projector.app import create_app as create_projector
+from tests.stack import FAST_SIM, Stack, serve, start_stack, wait_for
 from zapbus.config import Settings
 
 ROTATING = msgspec.structs.replace(FAST_SIM, qr_first_seconds=0.3, qr_next_seconds=0.3, qr_max=50)
@@ -112,3 +113,35 @@ async def test_code_login_end_to_end_in_other_dialects(settings: Settings, kind:
         await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/enter-code")
         linked = await stack.wait_status(created["id"], "connected", timeout=20)
         assert linked["pairing_code"] is None
+
+
+async def test_the_code_is_asked_for_while_the_projector_lags(settings: Settings) -> None:
+    """The worker asks for the code right after the create; the projector may not have moved
+    the row out of ``pending`` yet (a loaded machine): the request must still go to the server,
+    not be dropped as no longer wanted (the row then waited in ``awaiting_qr`` for good)."""
+    async with start_stack(settings) as stack:
+        await stack.runners.pop("projector").cleanup()  # the row stays pending meanwhile
+        status, created = await _post(
+            stack, "/v1/connections", {"name": "lag", "login": "code", "phone_number": PHONE}
+        )
+        assert status == 202, created
+
+        async def asked() -> bool:
+            async with stack.http.get(f"{stack.worker_url}/metrics") as r:
+                text = await r.text()
+            finished = [
+                line
+                for line in text.splitlines()
+                if line.startswith('zapbus_worker_commands_total{kind="pairing_code"')
+                and not line.endswith(" 0.0")
+            ]
+            return bool(finished)
+
+        await wait_for("the worker to handle the code request", asked)
+        _, row = await stack.get(created["id"])
+        assert row["status"] == "pending", row  # the lag this test is about
+        stack.runners["projector"] = await serve(
+            create_projector(stack.settings), int(stack.projector_url.rsplit(":", 1)[1])
+        )
+        shown = await stack.wait_status(created["id"], "code_ready")
+        assert shown["pairing_code"]

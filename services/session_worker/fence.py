@@ -55,10 +55,18 @@ def create_verdict(row: tuple[int, str] | None, cmd: CreateSession) -> Verdict:
 
 
 def pairing_code_verdict(row: tuple[int, str] | None, cmd: RequestPairingCode) -> Verdict:
-    """A pairing code is asked for only while the generation waits to be linked."""
+    """A pairing code is asked for only while the generation waits to be linked. The worker
+    asks right after the create: the projector may not have moved the row out of ``pending``
+    yet, which waits too."""
     if row is None or row[0] != cmd.generation:
         return Verdict.DONE
-    waiting = (Status.CREATING, Status.AWAITING_QR, Status.CODE_READY, Status.RECONNECTING)
+    waiting = (
+        Status.PENDING,
+        Status.CREATING,
+        Status.AWAITING_QR,
+        Status.CODE_READY,
+        Status.RECONNECTING,
+    )
     return Verdict.RUN if Status(row[1]) in waiting else Verdict.DONE
 
 
