@@ -643,13 +643,17 @@ async def test_a_create_placed_again_with_no_room_waits_then_proceeds(
             assert r.status == 200, await r.text()
         ids = [(await stack.create(f"c{i}"))["id"] for i in range(3)]
 
-        async def split() -> list[dict[str, Any]] | None:
+        async def split() -> tuple[list[dict[str, Any]], dict[str, Any]] | None:
             rows = await _all(stack, ids)
             live = [r for r in rows if r["status"] == "qr_ready"]
             waiting = [r for r in rows if "failed this create" in (r["status_reason"] or "")]
-            return live if len(live) == 2 and len(waiting) == 1 else None
+            return (live, waiting[0]) if len(live) == 2 and len(waiting) == 1 else None
 
-        live = await wait_for("two live, one waiting after failing on b", split, timeout=30)
+        live, waiting = await wait_for(
+            "two live, one waiting after failing on b", split, timeout=30
+        )
+        # no server is creating it: it waits in pending, as a create that found no room
+        assert (waiting["status"], waiting["server"]) == ("pending", None), waiting
         async with stack.http.delete(
             f"{stack.gateway_url}/v1/connections/{live[0]['id']}", headers=stack.auth()
         ) as r:

@@ -21,10 +21,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import msgspec
 
+from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.names import Names
+from proto.states import Status
 from zapbus import history
-from zapbus.outbox import insert_outbox, queue_delete
+from zapbus.outbox import insert_outbox, queue_change, queue_delete
 from zapbus.servers import ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
@@ -257,8 +259,8 @@ async def place_elsewhere(
     every server has failed this generation (it then fails as a single server would)."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
-            "SELECT generation, status, placement_excluded, phone_number FROM connections"
-            " WHERE id = $1 FOR UPDATE",
+            "SELECT generation, status, status_reason, reason_code, placement_excluded,"
+            " phone_number FROM connections WHERE id = $1 FOR UPDATE",
             cmd.connection_id,
         )
         if row is None or row["generation"] != cmd.generation:
@@ -273,9 +275,11 @@ async def place_elsewhere(
             cmd.connection_id,
             cmd.generation,
         )
-        await conn.execute(
-            "UPDATE connections SET server = NULL, placement_excluded = $2, updated_at = now()"
-            " WHERE id = $1",
+        # Back to pending: no server is creating it now; it waits to be placed (and, with no
+        # room anywhere, says so there like any create waiting for room).
+        changed_at = await conn.fetchval(
+            "UPDATE connections SET server = NULL, placement_excluded = $2, status = 'pending',"
+            " status_changed_at = now(), updated_at = now() WHERE id = $1 RETURNING updated_at",
             cmd.connection_id,
             excluded,
         )
@@ -289,6 +293,24 @@ async def place_elsewhere(
             row["status"],
             server,
             f"create failed on {server} ({reason}): placed again on another server",
+            to_status="pending",
+        )
+        await queue_change(
+            conn,
+            names,
+            ConnectionChanged(
+                connection_id=cmd.connection_id,
+                generation=cmd.generation,
+                status=Status.PENDING.value,
+                status_reason=row["status_reason"],
+                qr=None,
+                qr_seq=0,
+                qr_expires_at=None,
+                cause="placement.failed",
+                changed_at=changed_at,
+                reason_code=row["reason_code"],
+                previous_status=row["status"],
+            ),
         )
         await queue_delete(
             conn,
@@ -326,6 +348,7 @@ async def _history(
     status: str,
     server: str | None,
     reason: str,
+    to_status: str | None = None,
 ) -> None:
     await history.record(
         conn,
@@ -333,8 +356,8 @@ async def _history(
         cmd.generation,
         event_type,
         from_status=status,
-        to_status=status,
-        applied=False,
+        to_status=to_status or status,
+        applied=to_status is not None and to_status != status,
         reason=reason,
         command_id=cmd.command_id,
         server=server,
