@@ -10,10 +10,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
+import msgspec
 
 from proto.commands import CreateSession, DeadLetter, dead_letter_encoder
 from zapbus import bus
 from zapbus.config import Settings
+from zapbus.localinfra import free_port
 from zapbus.tenants import tenant_for_key
 
 ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
@@ -110,3 +112,29 @@ async def test_dlq_list_shows_every_letter_with_its_connection(settings: Setting
     for line, (seq, connection_id) in zip(lines, sorted(letters.items()), strict=True):
         assert line.split("\t")[0] == str(seq)
         assert str(connection_id) in line
+
+
+async def test_a_database_without_tables_or_out_of_reach_is_said_plainly(
+    settings: Settings,
+) -> None:
+    """No traceback: an unmigrated schema says to migrate; an unreachable database or NATS
+    says which (without credentials), and the command ends instead of waiting forever."""
+    empty = msgspec.structs.replace(settings, db_schema=f"zz_empty_{uuid.uuid4().hex[:8]}")
+    for args in (["tenant", "list"], ["server", "list"], ["webhooks", "failed"]):
+        out = run(empty, *args)
+        assert out.returncode == 2, (args, out)
+        assert "no zapbus tables" in out.stderr and "zapbus migrate" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    port = free_port()
+    gone = msgspec.structs.replace(
+        settings, database_url=f"postgresql://postgres:hush@127.0.0.1:{port}/postgres"
+    )
+    out = run(gone, "tenant", "create", "x")
+    assert out.returncode == 1 and f"cannot use the database at postgresql://127.0.0.1:{port}" in (
+        out.stderr
+    ), out.stderr
+    assert "hush" not in out.stderr and "Traceback" not in out.stderr
+    no_nats = msgspec.structs.replace(settings, nats_url=f"nats://127.0.0.1:{port}")
+    out = run(no_nats, "dlq", "list")
+    assert out.returncode == 1 and "cannot use NATS at" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr

@@ -33,8 +33,9 @@ def server_urls(url: str) -> list[str]:
     return urls or [url]
 
 
-async def connect(url: str, name: str) -> NATS:
-    """A NATS connection that never stops reconnecting (nats-py gives up after ~2 min).
+async def connect(url: str, name: str, attempts: int = -1) -> NATS:
+    """A NATS connection that never stops reconnecting (nats-py gives up after ~2 min);
+    ``attempts`` bounds it (the CLI: an operator wants an answer, not a wait forever).
 
     ``url`` may list several servers, comma-separated (``ZAPBUS_NATS_URL``)."""
 
@@ -50,7 +51,7 @@ async def connect(url: str, name: str) -> NATS:
     return await nats.connect(
         server_urls(url),
         name=name,
-        max_reconnect_attempts=-1,
+        max_reconnect_attempts=attempts,
         reconnect_time_wait=0.5,
         connect_timeout=2,
         disconnected_cb=on_disconnect,

@@ -8,10 +8,18 @@ import os
 import sys
 from pathlib import Path
 
+import asyncpg
+import nats.errors
+
 from zapbus import bus, db, dlq, servercli, topology
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import read_state
+from zapbus.servers import public_url
 from zapbus.tenants import create_tenant, list_tenants, rotate_key
+
+# a command gives up on an unreachable NATS after these reconnects (a few seconds)
+CLI_NATS_ATTEMPTS = 3
+_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -58,7 +66,7 @@ async def _key_rotate(settings: Settings, name: str) -> int:
 
 
 async def _dlq_list(settings: Settings) -> int:
-    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
     try:
         await bus.require_streams(nc.jetstream(), settings.names)
         letters = await dlq.list_letters(nc.jetstream(), settings.names)
@@ -80,7 +88,7 @@ async def _dlq_list(settings: Settings) -> int:
 
 
 async def _dlq_replay(settings: Settings, seq: int) -> int:
-    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     try:
         letter = await dlq.replay(nc.jetstream(), pool, settings.names, seq)
@@ -133,7 +141,7 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
     from services.session_worker.app import build_servers, reconcile_policy
     from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 
-    nc = await bus.connect(settings.nats_url, "zapbus-cli")
+    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
     try:
         async with aiohttp.ClientSession() as http:
@@ -232,11 +240,31 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"zapbus: {exc}", file=sys.stderr)
         return 2
-    match args.command, getattr(args, "action", None):
-        case "run", _:
-            from zapbus.devrun import run_dev
+    if args.command == "run":
+        from zapbus.devrun import run_dev
 
-            return asyncio.run(run_dev(Path(".zapbus").absolute()))
+        return asyncio.run(run_dev(Path(".zapbus").absolute()))
+    try:
+        return _dispatch(args, settings)
+    except asyncpg.UndefinedTableError:
+        print(
+            f"zapbus: the database at {public_url(settings.database_url)} has no zapbus tables"
+            f" in schema {settings.db_schema!r}: run `zapbus migrate` first",
+            file=sys.stderr,
+        )
+        return 2
+    except nats.errors.Error as exc:
+        where = ", ".join(public_url(u) for u in bus.server_urls(settings.nats_url))
+        print(f"zapbus: cannot use NATS at {where}: {exc}", file=sys.stderr)
+        return 1
+    except _DB_ERRORS as exc:
+        where = public_url(settings.database_url)
+        print(f"zapbus: cannot use the database at {where}: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    match args.command, getattr(args, "action", None):
         case "migrate", _:
             asyncio.run(_migrate(settings))
         case "tenant", "create":
