@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,11 +12,12 @@ from pathlib import Path
 
 import asyncpg
 import msgspec
+import pytest
 
 from proto.commands import CreateSession, DeadLetter, dead_letter_encoder
 from zapbus import bus
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
+from zapbus.localinfra import Infra, free_port, write_state
 from zapbus.tenants import tenant_for_key
 
 ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
@@ -138,3 +140,29 @@ async def test_a_database_without_tables_or_out_of_reach_is_said_plainly(
     out = run(no_nats, "dlq", "list")
     assert out.returncode == 1 and "cannot use NATS at" in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_cli_in_a_make_run_folder_uses_the_pool_make_run_was_given(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make run`` records the ZAPBUS_* settings it was started with (the pool among them), so
+    ``zapbus server list`` in another shell lists that pool and its cap, not a default."""
+    monkeypatch.setenv("ZAPBUS_BAILEYS_URLS", "a=http://127.0.0.1:1,b=http://127.0.0.1:2")
+    monkeypatch.setenv("ZAPBUS_BAILEYS_API_KEY", "pool-key")
+    monkeypatch.setenv("ZAPBUS_BAILEYS_MAX_SESSIONS", "7")
+    monkeypatch.setenv("ZAPBUS_DB_SCHEMA", settings.db_schema)
+    monkeypatch.delenv("ZAPBUS_BAILEYS_URL", raising=False)
+    state = write_state(tmp_path / ".zapbus", Infra(settings.nats_url, settings.database_url))
+    assert state.stat().st_mode & 0o077 == 0  # it holds the API key: its owner's only
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("ZAPBUS_")}
+    out = subprocess.run(
+        [ZAPBUS, "server", "list", "--json"],
+        env=shell,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    listed = json.loads(out.stdout)
+    assert [(s["name"], s["max_sessions"]) for s in listed] == [("a", 7), ("b", 7)], listed

@@ -760,17 +760,22 @@ STATE_FILE = "state.json"
 
 
 def write_state(data_dir: Path, infra: Infra, extra: dict[str, str] | None = None) -> Path:
-    """Record the URLs ``make run`` uses (and its pid) in ``data_dir/state.json``; ``extra``:
-    more ``ZAPBUS_*`` settings it chose (the simulator's URL)."""
+    """Record the settings ``make run`` runs with (and its pid) in ``data_dir/state.json``, so
+    the ``zapbus`` CLI run in this folder uses the same: the ``ZAPBUS_*`` variables it was given
+    (the pool of Baileys servers, the namespace ...), the URLs it chose, and ``extra`` (the
+    simulator's URL). Readable by its owner only: it may hold the Baileys API keys."""
     path = Path(data_dir) / STATE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     state: dict[str, object] = {
         "pid": os.getpid(),
+        **{k: v for k, v in sorted(os.environ.items()) if k.startswith("ZAPBUS_")},
         "ZAPBUS_NATS_URL": infra.nats_url,
         "ZAPBUS_DATABASE_URL": infra.database_url,
         **(extra or {}),
     }
     tmp = path.with_suffix(".tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
     tmp.write_text(json.dumps(state, indent=2) + "\n")
     tmp.replace(path)
     return path
