@@ -19,7 +19,6 @@ from zapbus.tenants import create_tenant, list_tenants, rotate_key
 
 # a command gives up on an unreachable NATS after these reconnects (a few seconds)
 CLI_NATS_ATTEMPTS = 3
-_DB_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def _migrate(settings: Settings) -> None:
@@ -257,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         where = ", ".join(public_url(u) for u in bus.server_urls(settings.nats_url))
         print(f"zapbus: cannot use NATS at {where}: {exc}", file=sys.stderr)
         return 1
-    except _DB_ERRORS as exc:
+    except db.UNAVAILABLE as exc:
         where = public_url(settings.database_url)
         print(f"zapbus: cannot use the database at {where}: {exc}", file=sys.stderr)
         return 1

@@ -18,6 +18,10 @@ from zapbus.config import Settings
 
 log = logging.getLogger("zapbus.db")
 
+# The errors that mean the database cannot answer now (gone, restarting, or past
+# ZAPBUS_DB_COMMAND_TIMEOUT_SECONDS / the acquire timeout): a loop logs them and tries again.
+UNAVAILABLE = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
+
 _MIGRATION = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 _SCHEMA = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _LOCK_ID = 0x7A617062  # "zapb"

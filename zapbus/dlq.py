@@ -9,7 +9,6 @@ so if it fails again it is dead-lettered again, under a new letter.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -38,6 +37,7 @@ from zapbus import history, jsretry
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.dlq")
 
@@ -198,7 +198,7 @@ async def dead_letter_stuck(
     return letter
 
 
-class MaxDeliveries:
+class MaxDeliveries(Stoppable):
     """A runner (zapbus.supervisor) consuming the max-deliveries advisories of the commands."""
 
     def __init__(
@@ -214,15 +214,12 @@ class MaxDeliveries:
         self.names = names
         self.dead_letters = dead_letters
         self.fetch_timeout = fetch_timeout
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
+        super().__init__()
 
     async def run(self) -> None:
         await self.consumer.open()
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
                 for msg in await self.consumer.fetch(16, self.fetch_timeout):
                     await self.handle(msg)
         finally:

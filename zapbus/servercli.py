@@ -37,7 +37,7 @@ def _health(row: asyncpg.Record | None, now: datetime, rejoin: float, stale: flo
 async def _pool(settings: Settings) -> asyncpg.Pool | None:
     try:
         return await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except db.UNAVAILABLE as exc:
         where = public_url(settings.database_url)
         print(f"zapbus: cannot use the database at {where}: {exc}", file=sys.stderr)
         return None

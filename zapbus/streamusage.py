@@ -9,19 +9,18 @@ one reports the same values). Collectors are synchronous, so a background loop a
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Gauge
 
 from proto.names import Names
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.streamusage")
 
 
-class StreamUsage:
+class StreamUsage(Stoppable):
     """A runner (zapbus.supervisor) refreshing the stream gauges."""
 
     def __init__(
@@ -54,10 +53,7 @@ class StreamUsage:
             ["stream"],
             registry=registry,
         )
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
+        super().__init__()
 
     async def refresh(self) -> None:
         for stream in self.names.all_streams:
@@ -74,8 +70,6 @@ class StreamUsage:
             self.max_messages.labels(stream).set(-1 if limit is None else limit)
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             await self.refresh()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.every):
-                    await self._stopping.wait()
+            await self.pause(self.every)

@@ -33,6 +33,27 @@ class Runner(Protocol):
     def stop(self) -> None: ...
 
 
+class Stoppable:
+    """The stop half of a periodic ``Runner``: ``stop()`` ends its ``pause()`` at once."""
+
+    def __init__(self) -> None:
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait ``seconds``, or less if stopped meanwhile; True once stopped."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        return self._stopping.is_set()
+
+
 class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
     first_delay: float = 0.5
     max_delay: float = 30.0

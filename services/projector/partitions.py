@@ -28,12 +28,13 @@ from collections.abc import Callable
 
 import asyncpg
 
+from zapbus import db
 from zapbus.logs import fields
 from zapbus.runtime import Runner
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.projector")
 
-_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 _RELEASED = uuid.UUID(int=0)  # the owner of a lease handed back on purpose
 
 
@@ -61,7 +62,7 @@ class Lease:
         )
 
 
-class PartitionOwner:
+class PartitionOwner(Stoppable):
     """Takes, renews and releases partition leases; runs one projector loop per partition held."""
 
     def __init__(
@@ -84,31 +85,26 @@ class PartitionOwner:
         self.takeover_delay = takeover_delay_seconds
         self.member = uuid.uuid4()
         self._loops: dict[int, tuple[Runner, asyncio.Task[None]]] = {}
-        self._stopping = asyncio.Event()
+        super().__init__()
 
     @property
     def held(self) -> list[int]:
         return sorted(self._loops)
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
                 try:
                     await self._round()
-                except _DB_ERRORS as exc:
+                except db.UNAVAILABLE as exc:
                     # Leases we cannot renew will expire; stop before someone else takes them.
                     log.warning("partition leases not renewed: %s", exc)
                     await self._stop_loops(self.held)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.renew_seconds):
-                        await self._stopping.wait()
+                await self.pause(self.renew_seconds)
         finally:
             held = self.held
             await self._stop_loops(held)
-            with contextlib.suppress(*_DB_ERRORS):
+            with contextlib.suppress(*db.UNAVAILABLE):
                 await self._release(held, leave=True)
 
     async def _round(self) -> None:
@@ -190,9 +186,7 @@ class PartitionOwner:
     async def _start(self, runner: Runner, delay: float) -> None:
         if delay > 0:
             log.info("partition taken over from a projector that died; starting in %.0f s", delay)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stopping.wait()
+            await self.pause(delay)
         await runner.run()
 
     async def _stop_loops(self, partitions: list[int]) -> None:

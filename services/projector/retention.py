@@ -16,8 +16,6 @@ A connection deleted here frees its ``Idempotency-Key``.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -26,12 +24,13 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
 from proto.states import TERMINAL, Status
+from zapbus import db
 from zapbus.leases import Lease
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.retention")
 
 _LEASE = "zapbus.retention"
-_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 # A literal list, not a parameter: the planner matches it to the partial index's predicate.
 _ENDED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 _PAGE = f"""
@@ -51,7 +50,7 @@ class RetentionMetrics:
         )
 
 
-class Retention:
+class Retention(Stoppable):
     """A runner (zapbus.supervisor): ``purge`` every ``every`` seconds."""
 
     def __init__(
@@ -67,20 +66,15 @@ class Retention:
         self.metrics = metrics
         self.every = every
         self.batch = batch
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
+        super().__init__()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             try:
                 await self.purge()
-            except _DB_ERRORS as exc:
+            except db.UNAVAILABLE as exc:
                 log.warning("history retention failed, will retry: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.every):
-                    await self._stopping.wait()
+            await self.pause(self.every)
 
     async def purge(self, now: datetime | None = None) -> tuple[int, int] | None:
         """Remove what is past retention; (history rows, connection rows) removed, or None
@@ -95,7 +89,7 @@ class Retention:
                 return None
             try:
                 at, last = datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0)
-                while not self._stopping.is_set():
+                while not self.stopping:
                     async with conn.transaction():
                         rows = await conn.fetch(_PAGE, cutoff, at, last, self.batch)
                         if not rows:

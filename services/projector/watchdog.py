@@ -22,8 +22,6 @@ It also refreshes the ``zapbus_connections`` gauge (connections by state).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -35,9 +33,10 @@ from proto.changes import ConnectionChanged
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
-from zapbus import history
+from zapbus import db, history
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.watchdog")
 
@@ -70,7 +69,7 @@ class WatchdogMetrics:
         )
 
 
-class Watchdog:
+class Watchdog(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -86,20 +85,15 @@ class Watchdog:
         self.deadline = timedelta(seconds=deadline_seconds)
         self.interval = interval_seconds
         self.max_redrives = max_redrives
-        self._stopping = asyncio.Event()
-
-    def stop(self) -> None:
-        self._stopping.set()
+        super().__init__()
 
     async def run(self) -> None:
-        while not self._stopping.is_set():
+        while not self.stopping:
             try:
                 await self.sweep()
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+            except db.UNAVAILABLE as exc:
                 log.warning("watchdog sweep failed: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._stopping.wait()
+            await self.pause(self.interval)
 
     async def sweep(self) -> None:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -27,12 +27,12 @@ import asyncpg
 
 from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from proto.states import TERMINAL, Status
+from zapbus import db
 
 log = logging.getLogger("zapbus.session_worker")
 
 
 _PRIMED_FOR_SECONDS = 1.0
-_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 _CREATE_RUNS_IN = frozenset({Status.PENDING, Status.CREATING, Status.RECONNECTING})
 
 
@@ -96,7 +96,7 @@ class Fence:
                 "SELECT id, generation, status FROM connections WHERE id = ANY($1::uuid[])",
                 connection_ids,
             )
-        except _ERRORS as exc:
+        except db.UNAVAILABLE as exc:
             log.warning("fence prefetch skipped, database unavailable: %s", exc)
             return
         now = time.monotonic()
@@ -127,7 +127,7 @@ class Fence:
                     cmd.connection_id,
                     cmd.generation,
                 )
-            except _ERRORS:
+            except db.UNAVAILABLE:
                 return verdict
             if placed != cmd.server:
                 return Verdict.RUN  # not placed there (or not placed at all, for now)
@@ -146,7 +146,7 @@ class Fence:
             row = await self.pool.fetchrow(
                 "SELECT generation, status FROM connections WHERE id = $1", connection_id
             )
-        except _ERRORS as exc:
+        except db.UNAVAILABLE as exc:
             log.warning("fence check skipped, database unavailable: %s", exc)
             return False, None
         return True, (None if row is None else (row["generation"], row["status"]))

@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TypedDict
 
-import asyncpg
 import msgspec
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -68,7 +67,7 @@ from services.session_worker.placement import (
 )
 from services.session_worker.pool import Server, ServerPool
 from services.session_worker.retry import RetryPolicy
-from zapbus import jsretry
+from zapbus import db, jsretry
 from zapbus.dialects.base import CreateSessionRequest
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, clean_reason
 from zapbus.logs import fields
@@ -246,7 +245,7 @@ class CommandHandler:
             return only
         try:
             placed = await place(self.fence.pool, cmd, self.servers.specs, self.placement)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except db.UNAVAILABLE as exc:
             if self.servers.only is not None:
                 # One server: nothing to choose; go ahead as the fence does (later calls
                 # look for an unrecorded placement on the only server).
@@ -291,7 +290,7 @@ class CommandHandler:
                 self.servers.specs,
                 clean_reason(exc.reason),
             )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as err:
+        except db.UNAVAILABLE as err:
             log.warning("could not place a failed create elsewhere: %s", err)
             return False
         if moved:
@@ -322,7 +321,7 @@ class CommandHandler:
         if name is None and self.fence.pool is not None:
             try:
                 name = await server_of(self.fence.pool, cmd.connection_id, cmd.generation)
-            except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except db.UNAVAILABLE as exc:
                 raise RetryableError(f"placement unknown, database unavailable: {exc}") from exc
         if name is None and self.servers.only is not None:
             return [self.servers.only]
@@ -563,7 +562,7 @@ class CommandHandler:
                     cmd.phone_number,
                     server=server or await server_of(conn, cmd.connection_id, cmd.generation),
                 )
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except db.UNAVAILABLE as exc:
             log.warning(
                 "could not queue the delete of a failed create (the reconciler will): %s",
                 exc,
@@ -576,7 +575,7 @@ class CommandHandler:
             return
         try:
             await untrack_delete(self.fence.pool, cmd.session_name)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except db.UNAVAILABLE as exc:
             # The watchdog re-drives it later; the delete is idempotent.
             log.warning("delete done but still tracked: %s", exc)
 

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 
 import asyncpg
 
+from zapbus import db
+
 log = logging.getLogger("zapbus.session_worker")
 
 _RENEW = (
@@ -53,7 +55,7 @@ class Holds:
             return
         try:
             await self.pool.execute(_RENEW, list(self._held), self.hold_seconds)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except db.UNAVAILABLE as exc:
             log.warning("could not renew %d holds: %s", len(self._held), exc)
 
     def stop(self) -> None:

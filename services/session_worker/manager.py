@@ -35,14 +35,15 @@ from services.session_worker import placement
 from services.session_worker.moves import ENDED, move_connection
 from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
+from zapbus import db
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.pool")
 
 _LEASE = "zapbus.pool_manager"
-_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 _LIVE_AGAIN = ("qr_ready", "code_ready", "pairing", "connected")
 _REQUEUE_AFTER_SECONDS = 15.0
 
@@ -100,7 +101,7 @@ class _Health:
     first_failure: datetime | None = None
 
 
-class PoolManager:
+class PoolManager(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -130,24 +131,19 @@ class PoolManager:
         self._leader: Lease | None = None  # held while leading
         self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
         self._last_probe = float("-inf")
-        self._stopping = asyncio.Event()
+        super().__init__()
         metrics.max_sessions.set(policy.max_sessions)
         for spec in servers.specs:
             metrics.info.labels(spec.name, spec.public_url).set(1)
 
-    def stop(self) -> None:
-        self._stopping.set()
-
     async def run(self) -> None:
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
                 try:
                     await self.step()
-                except _DB_ERRORS as exc:
+                except db.UNAVAILABLE as exc:
                     log.warning("pool manager step failed: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.tick):
-                        await self._stopping.wait()
+                await self.pause(self.tick)
         finally:
             await self._step_down()
 
@@ -171,7 +167,7 @@ class PoolManager:
         if self._leader is not None:
             try:
                 await self._lead(self._leader.conn)
-            except _DB_ERRORS:
+            except db.UNAVAILABLE:
                 await self._step_down()  # its lock may be gone with its connection
                 raise
         await self._mirror()
@@ -181,7 +177,7 @@ class PoolManager:
         if lease is None:
             return
         await lease.release()
-        with contextlib.suppress(*_DB_ERRORS):
+        with contextlib.suppress(*db.UNAVAILABLE):
             await self.pool.release(lease.conn)
 
     async def _lead(self, conn: asyncpg.Connection) -> None:

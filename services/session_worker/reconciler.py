@@ -23,7 +23,6 @@ it: a session on one server of a generation placed on another is an orphan there
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -51,17 +50,17 @@ from services.session_worker.drift import (
     parse_session_name,
 )
 from services.session_worker.pool import Server, ServerPool
-from zapbus import history, jsretry
+from zapbus import db, history, jsretry
 from zapbus.dialects.errors import BaileysError
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.reconciler")
 
 _LEASE = "zapbus.reconciler"
 _PROBE_CONCURRENCY = 10
-_DB_ERRORS = (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, TimeoutError)
 
 _ROWS = """
 SELECT id, tenant_id, generation, session_name, status, updated_at, status_changed_at,
@@ -114,7 +113,7 @@ class ReconcileMetrics:
             self.sweeps.labels(outcome)
 
 
-class Reconciler:
+class Reconciler(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -134,24 +133,16 @@ class Reconciler:
         self.metrics = metrics
         self.interval = interval_seconds
         self.policy = policy
-        self._stopping = asyncio.Event()
+        super().__init__()
         self._previous: set[tuple[str, str]] = set()
-
-    def stop(self) -> None:
-        self._stopping.set()
 
     async def run(self) -> None:
         if not self.servers.observable:
             log.info("reconciler off: a %s server cannot be read back", self.servers.kind)
-        while not self._stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.interval):
-                    await self._stopping.wait()
-            if self._stopping.is_set():
-                break
+        while not await self.pause(self.interval):
             try:
                 await self.sweep()
-            except _DB_ERRORS as exc:
+            except db.UNAVAILABLE as exc:
                 self.metrics.sweeps.labels("error").inc()
                 log.warning("reconcile sweep failed: %s", exc)
 
