@@ -7,6 +7,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
@@ -68,3 +69,35 @@ async def test_service_process_is_ready_exports_metrics_and_stops_cleanly_on_sig
     # The grace period is 3 s; a stop that needs the 15 s SIGKILL fallback is a hang.
     assert took < 12, f"{service} took {took:.1f}s to stop:\n{log[-3000:]}"
     assert "Traceback" not in log, log[-3000:]
+
+
+async def test_a_health_answer_from_another_process_on_the_port_is_not_taken_for_ours(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """The port holds something else answering /healthz 200 (an earlier run still up): the
+    service we start cannot bind and exits, and waiting for it says so instead of reporting
+    it healthy on the other's answer."""
+    port = free_port()
+
+    async def impostor(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "service": "gateway", "pid": 1})
+
+    app = web.Application()
+    app.router.add_get("/healthz", impostor)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    proc = ServiceProcess(
+        "gateway",
+        "services.gateway",
+        service_env(settings, ZAPBUS_GATEWAY_PORT=str(port)),
+        f"http://127.0.0.1:{port}/healthz",
+        tmp_path / "gateway.log",
+    )
+    proc.start()
+    try:
+        with pytest.raises(RuntimeError, match="gateway exited"):
+            await proc.wait_healthy(timeout=20)
+    finally:
+        proc.stop(timeout=15)
+        await runner.cleanup()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -101,7 +102,8 @@ async def test_a_runner_that_crashes_twice_is_restarted_and_stays_healthy(
     client = await make_client(app_with(runner))
     await asyncio.wait_for(runner.running.wait(), 10)
     assert runner.runs == 3
-    assert await status_of(client, "/healthz") == (200, {"status": "ok", "service": "test"})
+    status, body = await status_of(client, "/healthz")
+    assert (status, body) == (200, {"status": "ok", "service": "test", "pid": os.getpid()})
     status, body = await status_of(client, "/readyz")
     assert (status, body["checks"]["loop"]) == (200, True)
     crashes = crash_records(caplog, Boom)

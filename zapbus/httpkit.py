@@ -8,6 +8,7 @@ Every service (the consumers too) is an aiohttp app built by ``base_app``, so ea
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -220,7 +221,8 @@ async def healthz(request: web.Request) -> web.Response:
         return json_response(
             {"status": "unhealthy", "service": service, "problems": problems}, status=503
         )
-    return json_response({"status": "ok", "service": service})
+    # the pid lets whoever started the process tell its answer from another's on the port
+    return json_response({"status": "ok", "service": service, "pid": os.getpid()})
 
 
 async def readyz(request: web.Request) -> web.Response:

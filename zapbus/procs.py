@@ -61,7 +61,7 @@ class ServiceProcess:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
                 try:
                     async with http.get(self.health_url, timeout=aiohttp.ClientTimeout(1)) as r:
-                        if r.status == 200:
+                        if r.status == 200 and await self._ours(r):
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     pass
@@ -70,6 +70,15 @@ class ServiceProcess:
                         f"{self.name} not healthy at {self.health_url} in {timeout}s"
                     )
                 await asyncio.sleep(0.05)
+
+    async def _ours(self, r: aiohttp.ClientResponse) -> bool:
+        """Did our process answer? Another one may hold the port (an earlier run still up,
+        or a port taken between choosing it and our bind): its 200 is not ours."""
+        try:
+            body = await r.json(content_type=None)
+        except ValueError:
+            return False
+        return isinstance(body, dict) and self.proc is not None and body.get("pid") == self.proc.pid
 
     def kill(self) -> None:
         """SIGKILL: the crash the fault tests inflict."""

@@ -7,6 +7,7 @@ lets tests drive the simulated phone (scan, logout), replay webhooks and change 
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import AsyncIterator
 from typing import Literal
 
@@ -144,8 +145,8 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: plain liveness."""
-    return web.Response(text="ok")
+    """``GET /healthz``: plain liveness (and the pid, as zapbus's services answer)."""
+    return web.json_response({"status": "ok", "pid": os.getpid()})
 
 
 async def metrics(request: web.Request) -> web.Response:
