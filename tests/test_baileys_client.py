@@ -232,3 +232,27 @@ async def test_against_the_simulator(serve: Serve) -> None:
         assert not await client.delete_session(REQ.name)
     finally:
         await server.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "figure"),
+    [
+        ('{"status": "ok", "sessions": 12}', 12),
+        ('{"data": {"sessions": [1, 2, 3]}}', 3),
+        ('{"sessions": 99999999999}', None),  # no server's: would not fit the int4 column
+        ('{"sessions": Infinity}', None),
+        ('{"sessions": NaN}', None),
+        ('{"sessions": -1}', None),
+        ('{"sessions": true}', None),
+        ('{"status": "ok"}', None),
+    ],
+)
+async def test_the_health_figure_is_a_count_or_unknown(
+    serve: Serve, body: str, figure: int | None
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response(text=body, content_type="application/json")
+
+    client = await serve([web.get("/health", handler)])
+    health = await client.health()
+    assert health.up and health.sessions == figure

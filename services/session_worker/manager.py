@@ -124,7 +124,10 @@ class PoolManager(Stoppable):
         self.failover_after = timedelta(seconds=failover_after_seconds)
         self.rate = failover_per_second
         self.tick = min(tick_seconds, health_interval_seconds)
-        self._tokens = failover_per_second
+        # a token bucket of a second's moves, holding one at least: a rate below 1 (0.5: one
+        # move every 2 s) must still fill to one move
+        self._burst = max(1.0, failover_per_second)
+        self._tokens = self._burst
         self._room = 0.0
         self._no_room_logged: dict[str, float] = {}
         self.leader_timeout = leader_timeout_seconds
@@ -182,7 +185,7 @@ class PoolManager(Stoppable):
 
     async def _lead(self, conn: asyncpg.Connection) -> None:
         loop = asyncio.get_running_loop()
-        self._tokens = min(self.rate, self._tokens + self.rate * self.tick)
+        self._tokens = min(self._burst, self._tokens + self.rate * self.tick)
         if loop.time() - self._last_probe >= self.health_interval:
             self._last_probe = loop.time()
             await self._probe_all(conn)

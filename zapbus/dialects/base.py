@@ -6,6 +6,7 @@ Supporting a fifth server means adding one file and naming it in ``KINDS``.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from typing import ClassVar, Literal
@@ -48,9 +49,14 @@ class Health(msgspec.Struct, frozen=True, kw_only=True):
     sessions: int | None = None
 
 
+# A count past this is no server's (and would not fit the int4 columns it is kept in).
+MAX_SESSIONS_FIGURE = 2**31 - 1
+
+
 def sessions_figure(body: object) -> int | None:
     """The session count in a health body: ``sessions`` (or ``data.sessions``) as a number or
-    a list; None when absent or not a count."""
+    a list; None when absent or not a count (negative, not finite, or past any real server:
+    one server's garbage must not stop the pool's bookkeeping)."""
     if isinstance(body, dict) and isinstance(body.get("data"), dict) and "sessions" not in body:
         body = body["data"]
     if not isinstance(body, dict):
@@ -60,7 +66,9 @@ def sessions_figure(body: object) -> int | None:
         return len(value)
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    return int(value) if value >= 0 else None
+    if not math.isfinite(value) or not 0 <= value <= MAX_SESSIONS_FIGURE:
+        return None
+    return int(value)
 
 
 class Dialect(ABC):
