@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -16,7 +17,7 @@ import pytest
 
 from proto.commands import CreateSession, DeadLetter, dead_letter_encoder
 from zapbus import bus
-from zapbus.config import Settings
+from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import Infra, free_port, write_state
 from zapbus.tenants import tenant_for_key
 
@@ -166,3 +167,26 @@ def test_the_cli_in_a_make_run_folder_uses_the_pool_make_run_was_given(
     assert out.returncode == 0, out.stderr
     listed = json.loads(out.stdout)
     assert [(s["name"], s["max_sessions"]) for s in listed] == [("a", 7), ("b", 7)], listed
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "says"),
+    [
+        ("ZAPBUS_BAILEYS_MAX_CONCURRENT_CREATES", "-1", ">= 1"),  # a Semaphore's traceback
+        ("ZAPBUS_BAILEYS_MAX_CONCURRENT_CREATES", "0", ">= 1"),  # every create waits forever
+        ("ZAPBUS_WORKER_CONCURRENCY", "0", ">= 1"),
+        ("ZAPBUS_DB_POOL_SIZE", "0", ">= 1"),
+        ("ZAPBUS_BAILEYS_MAX_SESSIONS", "-1", ">= 0"),
+        ("ZAPBUS_GATEWAY_PORT", "70000", "<= 65535"),
+        ("ZAPBUS_BAILEYS_FAILOVER_AFTER_SECONDS", "nan", "finite"),
+        ("ZAPBUS_BAILEYS_FAILOVER_AFTER_SECONDS", "inf", "finite"),
+        ("ZAPBUS_BAILEYS_HEALTH_INTERVAL_SECONDS", "nan", "finite"),
+        ("ZAPBUS_BAILEYS_FAILOVER_PER_SECOND", "nan", "finite"),
+        ("ZAPBUS_DB_COMMAND_TIMEOUT_SECONDS", "-3", ">= 0"),
+    ],
+)
+def test_settings_out_of_range_are_refused_naming_the_variable(
+    var: str, value: str, says: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"in {var}: .*{re.escape(says)}"):
+        load_settings({var: value})

@@ -6,9 +6,10 @@ Every service reads the same Settings and uses the part it needs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -24,13 +25,19 @@ class ConfigError(Exception):
 DEV_WEBHOOK_SECRET = "dev-webhook-secret-change-me"
 
 
+# Integer settings by what they count; a value outside is refused at start, naming the variable.
+Count = Annotated[int, msgspec.Meta(ge=1)]  # at least one (a pool size, attempts, a batch)
+Limit = Annotated[int, msgspec.Meta(ge=0)]  # 0 allowed (no cap, no redrive)
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+
+
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # one server, or a cluster's nodes comma-separated (the client moves to another when one dies)
     nats_url: str = "nats://127.0.0.1:4222"
     database_url: str = "postgresql://postgres@127.0.0.1:5432/postgres"
     # Postgres schema holding zapbus's tables (tests use one per test).
     db_schema: str = "public"
-    db_pool_size: int = 20  # connections per service process
+    db_pool_size: Count = 20  # connections per service process
     # A statement that runs longer fails (a hung Postgres answers 503, not never).
     db_command_timeout_seconds: float = 5.0
     # Waiting longer for a free pooled connection fails the same way.
@@ -38,7 +45,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     namespace: str = "zapbus"
     # JetStream replicas of every zapbus stream (and so of its consumers): 1 on one server,
     # 3 on a 3-node cluster. Applied by `zapbus migrate`, which declares the streams.
-    stream_replicas: int = 1
+    stream_replicas: Count = 1
     # History rows of connections deleted or terminal (failed, logged_out ...) this many days
     # ago are removed, and so are the rows of connections deleted that long ago (a periodic
     # job in the projector's watchdog loop). 0 keeps everything.
@@ -52,7 +59,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     # gateway
     gateway_host: str = "127.0.0.1"
-    gateway_port: int = 8080
+    gateway_port: Port = 8080
     outbox_poll_seconds: float = 1.0
     # A known API key is remembered this long (a rotated key stops working within it).
     api_key_cache_seconds: float = 5.0
@@ -63,18 +70,18 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # code login: a new pairing code at most this often per connection
     pairing_code_min_interval_seconds: float = 30.0
     # Open event streams (SSE) per tenant on one gateway replica; beyond, 429.
-    sse_max_streams_per_tenant: int = 100
+    sse_max_streams_per_tenant: Count = 100
     # Signs client tokens (browser-safe access to one connection). Empty: derived from
     # webhook_secret. The gateway refuses the built-in one unless env is "dev".
     client_token_secret: str = ""
 
     # webhook
     webhook_host: str = "127.0.0.1"
-    webhook_port: int = 8081
+    webhook_port: Port = 8081
     # Base URL the Baileys server uses to reach the webhook service.
     webhook_public_url: str = "http://127.0.0.1:8081"
     webhook_secret: str = DEV_WEBHOOK_SECRET  # refused unless env is "dev"
-    webhook_max_body_bytes: int = 256 * 1024
+    webhook_max_body_bytes: Count = 256 * 1024
     # When set, every delivery must carry a valid Standard Webhooks signature
     # (webhook-id / webhook-timestamp / webhook-signature) made with this secret.
     webhook_signing_secret: str = ""
@@ -82,7 +89,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
     # session worker
     worker_host: str = "127.0.0.1"
-    worker_port: int = 9102
+    worker_port: Port = 9102
     # Which Baileys server dialect (zapbus/dialects/): seed | evolution | waha | fazer
     baileys_kind: str = "seed"
     baileys_url: str = "http://127.0.0.1:3100"
@@ -94,7 +101,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     baileys_api_keys: str = ""
     # sessions per server at most (zapbus's placements and the server's /health figure);
     # 0: no cap. A create finding every server full waits (pending) until one has room.
-    baileys_max_sessions: int = 0
+    baileys_max_sessions: Limit = 0
     # a server unreachable this long: its connections are re-placed on the others
     baileys_failover_after_seconds: float = 120.0
     # connections re-placed per second at most (failover and drain --move)
@@ -105,41 +112,41 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # how often the pool manager asks every server's health
     baileys_health_interval_seconds: float = 5.0
     baileys_timeout_seconds: float = 55.0
-    create_max_attempts: int = 5
+    create_max_attempts: Count = 5
     retry_base_seconds: float = 2.0
     retry_max_seconds: float = 60.0
-    worker_concurrency: int = 100
+    worker_concurrency: Count = 100
     # At most this many POST /sessions in flight against the Baileys server at once.
-    baileys_max_concurrent_creates: int = 50
+    baileys_max_concurrent_creates: Count = 50
     # The breaker opens after this many consecutive "server down" errors and then lets
     # commands wait (not fail) until GET /health answers again.
-    breaker_threshold: int = 5
+    breaker_threshold: Count = 5
     breaker_probe_seconds: float = 2.0
     ack_wait_seconds: float = 30.0
 
     # projector
     projector_host: str = "127.0.0.1"
-    projector_port: int = 9103
-    projector_batch: int = 512
+    projector_port: Port = 9103
+    projector_batch: Count = 512
     # Events are partitioned by connection; each partition is projected by one projector at a
     # time (leases in Postgres), so several projectors keep per-connection order.
-    event_partitions: int = 1
+    event_partitions: Count = 1
     qr_first_ttl_seconds: float = 60.0
     qr_next_ttl_seconds: float = 20.0
-    qr_max_refreshes: int = 6
+    qr_max_refreshes: Count = 6
     # 440 (connection replaced) this many times within the window ends in `conflict`
-    conflict_loop_count: int = 3
+    conflict_loop_count: Count = 3
     conflict_loop_window_seconds: float = 60.0
     # watchdog: a connection in pending/creating longer than this is re-driven (its create
     # command re-published with the same id), up to watchdog_max_redrives times, then failed
     # with reason "timeout"; awaiting_qr past the deadline fails with "timeout" at once.
     watchdog_deadline_seconds: float = 180.0
     watchdog_interval_seconds: float = 15.0
-    watchdog_max_redrives: int = 2
+    watchdog_max_redrives: Limit = 2
 
     # notifier: webhooks to the tenant's backend (services/notifier/)
     notifier_host: str = "127.0.0.1"
-    notifier_port: int = 9104
+    notifier_port: Port = 9104
     # the first retry after this many seconds, doubling (with jitter) up to notify_retry_max
     notify_retry_base_seconds: float = 5.0
     notify_retry_max_seconds: float = 3600.0
@@ -152,7 +159,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     notify_allow_private: bool = False
     notify_timeout_seconds: float = 10.0
     # deliveries in flight at once (each to a different endpoint and connection)
-    notify_concurrency: int = 64
+    notify_concurrency: Count = 64
 
     # reconciler (a loop in the session worker, one active replica at a time): compares the
     # sessions the Baileys server holds with what Postgres wants, every interval.
@@ -161,7 +168,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # for this long (a create or a webhook may be on its way).
     reconcile_grace_seconds: float = 30.0
     # Re-creates of one generation's lost session before it fails for good.
-    reconcile_max_recreates: int = 3
+    reconcile_max_recreates: Limit = 3
     # Delete zapbus-named sessions that match no connection here (off: two deployments may
     # share one Baileys server).
     reconcile_delete_unknown: bool = False
@@ -220,6 +227,12 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
             settings.servers  # noqa: B018
         except ValueError as exc:
             raise ConfigError(f"bad configuration in {exc}") from exc
+        for name, value in msgspec.structs.asdict(settings).items():
+            # every float setting is a duration, a rate or a number of days
+            if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+                raise ConfigError(
+                    f"bad configuration in ZAPBUS_{name.upper()}: must be a finite number >= 0"
+                )
         for name in (
             "baileys_failover_per_second",
             "baileys_health_interval_seconds",
@@ -230,8 +243,6 @@ def load_settings(env: Mapping[str, str] | None = None, /, **overrides: Any) -> 
         for name in ("baileys_failover_after_seconds", "baileys_rejoin_after_seconds"):
             if getattr(settings, name) < 0:
                 raise ConfigError(f"bad configuration in ZAPBUS_{name.upper()}: must be >= 0")
-        if settings.baileys_max_sessions < 0:
-            raise ConfigError("bad configuration in ZAPBUS_BAILEYS_MAX_SESSIONS: must be >= 0")
         if settings.baileys_kind not in KINDS:
             raise ConfigError(
                 f"bad configuration in ZAPBUS_BAILEYS_KIND: {settings.baileys_kind!r} is not one"
