@@ -7,6 +7,7 @@ takes over, and the frozen one finds out at its next statement.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -75,6 +76,22 @@ async def test_leases_are_per_schema(settings: Settings, pool: asyncpg.Pool) -> 
         await other.close()
 
 
+def _manager(s: Settings, http: aiohttp.ClientSession, pool: asyncpg.Pool) -> PoolManager:
+    """A pool manager whose lease Postgres ends after 1 s idle."""
+    servers = build_servers(s, http, None)
+    return PoolManager(
+        pool=pool,
+        names=s.names,
+        servers=servers,
+        metrics=PoolMetrics(CollectorRegistry(), list(servers.servers)),
+        policy=placement_policy(s),
+        health_interval_seconds=0.5,
+        failover_after_seconds=60,
+        failover_per_second=10,
+        leader_timeout_seconds=1.0,
+    )
+
+
 async def test_a_frozen_pool_manager_is_replaced_and_then_writes_nothing(
     settings: Settings, pool: asyncpg.Pool
 ) -> None:
@@ -82,29 +99,17 @@ async def test_a_frozen_pool_manager_is_replaced_and_then_writes_nothing(
         settings, baileys_urls="a=http://127.0.0.1:9", baileys_health_interval_seconds=0.5
     )
     async with aiohttp.ClientSession() as http:
-
-        def manager() -> PoolManager:
-            servers = build_servers(s, http, None)
-            return PoolManager(
-                pool=pool,
-                names=s.names,
-                servers=servers,
-                metrics=PoolMetrics(CollectorRegistry(), list(servers.servers)),
-                policy=placement_policy(s),
-                health_interval_seconds=0.5,
-                failover_after_seconds=60,
-                failover_per_second=10,
-                leader_timeout_seconds=1.0,
-            )
-
-        first, second = manager(), manager()
+        first, second = _manager(s, http, pool), _manager(s, http, pool)
         try:
             await first.step()
             assert first._leader is not None
             await second.step()
             assert second._leader is None  # the first one leads
 
-            # the first freezes (no more steps): the second takes over
+            # the first freezes (SIGSTOP: no more steps, nor the pings that keep its lease's
+            # session alive between them): the second takes over
+            await first._pings.aclose()
+
             async def second_leads() -> bool:
                 await second.step()
                 return second._leader is not None
@@ -143,3 +148,24 @@ async def test_a_service_transaction_left_idle_is_ended_with_its_locks(settings:
         await services.release(frozen)
     finally:
         await services.close()
+
+
+async def test_a_live_pool_manager_keeps_leading_between_ticks_longer_than_the_timeout(
+    settings: Settings, pool: asyncpg.Pool
+) -> None:
+    """A leader that is alive but slow to tick (a long probe, a busy loop) keeps its lease:
+    its pings keep the session from being ended for idling, and no standby takes over."""
+    s = msgspec.structs.replace(settings, baileys_urls="a=http://127.0.0.1:9")
+    async with aiohttp.ClientSession() as http:
+        first, second = _manager(s, http, pool), _manager(s, http, pool)
+        try:
+            await first.step()
+            assert first._leader is not None
+            await asyncio.sleep(2.5)  # what is tested: a gap of over twice the timeout
+            await second.step()
+            assert second._leader is None
+            await first.step()  # its session is alive: no error
+            assert first._leader is not None
+        finally:
+            await first._step_down()
+            await second._step_down()

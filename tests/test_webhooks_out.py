@@ -380,3 +380,37 @@ async def test_another_tenants_endpoint_is_404_on_every_route(stack: Stack) -> N
             assert r.content_type == "application/problem+json"
     assert (await _get(stack, "/v1/webhooks", other))["items"] == []
     assert (await _get(stack, f"/v1/webhooks/{wid}"))["id"] == wid  # untouched
+
+
+async def _fanout_backend(stack: Stack) -> int | None:
+    """The Postgres backend holding the fan-out's lease (zapbus/leases.py keys it by name
+    and schema), or None when nobody holds it."""
+    pid: int | None = await stack.pool.fetchval(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND classid::bigint = (hashtext($1)::bigint & 4294967295)"
+        " AND objid::bigint = (hashtext(current_schema())::bigint & 4294967295)",
+        "zapbus.notifier.fanout",
+    )
+    return pid
+
+
+async def test_an_idle_fan_out_keeps_its_lease_and_delivers_the_next_change(
+    settings: Settings, receiver: Callable[[], Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing to fan out for longer than ZAPBUS_LEADER_TIMEOUT_SECONDS, the fan-out
+    keeps its lease's session alive (Postgres ended it before, and the next change crashed
+    the fan-out into a restart, logged as an error with a traceback)."""
+    async with start_stack(settings, leader_timeout_seconds=1.0) as stack:
+        rec: Receiver = await receiver()
+        await add_endpoint(stack, rec.url)
+        backend = await wait_for("the fan-out to take its lease", lambda: _fanout_backend(stack))
+        # idleness is what is tested: three timeouts' worth with no change to fan out
+        await asyncio.sleep(3.5)
+        assert await _fanout_backend(stack) == backend, "the idle lease's session was ended"
+        await stack.create("after a while")
+        await wait_for(
+            "the next change delivered",
+            lambda: _async(any(b["type"] == "connection.status" for b in rec.bodies())),
+        )
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert not errors, errors

@@ -10,9 +10,11 @@ by Postgres, which releases the lock, and another replica takes over. The holder
 its next statement on that connection (which fails), so work written on the lock's
 connection is fenced for free; work written elsewhere asks ``confirm()`` first.
 
-A holder that idles on purpose (the reconciler while it asks the Baileys servers) keeps the
-session alive with ``kept_alive()``, a task that pings it every third of the timeout: it
-stops with its process, which is the point.
+A holder that idles while alive (the reconciler while it asks the Baileys servers, the pool
+manager between ticks, the fan-out while no change comes) keeps the session alive with
+``kept_alive()``, a task that pings it every third of the timeout: it stops with its process,
+which is the point. Work on the lock's connection goes through ``session()``, one statement
+at a time with the pings.
 
 The lock is keyed by name and schema, so deployments (and tests) sharing a database in
 separate schemas do not wait for each other. ``idle_session_timeout`` needs PostgreSQL 14;
@@ -92,6 +94,15 @@ class Lease:
             async with self._busy:
                 await self.conn.execute(f"SELECT pg_advisory_unlock({_KEY})", self.name)
                 await self.conn.execute("SET idle_session_timeout = 0")
+
+    @contextlib.asynccontextmanager
+    async def session(self) -> AsyncIterator[asyncpg.Connection]:
+        """The lock's connection, for work fenced by it, one user at a time (the pings of
+        ``kept_alive`` share it). LeaseLost when the lock is known gone."""
+        if not self.held:
+            raise LeaseLost(self.name)
+        async with self._busy:
+            yield self.conn
 
     @contextlib.asynccontextmanager
     async def kept_alive(self) -> AsyncIterator[None]:

@@ -23,8 +23,9 @@ from proto import headers
 from proto.changes import ConnectionChanged, change_decoder
 from services.notifier.metrics import NotifierMetrics
 from zapbus.consumer import DurableConsumer
-from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease
+from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
+from zapbus.supervisor import Stoppable
 from zapbus.webhooks import event_types, wants
 
 log = logging.getLogger("zapbus.notifier")
@@ -80,7 +81,7 @@ def webhook_id(endpoint_id: uuid.UUID, change_id: str, event_type: str) -> str:
     return "msg_" + uuid.uuid5(_ID_NAMESPACE, f"{endpoint_id}|{change_id}|{event_type}").hex
 
 
-class Fanout:
+class Fanout(Stoppable):
     """Consumes CONNECTION_CHANGES and queues the deliveries they make."""
 
     def __init__(
@@ -100,43 +101,46 @@ class Fanout:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.leader_timeout = leader_timeout_seconds
-        self._stopping = asyncio.Event()
-        self._conn: asyncpg.Connection | None = None
-
-    def stop(self) -> None:
-        self._stopping.set()
+        self._lease: Lease | None = None
+        super().__init__()
 
     async def run(self) -> None:
         # One fan-out at a time per schema (other notifier replicas wait on the lease): two
         # consumers side by side could queue one connection's changes out of order. The
-        # batches are written on the lease's connection: if it breaks (or Postgres ended it
-        # because this replica froze and another took over), the run fails and the
-        # supervisor starts it again (lease taken anew).
+        # batches are written on the lease's connection, kept alive while this replica runs:
+        # if it freezes, Postgres ends that session, another replica takes over, and this
+        # one's writes fail (it takes the lease anew, as a standby, when it wakes).
+        while not self.stopping:
+            try:
+                await self._lead()
+            except LeaseLost as exc:
+                log.warning("fan-out lease lost (%s): standing by to take it again", exc)
+                await self.pause(_STANDBY_SECONDS)
+
+    async def _lead(self) -> None:
         async with self.pool.acquire() as conn:
             lease = Lease(conn, _LEASE, self.leader_timeout)
             while not await lease.take():
-                if self._stopping.is_set():
+                if await self.pause(_STANDBY_SECONDS):
                     return
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_STANDBY_SECONDS):
-                        await self._stopping.wait()
-            self._conn = conn
+            self._lease = lease
             try:
-                await self._consume()
+                async with lease.kept_alive():
+                    await self._consume()
             finally:
-                self._conn = None
+                self._lease = None
                 await lease.release()
 
     async def _consume(self) -> None:
         await self.consumer.open()
         reporter = asyncio.create_task(self.consumer.report_pending(self.metrics.consumer))
         try:
-            while not self._stopping.is_set():
+            while not self.stopping:
+                if self._lease is not None and not self._lease.held:
+                    raise LeaseLost(_LEASE)  # its session ended (a ping failed)
                 msgs = await self.consumer.fetch(self.batch, self.fetch_timeout)
                 if msgs and not await self.handle_batch(msgs):
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(_RETRY_DELAY_SECONDS):
-                            await self._stopping.wait()
+                    await self.pause(_RETRY_DELAY_SECONDS)
         finally:
             reporter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -163,12 +167,13 @@ class Fanout:
             return True
         try:
             queued = await self._queue(changes)
-        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
+        except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError, LeaseLost) as exc:
             log.warning("queueing webhooks failed, will retry: %s", exc)
             for msg in good:
                 await msg.nak()
-            if self._conn is None or self._conn.is_closed():
-                raise  # the lock's connection is gone: start again, taking the lock anew
+            if self._lease is None:
+                raise LeaseLost(_LEASE) from exc
+            await self._lease.confirm()  # LeaseLost if its session is gone: take it anew
             return False
         for msg in good:
             await msg.ack()
@@ -177,10 +182,9 @@ class Fanout:
         return True
 
     async def _queue(self, changes: list[tuple[str, ConnectionChanged]]) -> int:
-        conn = self._conn
-        if conn is None:
-            raise asyncpg.InterfaceError("the fan-out lock is not held")
-        async with conn.transaction():
+        if self._lease is None:
+            raise LeaseLost(_LEASE)
+        async with self._lease.session() as conn, conn.transaction():
             ids = list({c.connection_id for _, c in changes})
             subscribers: dict[uuid.UUID, list[asyncpg.Record]] = collections.defaultdict(list)
             for r in await conn.fetch(_ENDPOINTS, ids):

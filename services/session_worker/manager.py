@@ -36,7 +36,7 @@ from services.session_worker.moves import ENDED, move_connection
 from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
 from zapbus import db
-from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease
+from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
 from zapbus.supervisor import Stoppable
@@ -132,6 +132,7 @@ class PoolManager(Stoppable):
         self._no_room_logged: dict[str, float] = {}
         self.leader_timeout = leader_timeout_seconds
         self._leader: Lease | None = None  # held while leading
+        self._pings = contextlib.AsyncExitStack()  # its kept_alive() while leading
         self._health: dict[str, _Health] = {s: _Health() for s in servers.servers}
         self._last_probe = float("-inf")
         super().__init__()
@@ -144,7 +145,7 @@ class PoolManager(Stoppable):
             while not self.stopping:
                 try:
                     await self.step()
-                except db.UNAVAILABLE as exc:
+                except (*db.UNAVAILABLE, LeaseLost) as exc:
                     log.warning("pool manager step failed: %s", exc)
                 await self.pause(self.tick)
         finally:
@@ -164,13 +165,18 @@ class PoolManager(Stoppable):
                 raise
             if won:
                 self._leader = lease
+                # pinged between ticks (and while probes run): only a frozen replica idles
+                # long enough for Postgres to end the lease's session
+                self._pings = contextlib.AsyncExitStack()
+                await self._pings.enter_async_context(lease.kept_alive())
                 log.info("pool manager leads: probes, failover, drains, waiting creates")
             else:
                 await self.pool.release(conn)
         if self._leader is not None:
             try:
-                await self._lead(self._leader.conn)
-            except db.UNAVAILABLE:
+                async with self._leader.session() as conn:
+                    await self._lead(conn)
+            except (*db.UNAVAILABLE, LeaseLost):
                 await self._step_down()  # its lock may be gone with its connection
                 raise
         await self._mirror()
@@ -179,6 +185,7 @@ class PoolManager(Stoppable):
         lease, self._leader = self._leader, None
         if lease is None:
             return
+        await self._pings.aclose()
         await lease.release()
         with contextlib.suppress(*db.UNAVAILABLE):
             await self.pool.release(lease.conn)
