@@ -171,6 +171,12 @@ def test_choose_prefers_most_free_and_skips_drained_down_and_probation() -> None
         "every other Baileys server is at its cap of 2 sessions (1 down)",
     )
     assert choose([ServerView("a", drained=True)], 0) == (None, "every Baileys server is drained")
+    # b failed this create (left out of the views): the others are full, not b
+    assert choose([ServerView("a", placed=2), ServerView("c", placed=2)], 2, ("b",)) == (
+        None,
+        "every other Baileys server is at its cap of 2 sessions; b failed this create",
+    )
+    assert choose([], 2, ("a", "b")) == (None, "no other Baileys server; a, b failed this create")
 
 
 def test_servers_from_settings() -> None:

@@ -80,8 +80,18 @@ class Policy:
     stale_after_seconds: float = 30.0
 
 
-def choose(views: list[ServerView], cap: int) -> tuple[str | None, str]:
-    """(the server to place on, "") or (None, why nothing can take it). Pure."""
+def choose(
+    views: list[ServerView], cap: int, failed: tuple[str, ...] = ()
+) -> tuple[str | None, str]:
+    """(the server to place on, "") or (None, why nothing can take it). ``views`` leaves out
+    the servers in ``failed`` (they failed this create), which the reason names. Pure."""
+    name, why = _choose(views, cap, bool(failed))
+    if name is None and failed:
+        why += f"; {', '.join(sorted(failed))} failed this create"
+    return name, why
+
+
+def _choose(views: list[ServerView], cap: int, others_failed: bool) -> tuple[str | None, str]:
     usable = [v for v in views if not v.drained and v.up is not False]
     for group in (
         [v for v in usable if not v.probation],
@@ -91,8 +101,10 @@ def choose(views: list[ServerView], cap: int) -> tuple[str | None, str]:
         if room:
             best = max(room, key=lambda v: (v.free(cap), -v.load(), -v.placed, _rev(v.name)))
             return best.name, ""
-    if not views or all(v.drained for v in views):
-        return None, "every Baileys server is drained"
+    if not views:
+        return None, "no other Baileys server" if others_failed else "no Baileys server"
+    if all(v.drained for v in views):
+        return None, f"every {'other ' if others_failed else ''}Baileys server is drained"
     down = sum(1 for v in views if v.up is False)
     drained = sum(1 for v in views if v.drained)
     others = ", ".join(
@@ -104,7 +116,8 @@ def choose(views: list[ServerView], cap: int) -> tuple[str | None, str]:
         return None, f"no Baileys server is reachable ({others})"
     if others:
         return None, f"every other Baileys server is at its cap of {cap} sessions ({others})"
-    return None, f"every Baileys server is at its cap of {cap} sessions"
+    every = "every other" if others_failed else "every"
+    return None, f"{every} Baileys server is at its cap of {cap} sessions"
 
 
 def _rev(name: str) -> tuple[int, ...]:
@@ -212,10 +225,8 @@ async def place(
         now = await conn.fetchval("SELECT now()")
         excluded = set(row["placement_excluded"] or ())
         views = [v for v in await pool_views(conn, specs, policy, now) if v.name not in excluded]
-        name, why = choose(views, policy.max_sessions)
+        name, why = choose(views, policy.max_sessions, tuple(excluded))
         if name is None:
-            if excluded:
-                why += f"; {', '.join(sorted(excluded))} failed this create"
             reason = WAITING_PREFIX + why
             await conn.execute(
                 "UPDATE connections SET placement_wait_since = coalesce(placement_wait_since,"
