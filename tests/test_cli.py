@@ -167,6 +167,17 @@ def test_the_cli_in_a_make_run_folder_uses_the_pool_make_run_was_given(
     assert out.returncode == 0, out.stderr
     listed = json.loads(out.stdout)
     assert [(s["name"], s["max_sessions"]) for s in listed] == [("a", 7), ("b", 7)], listed
+    # a server named in the shell replaces the recorded pool (not "both set")
+    out = subprocess.run(
+        [ZAPBUS, "server", "list", "--json"],
+        env={**shell, "ZAPBUS_BAILEYS_URL": "http://127.0.0.1:3"},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert [s["name"] for s in json.loads(out.stdout)] == ["127.0.0.1:3"], out.stdout
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import asyncpg
@@ -183,6 +184,21 @@ async def _reconcile(settings: Settings, dry_run: bool) -> int:
     return 0
 
 
+# settings that go together: one named in the shell replaces the state file's whole group
+# (ZAPBUS_BAILEYS_URL in the shell with ZAPBUS_BAILEYS_URLS from the file would be "both set")
+_GROUPS = (("ZAPBUS_BAILEYS_URL", "ZAPBUS_BAILEYS_URLS", "ZAPBUS_BAILEYS_API_KEYS"),)
+
+
+def _over_state(found: dict[str, str], env: Mapping[str, str]) -> dict[str, str]:
+    """The settings of the ``make run`` in this folder (``found``), under the shell's own."""
+    kept = dict(found)
+    for group in _GROUPS:
+        if any(var in env for var in group):
+            for var in group:
+                kept.pop(var, None)
+    return {**kept, **env}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zapbus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -235,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # the servers a `make run` in this folder uses, unless ZAPBUS_* variables say otherwise
         found = {} if args.command == "run" else read_state(Path(".zapbus"))
-        settings = load_settings({**found, **os.environ})
+        settings = load_settings(_over_state(found, os.environ))
     except ConfigError as exc:
         print(f"zapbus: {exc}", file=sys.stderr)
         return 2
