@@ -258,12 +258,31 @@ async def test_breaker_makes_commands_wait_for_a_down_server(settings: Settings)
             )
 
         await wait_for("the breaker to open", breaker_open)
+        # a create placed while its server does not answer waits pending, not "creating"
+        later = await stack.create("placed while down")
+
+        async def placed() -> Any:
+            _, body = await stack.get(later["id"])
+            return body if body["server"] else None
+
+        assert (await wait_for("the second create placed", placed))["status"] == "pending"
         sim = msgspec.structs.replace(FAST_SIM, port=stack.sim_port)
         runner = web.AppRunner(create_sim(sim))
         await runner.setup()
+        back_at = datetime.now(UTC)
         try:
             await web.TCPSite(runner, "127.0.0.1", stack.sim_port).start()
             ready = await stack.wait_status(created["id"], "qr_ready", timeout=20)
             assert ready["attempts"] == 2
+            await stack.wait_status(later["id"], "qr_ready", timeout=20)
         finally:
             await runner.cleanup()
+        async with stack.http.get(
+            f"{stack.gateway_url}/v1/connections/{later['id']}/history", headers=stack.auth()
+        ) as r:
+            started = [
+                datetime.fromisoformat(h["occurred_at"])
+                for h in (await r.json())["items"]
+                if h["event_type"] == "create.started"
+            ]
+        assert started and min(started) > back_at, (started, back_at)

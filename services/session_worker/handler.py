@@ -211,12 +211,14 @@ class CommandHandler:
         if isinstance(server, str):
             await msg.ack()  # waits in Postgres (or moved on); see placement.py
             return server
+        if not await self._wait_for(server, lambda: self._create_wanted(cmd)):
+            # moved on (a failover) while its server was unreachable
+            return await self._undo_create(msg, cmd, attempt)
+        # started once its server can be called: a first attempt waiting for an unreachable
+        # server leaves the row pending, not "creating" on a server that is not answering
         common = self._common(msg, cmd, "create.started", attempt)
         await self._emit(CreateStarted(**common, attempt=attempt))
         try:
-            if not await self._wait_for(server, lambda: self._create_wanted(cmd)):
-                # moved on (a failover) while its server was unreachable
-                return await self._undo_create(msg, cmd, attempt)
             async with server.create_slots:
                 already = await self._create_once(server, cmd, attempt)
         except BaileysError as exc:
