@@ -29,7 +29,7 @@ from zapbus.dialects.seed import QR_EVENTS, STATUS_EVENTS
 from zapbus.tokens import webhook_token
 
 EXAMPLES = 5000
-URL_COUNT = 12  # see urls()
+URL_COUNT = 16  # see urls()
 FIELDS = ["qr", "qrCode", "code", "status", "connection", "state", "statusCode", "statusReason"]
 FIELDS += ["reason", "message", "error", "lastDisconnect", "output", "data"]
 WORDS = ["connected", "open", "close", "connecting", "logout", "conflict", "2@x,y,z", "515", "401"]
@@ -173,6 +173,11 @@ def urls(stack: Stack, cid: uuid.UUID) -> list[tuple[URL, str]]:
         # Python's int() reads the Arabic-Indic digit one as 1, so this is the valid URL again.
         (f"{cid}/%D9%A1/{token}", "same connection"),
         (f"{stranger}/1/{webhook_token(secret, stranger, 1)}", "no such connection"),
+        # in a pool the URL names its server, under the HMAC: it cannot be changed or dropped
+        (f"{cid}/1/{webhook_token(secret, cid, 1, 'a')}?server=a", "same connection"),
+        (f"{cid}/1/{webhook_token(secret, cid, 1, 'a')}?server=b", "refused"),
+        (f"{cid}/1/{webhook_token(secret, cid, 1, 'a')}", "refused"),
+        (f"{cid}/1/{token}?server=a", "refused"),
     ]
     return [(URL(f"{base}/{p}", encoded=True), kind) for p, kind in paths]
 
@@ -264,3 +269,20 @@ async def test_an_unknown_event_named_with_a_nul_is_kept_in_history(stack: Stack
         return any(r["reason"] == "not used: oddevent" for r in reasons)
 
     await wait_for("the ignored event in history", kept)
+
+
+async def test_the_server_a_pool_url_names_is_signed_with_it(stack: Stack) -> None:
+    """Each variant of a pool's webhook URL once, with a body of the dialect: only the URL as
+    minted (its ?server= under the HMAC) is taken."""
+    created = await _logged_out_connection(stack)
+    cid = uuid.UUID(created["id"])
+    body = {
+        "event": "connection.update",
+        "session": created["session_name"],
+        "data": {"status": "open"},
+    }
+    answers = {}
+    for url, kind in urls(stack, cid)[-4:]:
+        async with stack.http.post(url, json=body) as r:
+            answers[str(url).rsplit("/", 1)[1][-12:]] = (kind, r.status)
+    assert [status for kind, status in answers.values()] == [202, 401, 401, 401], answers

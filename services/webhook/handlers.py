@@ -66,14 +66,14 @@ def _target(request: web.Request) -> tuple[uuid.UUID, int]:
         connection_id, generation = uuid.UUID(int=0), 0
     token = request.match_info["token"]
     if generation == 0 or not verify_webhook_token(
-        settings.webhook_secret, connection_id, generation, token
+        settings.webhook_secret, connection_id, generation, token, request.query.get("server")
     ):
         request.app[metrics_key].events.labels("unknown", "rejected_token").inc()
         raise ProblemError(
             401,
             "invalid-webhook-token",
             "Invalid webhook token",
-            "the URL's token does not match this connection and generation",
+            "the URL's token does not match this connection and generation (and server)",
         )
     return connection_id, generation
 
