@@ -152,6 +152,14 @@ def test_worker_peers_are_the_webhook_and_the_simulator() -> None:
     assert env(SIM)["ZAPBUS_SIM_HOST"] == "0.0.0.0"
 
 
+def test_the_webhook_service_knows_the_servers_the_worker_calls() -> None:
+    """In a pool the webhook service fetches a QR (WAHA's) from the server a session is on:
+    it needs the worker's list, dialect and keys, and the simulator speaks that dialect."""
+    worker, webhook = load_settings(env("session_worker")), load_settings(env("webhook"))
+    assert webhook.servers == worker.servers and worker.servers
+    assert webhook.baileys_kind == worker.baileys_kind == load_sim_config(env(SIM)).kind
+
+
 @pytest.mark.parametrize(
     "name", sorted(n for n, (_, needs) in ZAPBUS.items() if "webhook_secret" in needs)
 )
