@@ -30,11 +30,16 @@ class ConnectionChanged(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code_expires_at: datetime | None = None
     # why it is in this state, from a closed list (docs/architecture.md)
     reason_code: str | None = None
-    # the status before this change (None: unknown, e.g. a create); the notifier tells a
-    # state change from a new QR or code by it
+    # the status before this change (None only on a connection's first change,
+    # create.requested: it had none); the notifier tells a state change from a new QR or code
+    # by it
     previous_status: str | None = None
     # the Baileys server the generation is placed on (None: not placed yet)
     server: str | None = None
+    # the row's version after this change: every change of the row bumps it, so of two changes
+    # (or a change and a read of the row) the higher version is the newer, whatever their
+    # times say (None: published before versions existed)
+    version: int | None = None
 
 
 change_encoder = msgspec.json.Encoder()

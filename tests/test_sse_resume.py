@@ -14,9 +14,12 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from proto.changes import ConnectionChanged, change_encoder
+from proto.events import CreateStarted, SessionCreated
 from proto.names import Names
 from services.gateway.app import create_app as create_gateway
 from services.gateway.live import READ_LIMIT
+from services.projector.store import Applied, project
+from services.projector.transitions import QrPolicy
 from tests.stack import wait_for
 from tests.test_frontend_api import sse_events
 from zapbus.config import Settings
@@ -186,3 +189,47 @@ async def test_open_streams_are_capped_per_tenant(settings: Settings, aiohttp_cl
         await wait_for("a slot freed by the closed stream", admitted, timeout=WAIT, every=0.1)
     finally:
         second.close()
+
+
+async def test_a_change_committed_after_the_snapshot_with_an_earlier_time_is_not_dropped(
+    gateway: Client,
+) -> None:
+    """A change's time is its transaction's start: transaction A starts, B changes the row
+    and commits, the SSE snapshot is read, then A changes the row and commits. A's change is
+    newer than the snapshot but carries an earlier time; the client must get it."""
+    key = await _tenant_key(gateway)
+    cid = await _connection(gateway, key)
+    pool, names, policy = gateway.app[pool_key], _names(gateway), QrPolicy()
+    common = {"connection_id": uuid.UUID(cid), "generation": 1, "occurred_at": datetime.now(UTC)}
+    started = CreateStarted(event_id=uuid.uuid4(), attempt=1, **common)  # type: ignore[arg-type]
+    created = SessionCreated(event_id=uuid.uuid4(), attempt=1, **common)  # type: ignore[arg-type]
+    url, auth = f"/v1/connections/{cid}/events", {"Authorization": f"Bearer {key}"}
+    async with pool.acquire() as a:
+        async with a.transaction():
+            a_began = await a.fetchval("SELECT now()")  # A's time: its start
+            async with pool.acquire() as b, b.transaction():  # B: pending -> creating
+                assert _applied(await project(b, [started], policy, names))
+            stream = await gateway.get(url, headers=auth)
+            events = sse_events(stream)
+            snapshot = await _next(events, "the snapshot")
+            # A: creating -> awaiting_qr, committed after the snapshot was read
+            assert _applied(await project(a, [created], policy, names))
+    try:
+        got = await _next(events, "A's change")
+        while got["data"]["status"] == "creating":  # B's own change may come after the snapshot
+            got = await _next(events, "A's change")
+    finally:
+        stream.close()
+    assert snapshot["data"]["cause"] == "snapshot"
+    assert snapshot["data"]["status"] == "creating"  # B's change is in the snapshot
+    assert got["data"]["status"] == "awaiting_qr" and got["data"]["cause"] == "create.succeeded"
+    # by the clock A's change is older than the snapshot; by the version it is newer
+    assert datetime.fromisoformat(got["data"]["changed_at"]) == a_began
+    assert a_began < datetime.fromisoformat(snapshot["data"]["changed_at"])
+    assert got["data"]["version"] == snapshot["data"]["version"] + 1 == 3
+    async with gateway.get(f"/v1/connections/{cid}", headers=auth) as r:
+        assert (await r.json())["version"] == 3  # the resource says it too
+
+
+def _applied(results: list[Applied]) -> bool:
+    return all(r.outcome is not None and r.outcome.applied for r in results)

@@ -36,7 +36,7 @@ from proto.states import Status
 from zapbus import history, jsretry
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox
+from zapbus.outbox import insert_outbox, queue_row_change
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.dlq")
@@ -104,10 +104,12 @@ async def replay(js: JetStreamContext, pool: asyncpg.Pool, names: Names, seq: in
         if isinstance(cmd, CreateSession):
             await conn.execute(
                 "UPDATE connections SET status = $2, status_reason = NULL, attempts = 0,"
-                " redrives = 0, updated_at = now(), status_changed_at = now() WHERE id = $1",
+                " redrives = 0, updated_at = now(), status_changed_at = now(),"
+                " version = version + 1 WHERE id = $1",
                 cmd.connection_id,
                 Status.PENDING.value,
             )
+            await queue_row_change(conn, names, cmd.connection_id, "dlq.replayed", row["status"])
         await insert_outbox(conn, names, cmd, msg_id=f"{cmd.command_id}:replay:{seq}")
         await _record(conn, cmd, seq, row["status"], Status.PENDING.value)
     await js.delete_msg(names.dead_letter_stream, seq)

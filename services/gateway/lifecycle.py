@@ -103,6 +103,7 @@ async def create_connection(
         status_changed_at=now,
         login=login,
         phone_number=phone_number,
+        version=1,  # the column's default: the row's first version
     )
     row = await pool.fetchrow(
         _CREATE,
@@ -304,7 +305,7 @@ async def recreate_connection(
             f" login = $6, phone_number = $7, pairing_code = NULL,"
             f" pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
             f" server = NULL, reason_code = NULL, placement_excluded = NULL,"
-            f" updated_at = now(), status_changed_at = now()"
+            f" updated_at = now(), status_changed_at = now(), version = version + 1"
             f" WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,
             generation,
@@ -318,7 +319,7 @@ async def recreate_connection(
         await insert_outbox(conn, names, create)
         await _record(conn, create, "recreate.requested", Status(old["status"]), Status.PENDING)
         connection = _to_connection(row)
-        await queue_change(conn, names, change_of(connection, "recreate.requested"))
+        await queue_change(conn, names, change_of(connection, "recreate.requested", old["status"]))
         return connection
 
 
@@ -339,13 +340,13 @@ async def delete_connection(
         delete = _delete_command(tenant_id, connection_id, old, datetime.now(UTC))
         row = await conn.fetchrow(
             f"UPDATE connections SET status = $2, status_reason = 'deleted by the tenant',"
-            f" qr = NULL, qr_expires_at = NULL, updated_at = now(), status_changed_at = now()"
-            f" WHERE id = $1 RETURNING {_COLUMNS}",
+            f" qr = NULL, qr_expires_at = NULL, updated_at = now(), status_changed_at = now(),"
+            f" version = version + 1 WHERE id = $1 RETURNING {_COLUMNS}",
             connection_id,
             Status.DELETED.value,
         )
         await insert_outbox(conn, names, delete)
         await _record(conn, delete, "delete.requested", Status(old["status"]), Status.DELETED)
         connection = _to_connection(row)
-        await queue_change(conn, names, change_of(connection, "delete.requested"))
+        await queue_change(conn, names, change_of(connection, "delete.requested", old["status"]))
         return connection

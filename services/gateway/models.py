@@ -66,6 +66,9 @@ class Connection(msgspec.Struct, frozen=True, kw_only=True):
     account: Account | None = None
     # the Baileys server this generation is placed on (None until the worker places it)
     server: str | None = None
+    # grows with every change of the connection (the ``version`` of each change, SSE event
+    # and webhook): the higher one is the newer
+    version: int
 
 
 class QrCode(msgspec.Struct, frozen=True, kw_only=True):

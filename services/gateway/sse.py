@@ -45,6 +45,9 @@ class LiveEvent(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code_expires_at: str | None = None
     # why it is in this state, from a closed list (docs/architecture.md)
     reason_code: str | None = None
+    # the connection's version after this change (as on GET /v1/connections/{id}): the
+    # higher is the newer, whatever ``changed_at`` says (null: sent before versions existed)
+    version: int | None = None
 
 
 def _frame(seq: int, change: ConnectionChanged) -> bytes:
@@ -67,6 +70,7 @@ def _frame(seq: int, change: ConnectionChanged) -> bytes:
             change.pairing_code_expires_at.isoformat() if change.pairing_code_expires_at else None
         ),
         reason_code=change.reason_code,
+        version=change.version,
     )
     return b"id: %d\nevent: %s\ndata: %s\n\n" % (seq, name.encode(), _json.encode(data))
 
@@ -120,7 +124,12 @@ async def missed(hub: ChangeHub, connection_id: uuid.UUID, resume: int) -> list[
 def _already_shown(change: ConnectionChanged, snapshot: ConnectionChanged) -> bool:
     """Is ``change`` part of what the snapshot already showed? Changes travel through the
     outbox, so one committed before the row was read can reach the stream after it: its
-    time (the transaction's, as the row's ``updated_at``) is then not after the snapshot's."""
+    version (every change of the row bumps it) is then not above the snapshot's. Times
+    cannot tell: a change's time is its transaction's start, so one committed after the
+    snapshot was read can carry an earlier time than the snapshot's."""
+    if change.version is not None and snapshot.version is not None:
+        return change.version <= snapshot.version
+    # a change published before versions existed
     if change.generation != snapshot.generation:
         return change.generation < snapshot.generation
     return change.changed_at <= snapshot.changed_at

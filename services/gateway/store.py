@@ -17,7 +17,7 @@ from services.gateway.models import Connection, HistoryEntry
 COLUMNS = (
     "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
     " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
-    " pairing_code_expires_at, reason_code, account_phone, account_name, server"
+    " pairing_code_expires_at, reason_code, account_phone, account_name, server, version"
 )
 
 
@@ -29,7 +29,9 @@ def to_connection(row: Mapping[str, Any]) -> Connection:
     return msgspec.convert(fields, Connection)
 
 
-def change_of(c: Connection, cause: str) -> ConnectionChanged:
+def change_of(c: Connection, cause: str, previous_status: str | None = None) -> ConnectionChanged:
+    """The change that made ``c`` (the connection as read back from its row);
+    ``previous_status``: its status before (None: a create)."""
     return ConnectionChanged(
         connection_id=c.id,
         generation=c.generation,
@@ -43,7 +45,9 @@ def change_of(c: Connection, cause: str) -> ConnectionChanged:
         pairing_code=c.pairing_code,
         pairing_code_expires_at=c.pairing_code_expires_at,
         reason_code=c.reason_code,
+        previous_status=previous_status,
         server=c.server,
+        version=c.version,
     )
 
 

@@ -24,12 +24,14 @@ class Applied(msgspec.Struct, frozen=True, kw_only=True):
     outcome: Outcome | None  # None: already projected (redelivery) or unknown connection
     from_status: Status | None = None
     duplicate: bool = False
+    # the row's version after this event (applied ones only): each applied event bumps it
+    version: int | None = None
 
 
 _LOAD = """
 SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempts, login,
        pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since,
-       account_phone, account_name, server
+       account_phone, account_name, server, version
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 """
 
@@ -42,12 +44,13 @@ UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.
     pairing_code_expires_at = u.code_expires_at, reason_code = u.reason_code,
     conflicts = u.conflicts, conflicts_since = u.conflicts_since,
     account_phone = u.account_phone, account_name = u.account_name,
-    status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END
+    status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END,
+    version = u.version
 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
             $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::text[],
-            $12::int[], $13::timestamptz[], $14::text[], $15::text[])
+            $12::int[], $13::timestamptz[], $14::text[], $15::text[], $16::bigint[])
     AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at,
-         reason_code, conflicts, conflicts_since, account_phone, account_name)
+         reason_code, conflicts, conflicts_since, account_phone, account_name, version)
 WHERE c.id = u.id
 """
 
@@ -75,6 +78,9 @@ async def project(
     """Apply ``events`` in order to their connections, and queue a change snapshot of every
     applied one in the outbox; the caller owns the transaction."""
     ids = sorted({e.connection_id for e in events})
+    loaded = await conn.fetch(_LOAD, ids)
+    # the rows are locked: each applied event bumps the version here, the UPDATE writes it
+    versions: dict[uuid.UUID, int] = {r["id"]: r["version"] for r in loaded}
     rows: dict[uuid.UUID, Row] = {
         r["id"]: Row(
             status=Status(r["status"]),
@@ -94,7 +100,7 @@ async def project(
             account_name=r["account_name"],
             server=r["server"],
         )
-        for r in await conn.fetch(_LOAD, ids)
+        for r in loaded
     }
     seen = {
         r["event_id"]
@@ -113,7 +119,16 @@ async def project(
             continue
         seen.add(event.event_id)
         outcome = apply(row, event, policy)
-        results.append(Applied(event=event, outcome=outcome, from_status=row.status))
+        if outcome.applied:
+            versions[event.connection_id] += 1
+        results.append(
+            Applied(
+                event=event,
+                outcome=outcome,
+                from_status=row.status,
+                version=versions[event.connection_id] if outcome.applied else None,
+            )
+        )
         history.append(
             (
                 event.event_id,
@@ -151,14 +166,15 @@ async def project(
                 rows[cid].conflicts_since,
                 rows[cid].account_phone,
                 rows[cid].account_name,
+                versions[cid],
             )
             for cid, at in changed.items()
         ]
-        await conn.execute(_UPDATE, *_columns(updates, 15))
+        await conn.execute(_UPDATE, *_columns(updates, 16))
     if history:
         await conn.execute(_HISTORY, *_columns(history, 12))
-    # the transaction's own time, which is also the rows' updated_at: a reader of the row can
-    # tell a change it already saw (changed_at <= updated_at) from a newer one
+    # the transaction's own time, which is also the rows' updated_at (a reader of the row
+    # tells a change it already saw by ``version``: this time is the transaction's start)
     tx_time = await conn.fetchval("SELECT now()") if changed else None
     changes = [_change_row(names, r, tx_time) for r in results if r.outcome and r.outcome.applied]
     if changes:
@@ -185,6 +201,7 @@ def _change_row(names: Names, result: Applied, at: datetime | None) -> tuple[obj
         reason_code=row.reason_code,
         previous_status=result.from_status.value if result.from_status else None,
         server=row.server,
+        version=result.version,
     )
     return (
         f"chg:{event.event_id}",

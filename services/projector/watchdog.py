@@ -29,13 +29,12 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from proto.changes import ConnectionChanged
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
 from proto.states import Status
 from zapbus import db, history
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.watchdog")
@@ -144,7 +143,7 @@ class Watchdog(Stoppable):
         # A re-drive is a new run of the create: its attempts count from 1 again.
         await conn.execute(
             "UPDATE connections SET redrives = $2, command_id = $3, attempts = 0,"
-            " status_changed_at = now() WHERE id = $1",
+            " status_changed_at = now(), version = version + 1 WHERE id = $1",
             row["id"],
             attempt,
             command_id,
@@ -186,8 +185,8 @@ class Watchdog(Stoppable):
         await conn.execute(
             "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
             " qr_expires_at = NULL, reason_code = $4, pairing_code = NULL,"
-            " pairing_code_expires_at = NULL, updated_at = now(), status_changed_at = now()"
-            " WHERE id = $1",
+            " pairing_code_expires_at = NULL, updated_at = now(), status_changed_at = now(),"
+            " version = version + 1 WHERE id = $1",
             row["id"],
             Status.FAILED.value,
             reason,
@@ -206,20 +205,7 @@ class Watchdog(Stoppable):
             row["session_name"],
             row["phone_number"],
         )
-        change = ConnectionChanged(
-            connection_id=row["id"],
-            generation=row["generation"],
-            status=Status.FAILED.value,
-            status_reason=reason,
-            qr=None,
-            qr_seq=0,
-            qr_expires_at=None,
-            cause="watchdog.timeout",
-            changed_at=datetime.now(UTC),
-            reason_code=code,
-            previous_status=status.value,
-        )
-        await queue_change(conn, self.names, change)
+        await queue_row_change(conn, self.names, row["id"], "watchdog.timeout", status.value)
         log.warning(
             "stuck connection failed",
             extra=fields(

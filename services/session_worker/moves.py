@@ -15,12 +15,10 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.names import Names
-from proto.states import Status
 from zapbus import history
-from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
 from zapbus.tokens import session_name
 
 ENDED = ("deleted", "failed", "logged_out", "qr_expired", "conflict")
@@ -64,7 +62,8 @@ async def move_connection(
             " pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
             " placement_wait_since = NULL, placement_requeued_at = NULL,"
             " placement_excluded = NULL,"
-            " updated_at = now(), status_changed_at = now() WHERE id = $1",
+            " updated_at = now(), status_changed_at = now(), version = version + 1"
+            " WHERE id = $1",
             connection_id,
             generation,
             create.session_name,
@@ -97,21 +96,5 @@ async def move_connection(
             reason_code=reason_code,
             server=server,
         )
-        await queue_change(
-            conn,
-            names,
-            ConnectionChanged(
-                connection_id=connection_id,
-                generation=generation,
-                status=Status.PENDING.value,
-                status_reason=reason,
-                qr=None,
-                qr_seq=0,
-                qr_expires_at=None,
-                cause=event,
-                changed_at=datetime.now(UTC),
-                reason_code=reason_code,
-                previous_status=old["status"],
-            ),
-        )
+        await queue_row_change(conn, names, connection_id, event, old["status"])
         return int(generation)

@@ -21,12 +21,10 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import msgspec
 
-from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.names import Names
-from proto.states import Status
 from zapbus import history
-from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
 from zapbus.servers import ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
@@ -230,7 +228,8 @@ async def place(
             reason = WAITING_PREFIX + why
             await conn.execute(
                 "UPDATE connections SET placement_wait_since = coalesce(placement_wait_since,"
-                " now()), status_reason = $2, updated_at = now() WHERE id = $1",
+                " now()), status_reason = $2, updated_at = now(), version = version + 1"
+                " WHERE id = $1",
                 cmd.connection_id,
                 reason,
             )
@@ -246,8 +245,8 @@ async def place(
         await conn.execute(
             "UPDATE connections SET server = $2, placement_wait_since = NULL,"
             " placement_requeued_at = NULL,"
-            " status_reason = CASE WHEN status_reason LIKE $3 THEN NULL ELSE status_reason END"
-            " WHERE id = $1",
+            " status_reason = CASE WHEN status_reason LIKE $3 THEN NULL ELSE status_reason END,"
+            " version = version + 1 WHERE id = $1",
             cmd.connection_id,
             name,
             WAITING_PREFIX + "%",
@@ -288,9 +287,10 @@ async def place_elsewhere(
         )
         # Back to pending: no server is creating it now; it waits to be placed (and, with no
         # room anywhere, says so there like any create waiting for room).
-        changed_at = await conn.fetchval(
+        await conn.execute(
             "UPDATE connections SET server = NULL, placement_excluded = $2, status = 'pending',"
-            " status_changed_at = now(), updated_at = now() WHERE id = $1 RETURNING updated_at",
+            " status_changed_at = now(), updated_at = now(), version = version + 1"
+            " WHERE id = $1",
             cmd.connection_id,
             excluded,
         )
@@ -306,23 +306,7 @@ async def place_elsewhere(
             f"create failed on {server} ({reason}): placed again on another server",
             to_status="pending",
         )
-        await queue_change(
-            conn,
-            names,
-            ConnectionChanged(
-                connection_id=cmd.connection_id,
-                generation=cmd.generation,
-                status=Status.PENDING.value,
-                status_reason=row["status_reason"],
-                qr=None,
-                qr_seq=0,
-                qr_expires_at=None,
-                cause="placement.failed",
-                changed_at=changed_at,
-                reason_code=row["reason_code"],
-                previous_status=row["status"],
-            ),
-        )
+        await queue_row_change(conn, names, cmd.connection_id, "placement.failed", row["status"])
         await queue_delete(
             conn,
             names,

@@ -32,7 +32,6 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto import headers
-from proto.changes import ConnectionChanged
 from proto.commands import CreateSession
 from proto.events import EVENT_SUBJECT_KIND, SessionObserved, event_encoder
 from proto.names import Names
@@ -54,7 +53,7 @@ from zapbus import db, history, jsretry
 from zapbus.dialects.errors import BaileysError
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_change, queue_delete
+from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.reconciler")
@@ -375,7 +374,8 @@ class Reconciler(Stoppable):
                 " pairing_code = NULL, pairing_code_expires_at = NULL,"
                 " reconcile_recreates = reconcile_recreates + $4::int,"
                 " command_id = coalesce($5, command_id), attempts = 0,"
-                " updated_at = now(), status_changed_at = now() WHERE id = $1",
+                " updated_at = now(), status_changed_at = now(), version = version + 1"
+                " WHERE id = $1",
                 seen.id,
                 target.value,
                 reason,
@@ -386,24 +386,7 @@ class Reconciler(Stoppable):
             await _history(
                 conn, item, event, target.value, True, reason, command_id, "session_lost"
             )
-            await queue_change(
-                conn,
-                self.names,
-                ConnectionChanged(
-                    connection_id=seen.id,
-                    generation=seen.generation,
-                    status=target.value,
-                    status_reason=reason,
-                    qr=None,
-                    qr_seq=0,
-                    qr_expires_at=None,
-                    cause=event,
-                    changed_at=datetime.now(UTC),
-                    reason_code="session_lost",
-                    previous_status=seen.status.value,
-                    server=seen.server,
-                ),
-            )
+            await queue_row_change(conn, self.names, seen.id, event, row["status"])
         return True
 
     async def _report(self, item: DriftItem) -> bool:
