@@ -16,14 +16,20 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
+import msgspec
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from services.gateway.app import create_app as create_gateway
+from services.notifier.app import create_app as create_notifier
 from services.notifier.sender import Sender
 from tests.stack import Stack, serve, start_stack, wait_for
+from zapbus import db
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
+from zapbus.tenants import create_tenant
 
 
 @dataclass
@@ -414,3 +420,56 @@ async def test_an_idle_fan_out_keeps_its_lease_and_delivers_the_next_change(
         )
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert not errors, errors
+
+
+async def test_gateway_changes_say_the_previous_status_and_make_no_status_event_without_one(
+    settings: Settings, receiver: Callable[[], Any]
+) -> None:
+    """The gateway's own changes (create, recreate, delete) carry ``previous_status`` and a
+    ``version``; a recreate of a pending connection (pending again) is no ``connection.status``.
+    Only the gateway and the notifier run: no worker moves the connection on meanwhile."""
+    settings = msgspec.structs.replace(settings, notify_allow_private=True, outbox_poll_seconds=0.2)
+    ports = {"gateway": free_port(), "notifier": free_port()}
+    runners = [
+        await serve(create_gateway(settings), ports["gateway"]),
+        await serve(create_notifier(settings), ports["notifier"]),
+    ]
+    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=2)
+    try:
+        _, key = await create_tenant(pool, f"prev-{uuid.uuid4().hex[:6]}")
+        base, auth = f"http://127.0.0.1:{ports['gateway']}", {"Authorization": f"Bearer {key}"}
+        rec: Receiver = await receiver()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(
+                f"{base}/v1/webhooks", json={"url": rec.url, "events": ["*"]}, headers=auth
+            ) as r:
+                assert r.status == 201, await r.text()
+            async with http.post(f"{base}/v1/connections", json={"name": "p"}, headers=auth) as r:
+                cid = (await r.json())["id"]
+            async with http.post(f"{base}/v1/connections/{cid}/recreate", headers=auth) as r:
+                assert r.status == 202 and (await r.json())["status"] == "pending"
+            async with http.delete(f"{base}/v1/connections/{cid}", headers=auth) as r:
+                assert r.status == 202
+            async with http.get(f"{base}/v1/connections/{cid}", headers=auth) as r:
+                assert (await r.json())["version"] == 3  # created, recreated, deleted
+        await wait_for(
+            "the delete's two events delivered",
+            # one connection's events arrive in order: nothing comes after these two
+            lambda: _async(
+                sum(b["data"]["cause"] == "delete.requested" for b in rec.bodies()) == 2 or None
+            ),
+            timeout=30,
+        )
+    finally:
+        await pool.close()
+        for runner in reversed(runners):
+            await runner.cleanup()
+    got = [(b["type"], b["data"]["cause"], b["data"]["previous_status"]) for b in rec.bodies()]
+    # the create, then the delete; the recreate (pending -> pending) made none
+    assert sorted(got) == [
+        ("connection.deleted", "delete.requested", "pending"),
+        ("connection.status", "create.requested", None),  # nothing before a create
+        ("connection.status", "delete.requested", "pending"),
+    ], got
+    versions = {b["data"]["cause"]: b["data"]["version"] for b in rec.bodies()}
+    assert versions == {"create.requested": 1, "delete.requested": 3}
