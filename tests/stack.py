@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import aiohttp
 import asyncpg
 import msgspec
 from aiohttp import web
+from nats.js.errors import NotFoundError
 
+from proto.changes import ConnectionChanged, change_decoder
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from services.gateway.app import create_app as create_gateway
@@ -25,7 +28,7 @@ from services.notifier.app import create_app as create_notifier
 from services.projector.app import create_app as create_projector
 from services.session_worker.app import create_app as create_worker
 from services.webhook.app import create_app as create_webhook
-from zapbus import db, topology
+from zapbus import bus, db, topology
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
 from zapbus.tenants import create_tenant
@@ -171,3 +174,29 @@ async def start_stack(
         for runner in reversed(list(runners.values())):
             await runner.cleanup()
         await pool.close()
+
+
+async def changes_of(settings: Settings, connection_id: str) -> list[ConnectionChanged]:
+    """The connection's changes on the changes stream (what webhooks and SSE are made of),
+    oldest first."""
+    nc = await bus.connect(settings.nats_url, "zapbus-test-changes")
+    try:
+        js, names, seq = nc.jetstream(), settings.names, 1
+        subject = names.change_subject(uuid.UUID(connection_id))
+        found: list[ConnectionChanged] = []
+        while True:
+            try:
+                msg = await js.get_msg(names.changes_stream, seq, subject, next=True)
+            except NotFoundError:
+                return found
+            assert msg.data is not None and msg.seq is not None
+            found.append(change_decoder.decode(msg.data))
+            seq = msg.seq + 1
+    finally:
+        await nc.close()
+
+
+def versions_grow(changes: list[ConnectionChanged]) -> bool:
+    """Every change of the row bumped its version: each change's is above the one before."""
+    versions = [c.version or 0 for c in changes]
+    return all(a < b for a, b in itertools.pairwise(versions))

@@ -8,7 +8,7 @@ import msgspec
 import nats
 
 from proto.commands import dead_letter_decoder
-from tests.stack import FAST_SIM, Stack, start_stack
+from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow
 from zapbus import dlq
 from zapbus.config import Settings
 from zapbus.tenants import create_tenant
@@ -75,6 +75,11 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
             await nc.close()
         ready = await stack.wait_status(created["id"], "qr_ready", timeout=20)
         assert ready["generation"] == 1
+        # the replay's move back to pending is a change too (webhooks, SSE), as any other
+        changes = await changes_of(stack.settings, created["id"])
+        replayed = [c for c in changes if c.cause == "dlq.replayed"]
+        assert [(c.previous_status, c.status) for c in replayed] == [("failed", "pending")]
+        assert versions_grow(changes), [(c.cause, c.version) for c in changes]
 
 
 async def test_missing_or_wrong_api_key_is_401(stack: Stack) -> None:

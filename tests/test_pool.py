@@ -26,7 +26,7 @@ import pytest
 
 from services.session_worker.drift import parse_session_name
 from services.session_worker.placement import Policy, ServerView, choose, pool_views
-from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow, wait_for
 from zapbus import cli, db, servercli
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import free_port
@@ -362,6 +362,10 @@ async def test_failover_moves_a_dead_servers_connections_and_cleans_up_on_return
         events = [h for h in items if h["event_type"] == "failover.moved"]
         assert len(events) == 1 and events[0]["reason_code"] == "server_lost"
         assert events[0]["server"] == "b"
+        changes = await changes_of(stack.settings, on_b[0])
+        (change,) = [c for c in changes if c.cause == "failover.moved"]
+        assert change.previous_status == "qr_ready" and change.generation == 2
+        assert versions_grow(changes), [(c.cause, c.version) for c in changes]
 
         # b comes back holding its old sessions: the reconciler deletes every one of them
         sims.procs["b"].start()
@@ -632,6 +636,11 @@ async def test_a_create_that_fails_on_one_server_is_placed_on_another(
             if h["event_type"] == "placement.failed"
         ]
         assert failed_on_b and all(h["server"] == "b" for h in failed_on_b)
+        for cid in ids:
+            changes = await changes_of(stack.settings, cid)
+            assert versions_grow(changes), [(c.cause, c.version) for c in changes]
+            moved = [c for c in changes if c.cause == "placement.failed"]
+            assert all(c.previous_status in ("pending", "creating") for c in moved)
         assert _one_live_each(await sims.all_live(stack.http), rows) is None
 
 

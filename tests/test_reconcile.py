@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from services.baileys_sim.config import SimConfig
-from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow, wait_for
 from zapbus import cli
 from zapbus.config import Settings
 from zapbus.tokens import webhook_url
@@ -111,6 +111,10 @@ async def test_a_lost_session_is_created_again_and_the_row_says_so(settings: Set
         assert recreated[0]["to_status"] == "reconnecting"
         _, body = await stack.get(connection["id"])
         assert body["generation"] == 1
+        changes = await changes_of(stack.settings, connection["id"])
+        (change,) = [c for c in changes if c.cause == "reconcile.recreated"]
+        assert (change.previous_status, change.status) == ("qr_ready", "reconnecting")
+        assert versions_grow(changes) and body["version"] >= changes[-1].version
 
 
 async def test_a_session_lost_too_often_fails(settings: Settings) -> None:
