@@ -23,6 +23,7 @@ from aiohttp import web
 from standardwebhooks import Webhook
 
 from services.gateway.app import create_app as create_gateway
+from services.gateway.webhook_models import ConnectionEvent, ConnectionEventData
 from services.notifier.app import create_app as create_notifier
 from services.notifier.sender import Sender
 from tests.stack import Stack, serve, start_stack, wait_for
@@ -473,3 +474,7 @@ async def test_gateway_changes_say_the_previous_status_and_make_no_status_event_
     ], got
     versions = {b["data"]["cause"]: b["data"]["version"] for b in rec.bodies()}
     assert versions == {"create.requested": 1, "delete.requested": 3}
+    # the bodies are what the OpenAPI document's webhooks say, field for field
+    for body in rec.bodies():
+        msgspec.convert(body, ConnectionEvent, strict=False)
+        assert set(body["data"]) == set(ConnectionEventData.__struct_fields__), body

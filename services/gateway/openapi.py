@@ -19,7 +19,7 @@ from services.gateway.models import (
     QrCode,
     RecreateConnection,
 )
-from services.gateway.openapi_webhooks import WEBHOOK_TYPES, webhook_paths
+from services.gateway.openapi_webhooks import WEBHOOK_TYPES, webhook_events, webhook_paths
 from services.gateway.sse import LiveEvent
 from zapbus.httpkit import json_response
 
@@ -296,6 +296,7 @@ def build() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": paths,
+        "webhooks": webhook_events(),
         "components": {
             "schemas": components,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from services.gateway.webhook_models import (
+    ConnectionEvent,
     CreateWebhook,
     DeliveryAttempts,
     QueuedDelivery,
@@ -20,6 +21,7 @@ WEBHOOK_TYPES: list[Any] = [
     WebhookEndpointList,
     DeliveryAttempts,
     QueuedDelivery,
+    ConnectionEvent,
 ]
 _PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
@@ -149,4 +151,28 @@ def webhook_paths() -> dict[str, Any]:
                 },
             },
         },
+    }
+
+
+def webhook_events() -> dict[str, Any]:
+    """The document's ``webhooks``: what zapbus sends to an endpoint (README, Webhooks)."""
+    return {
+        "connectionEvent": {
+            "post": {
+                "summary": "connection.status, .qr, .pairing_code or .deleted; signed"
+                " (webhook-id, webhook-timestamp, webhook-signature)",
+                "operationId": "connectionEvent",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/ConnectionEvent"}
+                        }
+                    },
+                },
+                "responses": {
+                    "2XX": {"description": "received; other answers are retried or given up"}
+                },
+            }
+        }
     }

@@ -73,3 +73,38 @@ class QueuedDelivery(msgspec.Struct, frozen=True, kw_only=True):
 
 
 create_webhook_decoder = msgspec.json.Decoder(CreateWebhook)
+
+
+class ConnectionEventData(msgspec.Struct, frozen=True, kw_only=True):
+    """A connection webhook's ``data``: the connection as of the change that made it."""
+
+    id: uuid.UUID
+    name: str | None
+    generation: int
+    status: str
+    # the status before this change; null only on the create (it had none). A
+    # connection.status is sent only when it differs from ``status``.
+    previous_status: str | None
+    status_reason: str | None
+    reason_code: str | None
+    qr: str | None
+    qr_seq: int
+    qr_expires_at: datetime | None
+    pairing_code: str | None
+    pairing_code_expires_at: datetime | None
+    cause: str
+    changed_at: datetime
+    server: str | None
+    # grows with every change of the connection (as on GET /v1/connections/{id}): of two
+    # bodies the higher version is the newer, whatever changed_at says
+    version: int | None
+
+
+class ConnectionEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """What zapbus POSTs to an endpoint for a connection (``webhook.test`` aside)."""
+
+    type: Literal[
+        "connection.status", "connection.qr", "connection.pairing_code", "connection.deleted"
+    ]
+    timestamp: datetime
+    data: ConnectionEventData
