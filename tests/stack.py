@@ -196,6 +196,23 @@ async def changes_of(settings: Settings, connection_id: str) -> list[ConnectionC
         await nc.close()
 
 
+async def changes_when(
+    settings: Settings,
+    connection_id: str,
+    what: str,
+    done: Callable[[list[ConnectionChanged]], bool],
+    timeout: float = 30.0,
+) -> list[ConnectionChanged]:
+    """The connection's changes once ``done`` holds for them: the outbox relays a change a
+    little after its row was committed, so a row read may be ahead of the stream."""
+
+    async def probe() -> list[ConnectionChanged] | None:
+        found = await changes_of(settings, connection_id)
+        return found if done(found) else None
+
+    return await wait_for(what, probe, timeout=timeout, every=0.1)
+
+
 def versions_grow(changes: list[ConnectionChanged]) -> bool:
     """Every change of the row bumped its version: each change's is above the one before."""
     versions = [c.version or 0 for c in changes]

@@ -8,7 +8,7 @@ import msgspec
 import nats
 
 from proto.commands import dead_letter_decoder
-from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow
+from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow
 from zapbus import dlq
 from zapbus.config import Settings
 from zapbus.tenants import create_tenant
@@ -76,7 +76,12 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
         ready = await stack.wait_status(created["id"], "qr_ready", timeout=20)
         assert ready["generation"] == 1
         # the replay's move back to pending is a change too (webhooks, SSE), as any other
-        changes = await changes_of(stack.settings, created["id"])
+        changes = await changes_when(
+            stack.settings,
+            created["id"],
+            "the replay's change on the stream",
+            lambda found: any(c.cause == "dlq.replayed" for c in found),
+        )
         replayed = [c for c in changes if c.cause == "dlq.replayed"]
         assert [(c.previous_status, c.status) for c in replayed] == [("failed", "pending")]
         assert versions_grow(changes), [(c.cause, c.version) for c in changes]

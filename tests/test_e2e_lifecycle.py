@@ -15,7 +15,7 @@ from nats.js.api import StreamInfo
 from proto import headers
 from proto.commands import CreateSession, command_encoder
 from services.baileys_sim.app import create_app as create_sim
-from tests.stack import FAST_SIM, Stack, changes_of, start_stack, wait_for
+from tests.stack import FAST_SIM, Stack, changes_when, start_stack, wait_for
 from zapbus import bus
 from zapbus.config import Settings
 from zapbus.tokens import session_name, webhook_token
@@ -240,7 +240,9 @@ async def test_watchdog_fails_a_connection_stuck_awaiting_qr(settings: Settings)
         )
         failed = await stack.wait_status(str(cid), "failed")
         assert failed["status_reason"].startswith("timeout: no progress in awaiting_qr")
-        (change,) = await changes_of(stack.settings, str(cid))
+        (change,) = await changes_when(
+            stack.settings, str(cid), "the time-out's change on the stream", bool
+        )
         assert (change.cause, change.previous_status) == ("watchdog.timeout", "awaiting_qr")
         assert change.version == failed["version"] == 2  # the row's first change
 

@@ -26,7 +26,7 @@ import pytest
 
 from services.session_worker.drift import parse_session_name
 from services.session_worker.placement import Policy, ServerView, choose, pool_views
-from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow, wait_for
+from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow, wait_for
 from zapbus import cli, db, servercli
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import free_port
@@ -362,7 +362,12 @@ async def test_failover_moves_a_dead_servers_connections_and_cleans_up_on_return
         events = [h for h in items if h["event_type"] == "failover.moved"]
         assert len(events) == 1 and events[0]["reason_code"] == "server_lost"
         assert events[0]["server"] == "b"
-        changes = await changes_of(stack.settings, on_b[0])
+        changes = await changes_when(
+            stack.settings,
+            on_b[0],
+            "the move and the new generation's QR on the stream",
+            lambda found: [(c.generation, c.status) for c in found[-1:]] == [(2, "qr_ready")],
+        )
         (change,) = [c for c in changes if c.cause == "failover.moved"]
         assert change.previous_status == "qr_ready" and change.generation == 2
         assert versions_grow(changes), [(c.cause, c.version) for c in changes]
@@ -637,7 +642,12 @@ async def test_a_create_that_fails_on_one_server_is_placed_on_another(
         ]
         assert failed_on_b and all(h["server"] == "b" for h in failed_on_b)
         for cid in ids:
-            changes = await changes_of(stack.settings, cid)
+            changes = await changes_when(
+                stack.settings,
+                cid,
+                "the QR's change on the stream",
+                lambda found: bool(found) and found[-1].status == "qr_ready",
+            )
             assert versions_grow(changes), [(c.cause, c.version) for c in changes]
             moved = [c for c in changes if c.cause == "placement.failed"]
             assert all(c.previous_status in ("pending", "creating") for c in moved)

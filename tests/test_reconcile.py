@@ -13,7 +13,7 @@ import msgspec
 import pytest
 
 from services.baileys_sim.config import SimConfig
-from tests.stack import FAST_SIM, Stack, changes_of, start_stack, versions_grow, wait_for
+from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow, wait_for
 from zapbus import cli
 from zapbus.config import Settings
 from zapbus.tokens import webhook_url
@@ -111,7 +111,12 @@ async def test_a_lost_session_is_created_again_and_the_row_says_so(settings: Set
         assert recreated[0]["to_status"] == "reconnecting"
         _, body = await stack.get(connection["id"])
         assert body["generation"] == 1
-        changes = await changes_of(stack.settings, connection["id"])
+        changes = await changes_when(
+            stack.settings,
+            connection["id"],
+            "the re-create's change on the stream",
+            lambda found: any(c.cause == "reconcile.recreated" for c in found),
+        )
         (change,) = [c for c in changes if c.cause == "reconcile.recreated"]
         assert (change.previous_status, change.status) == ("qr_ready", "reconnecting")
         assert versions_grow(changes) and body["version"] >= changes[-1].version
