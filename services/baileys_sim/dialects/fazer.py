@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from services.baileys_sim.sessions import SimSession
 
 _PHONE = re.compile(r"\+\d{5,15}")
+RECONNECT_LIMIT = 10  # fazer's handleReconnecting gives up on the 11th reconnect in a row
 _QR_DATA_URL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC"  # noqa: E501
 
 
@@ -96,6 +97,11 @@ class FazerSim(SimDialect):
                 datas = [_closed(408, "Request Time-out", "QR refs attempts ended")]
             case "pairing_code":
                 datas = []  # fazer has no pairing code
+            case "gave_up":
+                # Every close (408 ENOTFOUND here) is hidden as "reconnecting"; the 11th in a
+                # row trips its guard: it stops and forgets the connection (DELETE: 404).
+                datas = [{"connection": "reconnecting"}] * RECONNECT_LIMIT
+                datas.append({"error": "reconnect_loop_detected"})
         epoch = self.epochs.get(session.name, 1)
         return [
             Webhook(
