@@ -452,7 +452,6 @@ async def test_end_to_end_create_qr_connected_logout_and_delete(settings: Settin
         assert "qr_ready" in applied
 
 
-
 # --- issue 19: what the real fazer does (a give-up, one connection per phone, deletes) ------
 
 
