@@ -472,6 +472,12 @@ async def _delete(stack: Any, connection_id: str) -> None:
         assert r.status == 202, await r.text()
 
 
+def test_only_the_fazer_simulator_gives_up_on_an_unreachable_whatsapp() -> None:
+    assert SimConfig(kind="fazer", whatsapp_unreachable=True).whatsapp_unreachable
+    with pytest.raises(ValueError, match="whatsapp_unreachable"):
+        SimConfig(kind="seed", whatsapp_unreachable=True)
+
+
 async def test_a_give_up_before_any_qr_fails_as_whatsapp_unreachable(settings: Settings) -> None:
     """fazer cannot reach WhatsApp: ten codeless "reconnecting", then reconnect_loop_detected.
     No QR was shown and no 440 seen: failed / whatsapp_unreachable with fazer's words, not a

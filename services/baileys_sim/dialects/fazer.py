@@ -10,7 +10,10 @@ phone number.
 Webhooks ``{"event": "connection.update", "data": {..., "epoch"}, "webhookVerifyToken"}``, as
 fazer rewrites Baileys' connection state: closes it reconnects after (515 after a scan, 428)
 become ``{"connection": "reconnecting"}`` without a code; only 401 and 408 "QR refs attempts
-ended" arrive as ``close`` with ``lastDisconnect``. It has no pairing code.
+ended" arrive as ``close`` with ``lastDisconnect``. It has no pairing code. With
+``whatsapp_unreachable`` (SimConfig) a connection shows no QR: ten ``reconnecting``, then
+``{"error": "reconnect_loop_detected"}``, and the phone is forgotten (DELETE: 404), as the
+real server does when it cannot reach WhatsApp.
 """
 
 from __future__ import annotations
