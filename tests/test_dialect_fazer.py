@@ -359,6 +359,25 @@ async def test_delete_finds_the_phone_and_spares_a_newer_session(
     assert await other.delete_session("zb_e_g1", phone_number=PHONE) is False
 
 
+async def test_only_a_later_generation_of_the_connection_spares_a_delete(
+    serve: Serve, receiver: tuple[Receiver, str]
+) -> None:
+    """The client's memory of who claimed a phone last spares a delete only for a later
+    generation of the same connection (a recreate); another connection's claim, which may
+    have ended since, is the worker's to judge (it asks Postgres)."""
+    _, url = receiver
+    app = sim_app()
+    client, _ = await serve(app)
+    registry = app[REGISTRY_KEY]
+    await client.create_session(req("zb_x_g1", url, secret()))
+    await client.create_session(req("zb_y_g1", url + "?y", secret()))
+    assert await client.delete_session("zb_x_g1") is True  # sent: y's claim is not x's
+    assert registry.delete_requests[PHONE] == 1
+    await client.create_session(req("zb_z_g1", url + "?z", secret()))
+    assert await client.delete_session("zb_z_g2", phone_number=PHONE) is True  # g1 is older
+    assert registry.delete_requests[PHONE] == 2
+
+
 async def test_server_refusals(serve: Serve, receiver: tuple[Receiver, str]) -> None:
     _, url = receiver
     client, server = await serve(sim_app(), key="wrong")

@@ -215,7 +215,7 @@ class FazerDialect(Dialect):
             )
         phone = checked_phone(phone_number or known)
         holder = self._holders.get(phone)
-        if holder is not None and holder != name and _same_connection(holder, name):
+        if holder is not None and _later_generation(holder, name):
             return False  # a later generation of this connection took the phone over
         answer = await self._call("DELETE", f"/connections/{quote(phone, safe='')}")
         if answer.status == 404:
@@ -258,9 +258,13 @@ class FazerDialect(Dialect):
         return FazerDelivery(session=None, reports=_reports(data), epoch=epoch)
 
 
-def _same_connection(a: str, b: str) -> bool:
-    """Are ``zb_<connection>_g<n>`` session names ``a`` and ``b`` of one connection?"""
-    return a.rpartition("_g")[0] == b.rpartition("_g")[0]
+def _later_generation(a: str, b: str) -> bool:
+    """Is session ``a`` a later generation of ``b``'s connection (``zb_<connection>_g<n>``)?"""
+    a_connection, _, a_generation = a.rpartition("_g")
+    b_connection, _, b_generation = b.rpartition("_g")
+    if a_connection != b_connection or not (a_generation.isdigit() and b_generation.isdigit()):
+        return False
+    return int(a_generation) > int(b_generation)
 
 
 def _epoch(value: Any) -> int | None:
