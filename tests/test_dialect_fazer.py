@@ -4,6 +4,7 @@ through the whole stack."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -358,6 +359,25 @@ async def test_delete_finds_the_phone_and_spares_a_newer_session(
     assert await other.delete_session("zb_e_g1", phone_number=PHONE) is False
 
 
+async def test_only_a_later_generation_of_the_connection_spares_a_delete(
+    serve: Serve, receiver: tuple[Receiver, str]
+) -> None:
+    """The client's memory of who claimed a phone last spares a delete only for a later
+    generation of the same connection (a recreate); another connection's claim, which may
+    have ended since, is the worker's to judge (it asks Postgres)."""
+    _, url = receiver
+    app = sim_app()
+    client, _ = await serve(app)
+    registry = app[REGISTRY_KEY]
+    await client.create_session(req("zb_x_g1", url, secret()))
+    await client.create_session(req("zb_y_g1", url + "?y", secret()))
+    assert await client.delete_session("zb_x_g1") is True  # sent: y's claim is not x's
+    assert registry.delete_requests[PHONE] == 1
+    await client.create_session(req("zb_z_g1", url + "?z", secret()))
+    assert await client.delete_session("zb_z_g2", phone_number=PHONE) is True  # g1 is older
+    assert registry.delete_requests[PHONE] == 2
+
+
 async def test_server_refusals(serve: Serve, receiver: tuple[Receiver, str]) -> None:
     _, url = receiver
     client, server = await serve(sim_app(), key="wrong")
@@ -449,3 +469,145 @@ async def test_end_to_end_create_qr_connected_logout_and_delete(settings: Settin
         applied = [h["to_status"] for h in history if h["applied"]]
         assert applied[-3:] == ["reconnecting", "connected", "logged_out"], applied
         assert "qr_ready" in applied
+
+
+# --- issue 19: what the real fazer does (a give-up, one connection per phone, deletes) ------
+
+
+async def _create(stack: Any, phone: str | None, name: str = "sales", **kw: Any) -> Any:
+    body: dict[str, Any] = {"name": name}
+    if phone is not None:
+        body["phone_number"] = phone
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/connections", json=body, headers={**stack.auth(), **kw}
+    ) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def _delete(stack: Any, connection_id: str) -> None:
+    async with stack.http.delete(
+        f"{stack.gateway_url}/v1/connections/{connection_id}", headers=stack.auth()
+    ) as r:
+        assert r.status == 202, await r.text()
+
+
+def test_only_the_fazer_simulator_gives_up_on_an_unreachable_whatsapp() -> None:
+    assert SimConfig(kind="fazer", whatsapp_unreachable=True).whatsapp_unreachable
+    with pytest.raises(ValueError, match="whatsapp_unreachable"):
+        SimConfig(kind="seed", whatsapp_unreachable=True)
+
+
+async def test_a_give_up_before_any_qr_fails_as_whatsapp_unreachable(settings: Settings) -> None:
+    """fazer cannot reach WhatsApp: ten codeless "reconnecting", then reconnect_loop_detected.
+    No QR was shown and no 440 seen: failed / whatsapp_unreachable with fazer's words, not a
+    conflict loop."""
+    sim = msgspec.structs.replace(FAST_SIM, kind="fazer", whatsapp_unreachable=True)
+    async with start_stack(settings, sim, baileys_kind="fazer") as stack:
+        status, created = await _create(stack, PHONE)
+        assert status == 202, created
+        ended = await stack.wait_status(created["id"], "failed", timeout=30)
+        assert ended["reason_code"] == "whatsapp_unreachable", ended
+        assert "reconnect_loop_detected" in ended["status_reason"], ended
+        assert ended["qr"] is None and ended["qr_seq"] == 0
+        registry = stack.apps["sim"][REGISTRY_KEY]
+        assert PHONE not in registry.live  # fazer dropped it: a DELETE now answers 404
+
+
+async def test_one_live_connection_per_phone(settings: Settings) -> None:
+    """fazer holds one connection per phone: a second live connection of the tenant for the
+    phone is 409 phone-in-use and nothing reaches the server; a create without a phone is
+    422 at the gateway; two creates in parallel for one phone never both pass."""
+    sim = msgspec.structs.replace(FAST_SIM, kind="fazer")
+    async with start_stack(settings, sim, baileys_kind="fazer") as stack:
+        registry = stack.apps["sim"][REGISTRY_KEY]
+        status, problem = await _create(stack, None)
+        assert status == 422, problem
+        assert problem["type"].endswith("/invalid-body") and problem["field"] == "phone_number"
+
+        status, first = await _create(stack, PHONE, **{"Idempotency-Key": "first"})
+        assert status == 202, first
+        await stack.wait_status(first["id"], "qr_ready")
+        status, problem = await _create(stack, PHONE, name="again")
+        assert status == 409, problem
+        assert problem["type"].endswith("phone-in-use"), problem
+        assert problem["connection_id"] == first["id"]
+        # the same create again (its Idempotency-Key) is that connection, not a conflict
+        status, same = await _create(stack, PHONE, **{"Idempotency-Key": "first"})
+        assert (status, same["id"]) == (202, first["id"])
+
+        # another phone: its own connection; then a recreate onto the taken phone is 409
+        other = "+5521912345678"
+        status, second = await _create(stack, other, name="support")
+        assert status == 202, second
+        async with stack.http.post(
+            f"{stack.gateway_url}/v1/connections/{second['id']}/recreate",
+            json={"phone_number": PHONE},
+            headers=stack.auth(),
+        ) as r:
+            assert r.status == 409, await r.text()
+            assert (await r.json())["type"].endswith("phone-in-use")
+
+        # race: two creates at once for a fresh phone, five times over
+        for n in range(5):
+            phone = f"+55119000000{n:02d}"
+            answers = await asyncio.gather(
+                _create(stack, phone, name=f"a{n}"), _create(stack, phone, name=f"b{n}")
+            )
+            assert sorted(status for status, _ in answers) == [202, 409], answers
+
+        await stack.wait_status(second["id"], "qr_ready")
+        assert registry.created_count[PHONE] == 1  # the refused creates sent nothing
+        # once the first is deleted, the phone is free again
+        await _delete(stack, first["id"])
+        await stack.wait_status(first["id"], "deleted")
+        status, third = await _create(stack, PHONE, name="third")
+        assert status == 202, third
+        await stack.wait_status(third["id"], "qr_ready")
+        assert registry.created_count[PHONE] == 2
+
+
+async def test_delete_of_a_logged_out_connection_reaches_the_server(settings: Settings) -> None:
+    """The user's delete sends fazer's DELETE whatever the row's state: here a logged-out
+    connection whose phone a later connection (logged out too) used since; its 404 is
+    success. A phone another connection uses live is left alone."""
+    sim = msgspec.structs.replace(FAST_SIM, kind="fazer")
+    async with start_stack(settings, sim, baileys_kind="fazer") as stack:
+        registry = stack.apps["sim"][REGISTRY_KEY]
+        phone_path = quote(PHONE, safe="")
+        ids = []
+        for name in ("old", "new"):
+            status, created = await _create(stack, PHONE, name=name)
+            assert status == 202, created
+            ids.append(created["id"])
+            await stack.wait_status(created["id"], "qr_ready")
+            await stack.sim("POST", f"/_sim/sessions/{phone_path}/logout")
+            await stack.wait_status(created["id"], "logged_out")
+        assert registry.delete_requests[PHONE] == 0
+
+        await _delete(stack, ids[0])
+        await wait_for(
+            "fazer's DELETE of the logged-out phone",
+            lambda: _async(registry.delete_requests[PHONE] == 1),
+            30.0,
+        )
+
+        # a live connection on the phone: deleting the logged-out one must not end it
+        status, live = await _create(stack, PHONE, name="live")
+        assert status == 202, live
+        await stack.wait_status(live["id"], "qr_ready")
+        await _delete(stack, ids[1])
+        await wait_for("the delete handled", lambda: _handled(stack, ids[1]), 30.0)
+        assert registry.delete_requests[PHONE] == 1 and PHONE in registry.live
+        await _delete(stack, live["id"])
+        await wait_for(
+            "the live one's DELETE", lambda: _async(registry.delete_requests[PHONE] == 2), 30.0
+        )
+        assert PHONE not in registry.live
+
+
+async def _handled(stack: Any, connection_id: str) -> bool:
+    """The worker is done with the connection's delete (no tracked delete left)."""
+    left = await stack.pool.fetchval(
+        "SELECT count(*) FROM session_deletes WHERE connection_id = $1", uuid.UUID(connection_id)
+    )
+    return bool(left == 0)

@@ -377,7 +377,7 @@ def test_440s_spread_beyond_the_window_never_end_the_generation() -> None:
         (st("close", 408, QRS_END), S.QR_EXPIRED, "qr_refs_ended"),
         (st("close", 401, "loggedOut"), S.LOGGED_OUT, "logged_out"),
         (st("close", 403, "forbidden"), S.FAILED, "server_refused"),
-        (st("close", None, "reconnect_loop_detected"), S.FAILED, "conflict_loop"),
+        (st("close", None, "reconnect_loop_detected"), S.FAILED, "session_lost"),
         (st("error", None, "wrong_phone_number"), S.FAILED, "wrong_number"),
         (
             st("PASSKEY_REQUIRED", None, "WhatsApp asked for a passkey"),
@@ -392,6 +392,39 @@ def test_reason_codes(report: Event, status: S, reason_code: str | None) -> None
     out = apply(row(S.QR_READY), report, POLICY)
     assert out.applied and (out.row.status, out.row.reason_code) == (status, reason_code)
     assert reason_code is None or reason_code in REASON_CODES
+
+
+LOOP_WORDS = "the server gave up reconnecting (reconnect_loop_detected)"
+
+
+@pytest.mark.parametrize("start", [S.PENDING, S.CREATING, S.AWAITING_QR])
+def test_a_give_up_before_any_qr_is_whatsapp_unreachable_not_a_conflict(start: S) -> None:
+    """fazer hides every close's code ("reconnecting"), then gives up: with no QR ever shown
+    and no 440 seen, the server could not reach WhatsApp (issue 19, item 1)."""
+    r = row(start)
+    for n in range(3):
+        r = apply(r, st("reconnecting", t=100 + n), POLICY).row
+    assert r.status == S.RECONNECTING and r.qr_seq == 0
+    for before in (row(start), r):
+        out = apply(before, st("reconnect_loop_detected", None, LOOP_WORDS, t=110), POLICY)
+        assert (out.row.status, out.row.reason_code) == (S.FAILED, "whatsapp_unreachable")
+        assert out.row.status_reason == LOOP_WORDS
+
+
+def test_a_give_up_after_440s_is_a_conflict_loop() -> None:
+    r = apply(row(S.CONNECTED), st("close", 440, "connectionReplaced", t=10.0), LOOP).row
+    assert r.status == S.RECONNECTING and r.conflicts == 1
+    out = apply(r, st("reconnect_loop_detected", None, LOOP_WORDS, t=20.0), LOOP)
+    assert (out.row.status, out.row.reason_code) == (S.FAILED, "conflict_loop")
+    early = apply(row(S.AWAITING_QR), st("close", 440, "connectionReplaced", t=10.0), LOOP).row
+    out = apply(early, st("reconnect_loop_detected", None, LOOP_WORDS, t=20.0), LOOP)
+    assert out.row.reason_code == "conflict_loop"
+
+
+def test_a_give_up_after_a_qr_or_a_link_without_440_is_a_lost_session() -> None:
+    for start in (S.QR_READY, S.CONNECTED, S.RECONNECTING, S.PAIRING):
+        out = apply(row(start), st("reconnect_loop_detected", None, LOOP_WORDS), POLICY)
+        assert (out.row.status, out.row.reason_code) == (S.FAILED, "session_lost"), start
 
 
 def test_a_server_that_cannot_reach_whatsapp_says_why_at_once() -> None:

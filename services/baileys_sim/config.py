@@ -51,6 +51,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # back when the simulator starts again, as on a server with persistent auth state: a
     # restart after SIGKILL still holds them.
     state_file: str = ""
+    # WhatsApp cannot be reached: no session ever shows a QR; the server reports the loop of
+    # closes it retries, gives up and drops the session (SimEvent "gave_up"). Rendered by the
+    # fazer dialect only (reconnecting x10, then reconnect_loop_detected).
+    whatsapp_unreachable: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -71,6 +75,15 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
             raise ValueError(f"port must be within [0, 65535], got {self.port!r}")
         if not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.whatsapp_unreachable and self.kind not in _GIVES_UP:
+            raise ValueError(
+                "whatsapp_unreachable is simulated for the dialects "
+                f"{', '.join(_GIVES_UP)} only, not {self.kind!r}"
+            )
+
+
+# Dialects whose simulator renders a server giving up on an unreachable WhatsApp.
+_GIVES_UP = ("fazer",)
 
 
 def _finite(value: float) -> bool:
@@ -134,6 +147,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_WEBHOOK_IDS": ("webhook_ids", _parse_bool),
     "ZAPBUS_SIM_LIST_ROUTE": ("list_route", _parse_bool),
     "ZAPBUS_SIM_STATE_FILE": ("state_file", str),
+    "ZAPBUS_SIM_WHATSAPP_UNREACHABLE": ("whatsapp_unreachable", _parse_bool),
 }
 
 

@@ -91,6 +91,8 @@ class SessionRegistry:
         self.rng = random.Random(config.seed)
         self.live: dict[str, SimSession] = {}
         self.created_count: Counter[str] = Counter()
+        # every delete asked for, by name (answered or not): did the client send it?
+        self.delete_requests: Counter[str] = Counter()
         self._reserved: set[str] = set()
         self._ended: dict[str, SimSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -129,6 +131,12 @@ class SessionRegistry:
         self.created_count[name] += 1
         self._metrics.sessions_created.inc()
         self._metrics.sessions_live.set(len(self.live))
+        if self.config.whatsapp_unreachable:
+            # No QR ever: the server reports its loop of closes, gives up and drops it.
+            session.sender = self._spawn(self.webhooks.run(webhook_url, session.queue), name)
+            self._happen(session, SimEvent(what="gave_up"))
+            self._end(session)
+            return session
         self._happen(session, SimEvent(what="connecting"))
         self._persist()
         self._emit_qr(session)
@@ -168,6 +176,7 @@ class SessionRegistry:
 
     def delete_flow(self, name: str) -> DeleteOutcome:
         """A delete, failing at the configured rate."""
+        self.delete_requests[name] += 1
         if self.rng.random() < self.config.delete_fail_rate:
             return "failed"
         return "deleted" if self.delete(name) else "missing"

@@ -16,6 +16,7 @@ from services.gateway.lifecycle import (
     CodeNotAvailable,
     ConnectionDeleted,
     IdempotencyConflict,
+    PhoneInUse,
     PhoneNumberRequired,
     TooSoon,
     create_connection,
@@ -83,6 +84,9 @@ async def create(request: web.Request) -> web.Response:
             f"1 to {MAX_IDEMPOTENCY_KEY} printable characters",
         )
     _check_login(request, req.login, req.phone_number)
+    one_per_phone = _one_per_phone(request)
+    if one_per_phone and req.phone_number is None:
+        raise _phone_required(request)
     tenant = request[tenant_key]
     try:
         connection, created = await create_connection(
@@ -93,6 +97,7 @@ async def create(request: web.Request) -> web.Response:
             idem,
             req.login,
             req.phone_number,
+            one_per_phone=one_per_phone,
         )
     except IdempotencyConflict:
         raise ProblemError(
@@ -101,10 +106,41 @@ async def create(request: web.Request) -> web.Response:
             "Idempotency-Key reused",
             "this key was used with a different request body",
         ) from None
+    except PhoneInUse as exc:
+        raise _phone_in_use(request, exc) from None
     if created:
         request.app[relay_key].kick()
     location = f"/v1/connections/{connection.id}"
     return json_response(connection, status=202, headers={"Location": location})
+
+
+def _one_per_phone(request: web.Request) -> bool:
+    """Does the Baileys server key sessions by phone number, one per phone (fazer)?"""
+    return dialect_class(request.app[settings_key].baileys_kind).keys_by_phone
+
+
+def _phone_required(request: web.Request) -> ProblemError:
+    kind = request.app[settings_key].baileys_kind
+    return ProblemError(
+        422,
+        "invalid-body",
+        "Invalid request body",
+        f"the Baileys server ({kind}) keys connections by phone number: phone_number is"
+        " required, in E.164 (e.g. +5511987654321)",
+        field="phone_number",
+    )
+
+
+def _phone_in_use(request: web.Request, exc: PhoneInUse) -> ProblemError:
+    kind = request.app[settings_key].baileys_kind
+    return ProblemError(
+        409,
+        "phone-in-use",
+        "Phone number in use",
+        f"the Baileys server ({kind}) holds one connection per phone number and connection"
+        f" {exc.connection_id} uses this one: delete it first (or recreate it)",
+        connection_id=str(exc.connection_id),
+    )
 
 
 def _check_login(
@@ -244,6 +280,7 @@ async def recreate(request: web.Request) -> web.Response:
         raise ProblemError(400, "malformed-json", "Malformed JSON", "send a JSON object") from None
     # the phone number may be the row's own (checked in the transaction)
     _check_login(request, req.login, req.phone_number, needs_phone=False)
+    one_per_phone = _one_per_phone(request)
     try:
         connection = await recreate_connection(
             request.app[pool_key],
@@ -252,8 +289,11 @@ async def recreate(request: web.Request) -> web.Response:
             _connection_id(request),
             req.login,
             req.phone_number,
+            one_per_phone=one_per_phone,
         )
     except PhoneNumberRequired:
+        if one_per_phone:
+            raise _phone_required(request) from None
         raise ProblemError(
             422,
             "invalid-body",
@@ -261,6 +301,8 @@ async def recreate(request: web.Request) -> web.Response:
             'login "code" needs phone_number, in E.164 (e.g. +5511987654321)',
             field="phone_number",
         ) from None
+    except PhoneInUse as exc:
+        raise _phone_in_use(request, exc) from None
     except ConnectionDeleted:
         raise ProblemError(
             409,

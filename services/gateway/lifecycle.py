@@ -15,7 +15,7 @@ import msgspec
 
 from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from proto.names import Names
-from proto.states import Status
+from proto.states import TERMINAL, Status
 from services.gateway.models import Connection
 from services.gateway.store import COLUMNS as _COLUMNS
 from services.gateway.store import change_of
@@ -27,6 +27,50 @@ from zapbus.tokens import session_name
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before with a different request body."""
+
+
+class PhoneInUse(Exception):
+    """A live connection of the tenant already uses the phone number, on a server that holds
+    one connection per phone (a second would silently take the first one's over)."""
+
+    def __init__(self, connection_id: uuid.UUID) -> None:
+        super().__init__(str(connection_id))
+        self.connection_id = connection_id
+
+
+_LIVE = [status.value for status in Status if status not in TERMINAL]
+
+
+async def _check_phone_free(
+    conn: asyncpg.Connection,
+    tenant_id: uuid.UUID,
+    phone_number: str,
+    connection_id: uuid.UUID | None = None,
+    idempotency_key: str | None = None,
+) -> None:
+    """Raise PhoneInUse when another live connection of the tenant uses ``phone_number``.
+
+    Takes a transaction-scoped lock on (tenant, phone) first, so two creates for one phone in
+    parallel are checked one after the other: the second sees the first's committed row. The
+    connection being recreated (``connection_id``) and the one an identical earlier create made
+    (same ``idempotency_key``) are not in the way.
+    """
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+        f"zapbus:phone:{tenant_id}:{phone_number}",
+    )
+    holder = await conn.fetchval(
+        "SELECT id FROM connections WHERE phone_number = $1 AND tenant_id = $2"
+        " AND status = ANY($3::text[]) AND id IS DISTINCT FROM $4"
+        " AND ($5::text IS NULL OR idempotency_key IS DISTINCT FROM $5) LIMIT 1",
+        phone_number,
+        tenant_id,
+        _LIVE,
+        connection_id,
+        idempotency_key,
+    )
+    if holder is not None:
+        raise PhoneInUse(holder)
 
 
 def request_hash(name: str, login: str = "qr", phone_number: str | None = None) -> bytes:
@@ -68,11 +112,14 @@ async def create_connection(
     idempotency_key: str | None,
     login: str = "qr",
     phone_number: str | None = None,
+    one_per_phone: bool = False,
 ) -> tuple[Connection, bool]:
     """Insert the connection and its create command atomically, in one round trip.
 
     Returns (connection, created); ``created`` is False when the Idempotency-Key matched an
-    earlier identical request, whose connection is returned instead.
+    earlier identical request, whose connection is returned instead. ``one_per_phone`` (a
+    server keyed by phone number): PhoneInUse when a live connection of the tenant uses the
+    phone (checked under a lock, in the insert's transaction).
     """
     connection_id = uuid.uuid4()
     digest = request_hash(name, login, phone_number)
@@ -105,8 +152,7 @@ async def create_connection(
         phone_number=phone_number,
         version=1,  # the column's default: the row's first version
     )
-    row = await pool.fetchrow(
-        _CREATE,
+    args = (
         connection_id,
         tenant_id,
         name,
@@ -121,6 +167,12 @@ async def create_connection(
         login,
         phone_number,
     )
+    if one_per_phone and phone_number is not None:
+        async with pool.acquire() as conn, conn.transaction():
+            await _check_phone_free(conn, tenant_id, phone_number, None, idempotency_key)
+            row = await conn.fetchrow(_CREATE, *args)
+    else:
+        row = await pool.fetchrow(_CREATE, *args)
     if row is not None:
         return _to_connection(row), True
     existing = await pool.fetchrow(
@@ -264,8 +316,10 @@ async def recreate_connection(
     connection_id: uuid.UUID,
     login: str | None = None,
     phone_number: str | None = None,
+    one_per_phone: bool = False,
 ) -> Connection | None:
     """Move to the next generation: a new session name, the old session deleted.
+    ``one_per_phone``: as in ``create_connection`` (PhoneNumberRequired without a phone).
 
     Commands and events of the old generation are fenced from then on (the worker checks the
     generation before creating; the projector ignores other generations).
@@ -285,8 +339,10 @@ async def recreate_connection(
         generation = old["generation"] + 1
         login = login or old["login"]
         phone_number = phone_number or old["phone_number"]
-        if login == "code" and not phone_number:
+        if (login == "code" or one_per_phone) and not phone_number:
             raise PhoneNumberRequired
+        if one_per_phone and phone_number:
+            await _check_phone_free(conn, tenant_id, phone_number, connection_id)
         create = CreateSession(
             command_id=uuid.uuid4(),
             connection_id=connection_id,

@@ -18,7 +18,8 @@ PhoneNumber = Annotated[str, msgspec.Meta(pattern=r"^\+[1-9][0-9]{7,14}$")]
 
 class CreateConnection(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/connections``. ``login`` "code": the user types a pairing code on
-    the phone with ``phone_number`` (E.164) instead of scanning a QR."""
+    the phone with ``phone_number`` (E.164) instead of scanning a QR. A server keyed by phone
+    number (fazer) needs ``phone_number`` and holds one live connection per phone."""
 
     name: Name
     login: Login = "qr"

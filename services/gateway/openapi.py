@@ -122,8 +122,16 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "202": _json("accepted", "Connection", _LOCATION),
                     "400": _problem("malformed JSON or Idempotency-Key"),
+                    "409": _problem(
+                        "phone-in-use: on a server keyed by phone number (fazer), a live"
+                        " connection of the tenant already uses phone_number (connection_id"
+                        " names it); nothing was sent to the server"
+                    ),
                     "413": _problem("body too large"),
-                    "422": _problem("invalid body, or Idempotency-Key reused with another body"),
+                    "422": _problem(
+                        "invalid body (on fazer, phone_number is required), or"
+                        " Idempotency-Key reused with another body"
+                    ),
                     **_AUTH,
                 },
             },
@@ -171,7 +179,10 @@ def build() -> dict[str, Any]:
                 "responses": {
                     "202": _json("next generation pending", "Connection", _LOCATION),
                     "400": _problem("malformed JSON"),
-                    "409": _problem("the connection was deleted"),
+                    "409": _problem(
+                        "the connection was deleted; or phone-in-use (fazer: another live"
+                        " connection of the tenant uses the phone number)"
+                    ),
                     "422": _problem("invalid body, or a login the server cannot do"),
                     **_FOUND,
                 },

@@ -94,15 +94,17 @@ REASON_CODES = frozenset(
     {
         "qr_refs_ended",  # nobody scanned: the QR codes ran out
         "logged_out",  # the phone logged the device out
-        "conflict_loop",  # the server gave up: it kept reconnecting in a loop
+        "conflict_loop",  # the server gave up reconnecting in a loop of 440s (replaced)
         "wrong_number",  # the phone that linked is not the one asked for
         "passkey_required",  # WhatsApp asked for a passkey, which Baileys cannot give
         "gave_up",  # the create failed on every attempt
         "timeout",  # no progress within the watchdog's deadline
-        "session_lost",  # the server lost the session (re-created, or given up on)
+        "session_lost",  # the server lost the session (re-created, or given up on; or it
+        # gave up reconnecting, after a QR, with no 440 seen)
         "bad_credentials",  # the server refused zapbus's API key
         "server_refused",  # the server refused the request or the session (403/411/500 ...)
-        "whatsapp_unreachable",  # the server cannot reach WhatsApp: closes before any QR
+        "whatsapp_unreachable",  # the server cannot reach WhatsApp: closes before any QR (and
+        # a server that gave up reconnecting before any QR)
         "connection_replaced",  # another client took the session (440), repeatedly
         "server_lost",  # its Baileys server was unreachable: moved to another (link again)
         "server_drained",  # moved off a drained Baileys server (link again)
@@ -369,14 +371,25 @@ def _status(
     text = reason if explains else None
     if early_close and not text:
         text = "the server closed the connection before any QR code"
-    new = _move(
-        row,
-        target,
-        text,
-        reason_code=reason_code_for(target, status, code, reason) if explains else None,
-        **changes,
-    )
+    reason_code = reason_code_for(target, status, code, reason) if explains else None
+    if reason_code == "conflict_loop":
+        reason_code = _loop_reason_code(row)
+    new = _move(row, target, text, reason_code=reason_code, **changes)
     return Outcome(row=new, applied=True, code=code, reason=reason)
+
+
+def _loop_reason_code(row: Row) -> str:
+    """Why a server gave up reconnecting (``reconnect_loop_detected``), from what the row saw:
+    440s (another client took the session) make it a conflict loop; closes before any QR, the
+    server cannot reach WhatsApp (fazer forwards no close codes: its loop of unreachable
+    WhatsApp looks like any other); after a QR or a link, the server lost the session."""
+    if row.conflicts > 0:
+        return "conflict_loop"
+    rank = RANK.get(row.status, RANK[Status.CONNECTED])
+    before_whatsapp = rank < RANK[Status.QR_READY] or row.status == Status.RECONNECTING
+    if before_whatsapp and row.qr_seq == 0 and row.account_phone is None:
+        return "whatsapp_unreachable"
+    return "session_lost"
 
 
 def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:

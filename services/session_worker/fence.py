@@ -34,6 +34,7 @@ log = logging.getLogger("zapbus.session_worker")
 
 _PRIMED_FOR_SECONDS = 1.0
 _CREATE_RUNS_IN = frozenset({Status.PENDING, Status.CREATING, Status.RECONNECTING})
+_LIVE = [status.value for status in Status if status not in TERMINAL]
 
 
 class Verdict(enum.Enum):
@@ -132,6 +133,27 @@ class Fence:
             if placed != cmd.server:
                 return Verdict.RUN  # not placed there (or not placed at all, for now)
         return verdict
+
+    async def phone_serves_another(self, cmd: DeleteSession) -> bool:
+        """Does another live connection use the delete's phone on its server? A server keyed
+        by phone (fazer) holds one connection per phone: it now serves that one, which its
+        delete would end. False when Postgres cannot be asked (the delete goes ahead)."""
+        if self.pool is None or cmd.phone_number is None:
+            return False
+        try:
+            other = await self.pool.fetchval(
+                "SELECT id FROM connections WHERE phone_number = $1 AND id <> $2"
+                " AND status = ANY($3::text[])"
+                " AND (server IS NULL OR $4::text IS NULL OR server = $4) LIMIT 1",
+                cmd.phone_number,
+                cmd.connection_id,
+                _LIVE,
+                cmd.server,
+            )
+        except db.UNAVAILABLE as exc:
+            log.warning("phone check skipped, database unavailable: %s", exc)
+            return False
+        return other is not None
 
     async def _read(
         self, connection_id: uuid.UUID, fresh: bool

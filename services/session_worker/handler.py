@@ -473,6 +473,8 @@ class CommandHandler:
                     # the reconciler finds the session once the server answers again.
                     await msg.ack()
                     return "deferred"
+                if server.dialect.keys_by_phone and await self.fence.phone_serves_another(cmd):
+                    continue  # the phone's server connection is another connection's now
                 await server.dialect.delete_session_of(cmd.session_name, cmd.phone_number)
                 server.breaker.record(server_down=False)
         except BaileysError as exc:

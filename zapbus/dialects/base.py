@@ -79,6 +79,10 @@ class Dialect(ABC):
     code_login: ClassVar[bool] = True
     # Can its sessions be read back (list or get)? The reconciler needs it.
     observable: ClassVar[bool] = True
+    # Does it key sessions by phone number, one per phone (fazer)? Then a create needs
+    # ``phone_number``, and one phone serves one live connection of a tenant (the gateway
+    # answers 409 phone-in-use for a second).
+    keys_by_phone: ClassVar[bool] = False
 
     def __init__(
         self, http: aiohttp.ClientSession, base_url: str, api_key: str, timeout_seconds: float

@@ -136,6 +136,7 @@ class FazerDialect(Dialect):
     kind = "fazer"
     code_login = False  # baileys-api v3 has no pairing-code route
     observable = False  # no route reads a connection back: the reconciler stays off
+    keys_by_phone = True  # one connection per phone number
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -202,8 +203,10 @@ class FazerDialect(Dialect):
 
     async def delete_session(self, name: str, phone_number: str | None = None) -> bool:
         """Log out and delete the server connection of ``name``'s phone. False when there was
-        none, or when a newer session of this process now uses that phone (deleting would end
-        that one: fazer holds one connection per phone)."""
+        none (404: it gave up, or was logged out), or when a later generation of the same
+        connection, created by this process, now uses that phone (deleting would end it:
+        fazer holds one connection per phone). Whether another connection uses the phone is
+        not known here: the worker asks Postgres first (``Fence.phone_serves_another``)."""
         known = self.phone_of(name)
         if phone_number is None and known is None:
             raise PermanentError(
@@ -212,8 +215,8 @@ class FazerDialect(Dialect):
             )
         phone = checked_phone(phone_number or known)
         holder = self._holders.get(phone)
-        if holder is not None and holder != name:
-            return False
+        if holder is not None and _later_generation(holder, name):
+            return False  # a later generation of this connection took the phone over
         answer = await self._call("DELETE", f"/connections/{quote(phone, safe='')}")
         if answer.status == 404:
             deleted = False
@@ -253,6 +256,15 @@ class FazerDialect(Dialect):
         if EPOCHS.stale(secret, epoch):
             return FazerDelivery(session=None, reports=[Unknown(name=STALE_EPOCH)], epoch=epoch)
         return FazerDelivery(session=None, reports=_reports(data), epoch=epoch)
+
+
+def _later_generation(a: str, b: str) -> bool:
+    """Is session ``a`` a later generation of ``b``'s connection (``zb_<connection>_g<n>``)?"""
+    a_connection, _, a_generation = a.rpartition("_g")
+    b_connection, _, b_generation = b.rpartition("_g")
+    if a_connection != b_connection or not (a_generation.isdigit() and b_generation.isdigit()):
+        return False
+    return int(a_generation) > int(b_generation)
 
 
 def _epoch(value: Any) -> int | None:

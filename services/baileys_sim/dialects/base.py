@@ -22,6 +22,7 @@ Happening = Literal[
     "logged_out",  # 401
     "qr_refs_ended",  # 408 "QR refs attempts ended": nobody scanned
     "pairing_code",  # a pairing code was issued: SimEvent.code
+    "gave_up",  # WhatsApp unreachable: closes before any QR until the server gives up
 ]
 
 

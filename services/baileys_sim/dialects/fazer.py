@@ -10,7 +10,10 @@ phone number.
 Webhooks ``{"event": "connection.update", "data": {..., "epoch"}, "webhookVerifyToken"}``, as
 fazer rewrites Baileys' connection state: closes it reconnects after (515 after a scan, 428)
 become ``{"connection": "reconnecting"}`` without a code; only 401 and 408 "QR refs attempts
-ended" arrive as ``close`` with ``lastDisconnect``. It has no pairing code.
+ended" arrive as ``close`` with ``lastDisconnect``. It has no pairing code. With
+``whatsapp_unreachable`` (SimConfig) a connection shows no QR: ten ``reconnecting``, then
+``{"error": "reconnect_loop_detected"}``, and the phone is forgotten (DELETE: 404), as the
+real server does when it cannot reach WhatsApp.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from services.baileys_sim.sessions import SimSession
 
 _PHONE = re.compile(r"\+\d{5,15}")
+RECONNECT_LIMIT = 10  # fazer's handleReconnecting gives up on the 11th reconnect in a row
 _QR_DATA_URL = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGAAAAAEAAH2FzhVAAAAAElFTkSuQmCC"  # noqa: E501
 
 
@@ -96,6 +100,11 @@ class FazerSim(SimDialect):
                 datas = [_closed(408, "Request Time-out", "QR refs attempts ended")]
             case "pairing_code":
                 datas = []  # fazer has no pairing code
+            case "gave_up":
+                # Every close (408 ENOTFOUND here) is hidden as "reconnecting"; the 11th in a
+                # row trips its guard: it stops and forgets the connection (DELETE: 404).
+                datas = [{"connection": "reconnecting"}] * RECONNECT_LIMIT
+                datas.append({"error": "reconnect_loop_detected"})
         epoch = self.epochs.get(session.name, 1)
         return [
             Webhook(
