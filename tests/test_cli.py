@@ -73,7 +73,9 @@ async def test_dlq_list_when_empty_and_replay_of_unknown(settings: Settings) -> 
     assert replayed.returncode == 1 and "no dead letter with sequence 999" in replayed.stderr
 
 
-@pytest.mark.parametrize("name", ["", "   ", "acme\nroot", "a\x1b[31mb", "bidi\u202eevil", "x\x00y"])
+@pytest.mark.parametrize(
+    "name", ["", "   ", "acme\nroot", "a\x1b[31mb", "bidi\u202eevil", "x\x00y"]
+)
 async def test_a_blank_tenant_name_or_one_with_control_characters_is_a_usage_error(
     settings: Settings, pool: asyncpg.Pool, name: str
 ) -> None:

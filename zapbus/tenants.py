@@ -10,7 +10,6 @@ import msgspec
 
 from zapbus.tokens import hash_api_key, new_api_key
 
-
 # Control and format characters, and line/paragraph separators: never in a tenant name.
 _UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
 
