@@ -12,11 +12,14 @@ from typing import Any
 
 import msgspec
 import pytest
+from aiohttp import web
 
+from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
-from tests.stack import FAST_SIM, Stack, start_stack, wait_for
+from tests.stack import FAST_SIM, Stack, serve, start_stack, wait_for
 from zapbus import cli
 from zapbus.config import Settings
+from zapbus.localinfra import free_port
 from zapbus.tokens import webhook_url
 
 FAST_RECONCILE: dict[str, Any] = {
@@ -213,6 +216,58 @@ async def test_without_a_list_route_each_wanted_session_is_asked_for(settings: S
         await stack.wait_status(connection["id"], "reconnecting")
         await stack.wait_status(connection["id"], "qr_ready")
         assert (await stack.sim("GET", "/_sim/stats"))["created"][connection["session_name"]] == 2
+
+
+async def test_a_list_item_that_cannot_be_read_is_never_counted_lost(settings: Settings) -> None:
+    """Issue 19 #12: the list route names the wanted session in a shape zapbus cannot read
+    (in front of the simulator, a server that answers its list so). The list is then not
+    complete: the session is asked for by name and found, never judged lost and re-created."""
+    sim_port = free_port()
+    sim_runner = await serve(create_sim(msgspec.structs.replace(FAST_SIM, port=sim_port)), sim_port)
+    sim_url = f"http://127.0.0.1:{sim_port}"
+    listed = 0
+
+    async def forward(request: web.Request) -> web.Response:
+        nonlocal listed
+        async with stack.http.request(
+            request.method,
+            sim_url + request.path_qs,
+            data=await request.read(),
+            headers={k: v for k, v in request.headers.items() if k.lower() != "host"},
+        ) as r:
+            body = await r.read()
+            if request.method == "GET" and request.path == "/sessions" and r.status == 200:
+                doc = msgspec.json.decode(body)
+                # the same sessions, each named under a key no dialect reads
+                doc["data"] = [{"sessionName": i["name"]} for i in doc["data"]]
+                body = msgspec.json.encode(doc)
+                listed += 1
+            return web.Response(body=body, status=r.status, content_type=r.content_type)
+
+    proxy = web.Application()
+    proxy.router.add_route("*", "/{tail:.*}", forward)
+    try:
+        async with start_stack(settings, None, **FAST_RECONCILE) as stack:
+            front = await serve(proxy, stack.sim_port)
+            try:
+                connection = await stack.create("odd-list")
+                await stack.wait_status(connection["id"], "qr_ready")
+                seen = listed
+
+                async def sweeps() -> bool:
+                    return listed >= seen + 4
+
+                await wait_for("four sweeps of the odd list", sweeps, timeout=30)
+                stats = await stack.sim("GET", "/_sim/stats")
+                assert stats["created"] == {connection["session_name"]: 1}
+                _, row = await stack.get(connection["id"])
+                assert row["status"] == "qr_ready"
+                history = await _history(stack, connection["id"])
+                assert not [h for h in history if h["event_type"].startswith("reconcile.")]
+            finally:
+                await front.cleanup()
+    finally:
+        await sim_runner.cleanup()
 
 
 async def test_cli_dry_run_shows_the_drift_then_a_run_repairs_it(

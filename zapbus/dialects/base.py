@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import ClassVar, Literal
 
 import aiohttp
@@ -24,6 +24,20 @@ class ServerSession(msgspec.Struct, frozen=True):
 
     name: str
     state: str | None = None
+
+
+class SessionList(list[ServerSession]):
+    """A server's list of sessions. ``unreadable``: items of its answer that could not be read
+    (no name we can find): any of them may be a session zapbus wants, so a list with any is
+    not ``complete`` and no session may be judged missing from it."""
+
+    def __init__(self, sessions: Iterable[ServerSession] = (), unreadable: int = 0) -> None:
+        super().__init__(sessions)
+        self.unreadable = unreadable
+
+    @property
+    def complete(self) -> bool:
+        return self.unreadable == 0
 
 
 class CreateSessionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,7 +113,8 @@ class Dialect(ABC):
 
     @abstractmethod
     async def list_sessions(self) -> list[ServerSession] | None:
-        """Every session the server holds; None when it has no list route."""
+        """Every session the server holds; None when it has no list route. A ``SessionList``
+        says whether every item could be read (a plain list: all were)."""
 
     @abstractmethod
     async def delete_session(self, name: str) -> bool:

@@ -62,7 +62,7 @@ from zapbus.dialects.base import (
     ServerSession,
 )
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, error_for_status
-from zapbus.dialects.http import ALREADY_EXISTS, Answer, call, session_from
+from zapbus.dialects.http import ALREADY_EXISTS, Answer, call, sessions_from
 from zapbus.dialects.reports import (
     Delivery,
     PayloadError,
@@ -138,7 +138,8 @@ class WahaDialect(Dialect):
         raise _error(answer)
 
     async def list_sessions(self) -> list[ServerSession] | None:
-        """Every session, STOPPED ones too (``all=true``); items we cannot read are skipped."""
+        """Every session, STOPPED ones too (``all=true``); items we cannot read are counted
+        (the list is then not complete)."""
         answer = await self._call("GET", "/api/sessions?all=true")
         if answer.status in (404, 405):
             return None
@@ -150,7 +151,7 @@ class WahaDialect(Dialect):
                 f" {answer.text[:200]}",
                 answer.status,
             )
-        return [s for item in answer.body if (s := session_from(item)) is not None]
+        return sessions_from(answer.body)
 
     async def get_session(self, name: str) -> ServerSession | None:
         answer = await self._call("GET", f"/api/sessions/{quote(name, safe='')}")
