@@ -51,6 +51,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # back when the simulator starts again, as on a server with persistent auth state: a
     # restart after SIGKILL still holds them.
     state_file: str = ""
+    # The waha dialect answers as WAHA Core does: only the session named "default" (others:
+    # 422 with Core's words, their GET 404), /api/server/version says "tier": "CORE", and
+    # webhooks are not signed.
+    waha_core: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -134,6 +138,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_WEBHOOK_IDS": ("webhook_ids", _parse_bool),
     "ZAPBUS_SIM_LIST_ROUTE": ("list_route", _parse_bool),
     "ZAPBUS_SIM_STATE_FILE": ("state_file", str),
+    "ZAPBUS_SIM_WAHA_CORE": ("waha_core", _parse_bool),
 }
 
 

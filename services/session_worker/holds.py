@@ -29,8 +29,7 @@ _RENEW = (
     " WHERE id = ANY($1::uuid[])"
 )
 _RELEASE = (
-    "UPDATE connections SET held_until = NULL"
-    " WHERE id = ANY($1::uuid[]) AND held_until IS NOT NULL"
+    "UPDATE connections SET held_until = NULL WHERE id = ANY($1::uuid[]) AND held_until IS NOT NULL"
 )
 
 

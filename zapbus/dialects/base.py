@@ -6,6 +6,7 @@ Supporting a fifth server means adding one file and naming it in ``KINDS``.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -15,6 +16,9 @@ import aiohttp
 import msgspec
 
 from zapbus.dialects.reports import Delivery
+from zapbus.servers import public_url
+
+log = logging.getLogger("zapbus.dialects")
 
 Login = Literal["qr", "code"]
 
@@ -102,6 +106,20 @@ class Dialect(ABC):
         self.api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.short_timeout = aiohttp.ClientTimeout(total=min(10.0, timeout_seconds))
+        # Why this server cannot serve zapbus (WAHA Core), once found (``mark_unfit``)
+        self.unfit: str | None = None
+
+    async def check_fit(self) -> str | None:
+        """Ask the server whether it can serve zapbus: why not (and ``mark_unfit``), or None
+        when it can or cannot tell. BaileysError when it does not answer."""
+        return None
+
+    def mark_unfit(self, reason: str) -> None:
+        """Record why this server cannot serve zapbus; the first time, log it as an error."""
+        if self.unfit is None:
+            where = public_url(self.base_url)
+            log.error("Baileys server %s cannot serve zapbus: %s", where, reason)
+        self.unfit = reason
 
     @abstractmethod
     async def create_session(self, req: CreateSessionRequest) -> CreateSessionResult:
