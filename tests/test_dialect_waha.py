@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -589,7 +590,7 @@ async def test_core_is_found_by_its_version_route_and_plus_is_not(
 
 
 async def test_e2e_on_a_pool_of_waha_core_nothing_but_the_create_is_dead_lettered(
-    settings: Settings,
+    settings: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A pool of two WAHA Core servers: the worker's /readyz says WAHA Plus is required; a
     create refused on both fails (server_refused) without a cleanup delete (Core made no
@@ -644,6 +645,13 @@ async def test_e2e_on_a_pool_of_waha_core_nothing_but_the_create_is_dead_lettere
             assert [item.letter.command.kind for item in letters if item.letter.command] == [
                 "create"
             ]
+            said = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "WAHA Plus" in r.getMessage()
+            ]
+            assert len(said) == 2, said  # one error per server, however often it refused
+            assert all("cannot serve zapbus: WAHA Core 2024.10.8" in m for m in said), said
     finally:
         for runner in runners:
             await runner.cleanup()
