@@ -55,6 +55,10 @@ class CreateFailed(_Event, frozen=True, kw_only=True, tag="create.failed"):
 class SessionDeleted(_Event, frozen=True, kw_only=True, tag="session.deleted"):
     """The Baileys session of this generation is gone (or never existed)."""
 
+    # The server had no such session (a 404, or a refusal meaning "not found"): nothing was
+    # removed by this delete.
+    already_gone: bool = False
+
 
 class QrUpdated(_Event, frozen=True, kw_only=True, tag="qr.updated"):
     """The Baileys server sent a (new) QR code for the session."""

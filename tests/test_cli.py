@@ -10,16 +10,24 @@ import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import msgspec
 import pytest
 
-from proto.commands import CreateSession, DeadLetter, dead_letter_encoder
+from proto.commands import (
+    Command,
+    CreateSession,
+    DeadLetter,
+    DeleteSession,
+    RequestPairingCode,
+    dead_letter_encoder,
+)
 from zapbus import bus
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import Infra, free_port, write_state
-from zapbus.tenants import tenant_for_key
+from zapbus.tenants import create_tenant, tenant_for_key
 
 ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
 
@@ -63,6 +71,69 @@ async def test_dlq_list_when_empty_and_replay_of_unknown(settings: Settings) -> 
     assert listed.stdout.strip() == "no dead letters"
     replayed = run(settings, "dlq", "replay", "999")
     assert replayed.returncode == 1 and "no dead letter with sequence 999" in replayed.stderr
+
+
+@pytest.mark.parametrize(
+    "name", ["", "   ", "acme\nroot", "a\x1b[31mb", "bidi\u202eevil", "x\x00y"]
+)
+async def test_a_blank_tenant_name_or_one_with_control_characters_is_a_usage_error(
+    settings: Settings, pool: asyncpg.Pool, name: str
+) -> None:
+    out = run(settings, "tenant", "create", name) if "\x00" not in name else None
+    if out is not None:
+        assert out.returncode == 2, (out.stdout, out.stderr)
+        assert "usage:" in out.stderr and "tenant name" in out.stderr
+    assert await pool.fetchval("SELECT count(*) FROM tenants") == 0
+    with pytest.raises(ValueError, match="tenant name"):
+        await create_tenant(pool, name)
+
+
+@pytest.mark.parametrize("seq", ["-5", "0", "five", "1.5"])
+def test_dlq_replay_of_a_sequence_that_is_not_one_is_a_usage_error(
+    settings: Settings, seq: str
+) -> None:
+    out = run(settings, "dlq", "replay", seq)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "usage:" in out.stderr and "Traceback" not in out.stderr
+    assert "a sequence is a whole number from 1" in out.stderr
+
+
+async def test_dlq_list_shows_each_letters_command_kind(settings: Settings) -> None:
+    nc = await bus.connect(settings.nats_url, "test-dlq-kinds")
+    js = nc.jetstream()
+    await bus.ensure_streams(js, settings.names)
+    common: dict[str, Any] = {
+        "connection_id": uuid.uuid4(),
+        "tenant_id": uuid.uuid4(),
+        "generation": 1,
+        "session_name": "s",
+        "requested_at": datetime.now(UTC),
+    }
+    commands: list[Command | None] = [
+        CreateSession(command_id=uuid.uuid4(), **common),
+        DeleteSession(command_id=uuid.uuid4(), **common),
+        RequestPairingCode(command_id=uuid.uuid4(), phone_number="+5511987654321", **common),
+        None,  # undecodable
+    ]
+    try:
+        for n, cmd in enumerate(commands):
+            letter = DeadLetter(
+                command=cmd,
+                raw="{}",
+                subject="x",
+                error="boom",
+                reason="permanent" if cmd else "undecodable",
+                deliveries=1,
+                stream_seq=n,
+                failed_at=datetime.now(UTC),
+            )
+            await js.publish(settings.names.dead_letter_subject, dead_letter_encoder.encode(letter))
+    finally:
+        await nc.close()
+    listed = run(settings, "dlq", "list")
+    assert listed.returncode == 0, listed.stderr
+    kinds = [line.split("\t")[2] for line in listed.stdout.strip().splitlines()]
+    assert kinds == ["create", "delete", "pairing code", "unknown"]
 
 
 def test_bad_configuration_names_the_variable() -> None:

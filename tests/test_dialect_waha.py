@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -22,11 +23,13 @@ from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from services.baileys_sim.sessions import SessionRegistry
 from services.projector.transitions import state_for_report
-from tests.stack import FAST_SIM, start_stack, wait_for
+from tests.stack import FAST_SIM, serve, start_stack, wait_for
+from zapbus import bus, dlq
 from zapbus.config import Settings
 from zapbus.dialects import dialect_class
 from zapbus.dialects.base import CreateSessionRequest, ServerSession
 from zapbus.dialects.errors import PermanentError, RetryableError
+from zapbus.dialects.removal import delete_or_gone
 from zapbus.dialects.reports import (
     Delivery,
     PayloadError,
@@ -36,6 +39,7 @@ from zapbus.dialects.reports import (
     Unknown,
 )
 from zapbus.dialects.waha import WahaDialect
+from zapbus.localinfra import free_port
 from zapbus.signing import SignatureError
 from zapbus.tokens import session_name, webhook_signing_key, webhook_url
 
@@ -540,3 +544,114 @@ def test_the_linked_account_is_read_from_me() -> None:
         "Loja",
     )
     assert StatusReport(status="connected").account_phone is None
+
+
+# --- WAHA Core: a stand-in that answers as Core does (issue 19 #4) --------------------------
+
+
+@pytest.fixture
+async def core() -> AsyncIterator[WahaDialect]:
+    config = SimConfig(kind="waha", api_key="waha-key", create_delay=(0.01, 0.02), waha_core=True)
+    server = TestServer(create_sim(config))
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as http:
+            yield WahaDialect(http, str(server.make_url("/")), "waha-key", 5.0)
+    finally:
+        await server.close()
+
+
+async def test_core_refuses_any_session_but_default_and_says_plus_is_required(
+    core: WahaDialect,
+) -> None:
+    req = CreateSessionRequest(
+        name="zb_x_g1", webhook_url="http://127.0.0.1:9/h", webhook_secret=KEY
+    )
+    with pytest.raises(PermanentError, match="WAHA Plus") as info:
+        await core.create_session(req)
+    assert info.value.status == 422
+    assert core.unfit is not None and "WAHA Plus" in core.unfit
+    assert await core.get_session("zb_x_g1") is None  # Core's GET of another name: 404
+    with pytest.raises(PermanentError, match="422"):
+        await core.delete_session("zb_x_g1")  # Core's delete of another name: 422
+    # the generic delete path: a refusal whose GET says "none" is a session gone already
+    assert await delete_or_gone(core, "zb_x_g1", None) is False
+    created = await core.create_session(msgspec.structs.replace(req, name="default"))
+    assert not created.already_existed  # "default" is served
+
+
+async def test_core_is_found_by_its_version_route_and_plus_is_not(
+    core: WahaDialect, sim: Sim
+) -> None:
+    reason = await core.check_fit()
+    assert reason is not None and "WAHA Core 2024.10.8" in reason and "WAHA Plus" in reason
+    assert core.unfit == reason
+    assert await sim.client.check_fit() is None and sim.client.unfit is None
+
+
+async def test_e2e_on_a_pool_of_waha_core_nothing_but_the_create_is_dead_lettered(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A pool of two WAHA Core servers: the worker's /readyz says WAHA Plus is required; a
+    create refused on both fails (server_refused) without a cleanup delete (Core made no
+    session); the tenant's delete then finds the session already gone: done, not
+    dead-lettered, and history says so."""
+    ports = {name: free_port() for name in ("a", "b")}
+    core_sim = msgspec.structs.replace(FAST_SIM, kind="waha", waha_core=True)
+    runners = [
+        await serve(create_sim(msgspec.structs.replace(core_sim, port=p)), p)
+        for p in ports.values()
+    ]
+    urls = ",".join(f"{n}=http://127.0.0.1:{p}" for n, p in ports.items())
+    try:
+        async with start_stack(settings, None, baileys_urls=urls, baileys_kind="waha") as stack:
+
+            async def unready() -> dict[str, Any] | None:
+                async with stack.http.get(f"{stack.worker_url}/readyz") as r:
+                    body: dict[str, Any] = await r.json()
+                    why = body.get("reasons", {}).get("baileys_servers", "")
+                    return body if r.status == 503 and "WAHA Plus" in why else None
+
+            ready = await wait_for("the worker's /readyz to say WAHA Plus is required", unready)
+            assert ready["checks"]["baileys_servers"] is False
+
+            created = await stack.create("core")
+            failed = await stack.wait_status(created["id"], "failed", timeout=30)
+            assert failed["reason_code"] == "server_refused"
+            assert "WAHA Plus" in failed["status_reason"]
+
+            async with stack.http.delete(
+                f"{stack.gateway_url}/v1/connections/{created['id']}", headers=stack.auth()
+            ) as r:
+                assert r.status == 202
+
+            async def deleted() -> list[dict[str, Any]] | None:
+                async with stack.http.get(
+                    f"{stack.gateway_url}/v1/connections/{created['id']}/history",
+                    headers=stack.auth(),
+                ) as r:
+                    items: list[dict[str, Any]] = (await r.json())["items"]
+                done = [h for h in items if h["event_type"] == "session.deleted"]
+                return done or None
+
+            done = await wait_for("the tenant's delete to be done", deleted, timeout=30)
+            assert [h["reason"] for h in done] == ["session already gone from the server"]
+            assert await stack.pool.fetchval("SELECT count(*) FROM session_deletes") == 0
+            nc = await bus.connect(stack.settings.nats_url, "test-core-dlq")
+            try:
+                letters = await dlq.list_letters(nc.jetstream(), stack.settings.names)
+            finally:
+                await nc.close()
+            assert [item.letter.command.kind for item in letters if item.letter.command] == [
+                "create"
+            ]
+            said = [
+                r.getMessage()
+                for r in caplog.records
+                if r.levelno == logging.ERROR and "WAHA Plus" in r.getMessage()
+            ]
+            assert len(said) == 2, said  # one error per server, however often it refused
+            assert all("cannot serve zapbus: WAHA Core 2024.10.8" in m for m in said), said
+    finally:
+        for runner in runners:
+            await runner.cleanup()

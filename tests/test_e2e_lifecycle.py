@@ -291,3 +291,38 @@ async def test_breaker_makes_commands_wait_for_a_down_server(settings: Settings)
                 if h["event_type"] == "create.started"
             ]
         assert started and min(started) > back_at, (started, back_at)
+
+
+async def test_a_delete_the_server_answers_404_says_the_session_was_already_gone(
+    settings: Settings,
+) -> None:
+    """Issue 19 #5: the server lost the session (a restart), so its delete answers 404: the
+    delete is done, and history says the session was already gone, not that it was removed."""
+    async with start_stack(settings, reconcile_interval_seconds=3600) as stack:
+        lost, kept = await stack.create("lost"), await stack.create("kept")
+        for connection in (lost, kept):
+            await stack.wait_status(connection["id"], "qr_ready")
+        await stack.sim("POST", "/_sim/restart")  # both sessions gone, silently
+        await _post(stack, f"/v1/connections/{kept['id']}/recreate")
+        await stack.wait_status(kept["id"], "qr_ready")  # generation 2 is on the server
+        for connection in (kept, lost):
+            async with stack.http.delete(
+                f"{stack.gateway_url}/v1/connections/{connection['id']}", headers=stack.auth()
+            ) as r:
+                assert r.status == 202
+
+        async def deleted(connection: dict[str, Any], generation: int) -> Any:
+            _, body = await _get(stack, f"/v1/connections/{connection['id']}/history")
+            done = [
+                h["reason"]
+                for h in body["items"]
+                if h["event_type"] == "session.deleted" and h["generation"] == generation
+            ]
+            return done or None
+
+        assert await wait_for("the lost one's delete", lambda: deleted(lost, 1)) == [
+            "session already gone from the server"
+        ]
+        assert await wait_for("the kept one's delete", lambda: deleted(kept, 2)) == [
+            "session removed from the server"
+        ]

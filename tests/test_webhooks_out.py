@@ -478,3 +478,29 @@ async def test_gateway_changes_say_the_previous_status_and_make_no_status_event_
     for body in rec.bodies():
         msgspec.convert(body, ConnectionEvent, strict=False)
         assert set(body["data"]) == set(ConnectionEventData.__struct_fields__), body
+
+
+async def test_parallel_creates_never_pass_the_per_tenant_limit(stack: Stack) -> None:
+    """Issue 19 #12: the count and the insert ran apart, so creates in parallel each saw room."""
+    from services.gateway.webhooks import MAX_ENDPOINTS_PER_TENANT
+
+    for n in range(MAX_ENDPOINTS_PER_TENANT - 5):
+        await add_endpoint(stack, f"http://127.0.0.1:9/before-{n}")
+
+    async def create(n: int) -> int:
+        async with stack.http.post(
+            f"{stack.gateway_url}/v1/webhooks",
+            json={"url": f"http://127.0.0.1:9/race-{n}", "events": ["*"]},
+            headers=stack.auth(),
+        ) as r:
+            if r.status == 409:
+                assert (await r.json(content_type=None))["type"].endswith("too-many-webhooks")
+            return r.status
+
+    statuses = await asyncio.gather(*(create(n) for n in range(40)))
+    assert sorted(set(statuses)) == [201, 409], statuses
+    assert statuses.count(201) == 5
+    count = await stack.pool.fetchval(
+        "SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1", stack.tenant_id
+    )
+    assert count == MAX_ENDPOINTS_PER_TENANT

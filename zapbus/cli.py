@@ -16,7 +16,7 @@ from zapbus import bus, db, dlq, servercli, topology
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.localinfra import read_state
 from zapbus.servers import public_url
-from zapbus.tenants import create_tenant, list_tenants, rotate_key
+from zapbus.tenants import check_tenant_name, create_tenant, list_tenants, rotate_key
 
 # a command gives up on an unreachable NATS after these reconnects (a few seconds)
 CLI_NATS_ATTEMPTS = 3
@@ -80,8 +80,9 @@ async def _dlq_list(settings: Settings) -> int:
     for item in letters:
         d = item.letter
         target = f"{d.command.connection_id} gen {d.command.generation}" if d.command else "-"
+        kind = d.command.kind.replace("_", " ") if d.command else "unknown"
         print(
-            f"{item.seq}\t{d.failed_at:%Y-%m-%d %H:%M:%S}\t{d.reason}\t{target}"
+            f"{item.seq}\t{d.failed_at:%Y-%m-%d %H:%M:%S}\t{kind}\t{d.reason}\t{target}"
             f"\t{d.deliveries} deliveries\t{d.error}"
         )
     return 0
@@ -199,6 +200,25 @@ def _over_state(found: dict[str, str], env: Mapping[str, str]) -> dict[str, str]
     return {**kept, **env}
 
 
+def _sequence(text: str) -> int:
+    """A dead letter's stream sequence: a whole number from 1 (argparse type)."""
+    try:
+        seq = int(text)
+    except ValueError:
+        seq = 0
+    if seq < 1:
+        raise argparse.ArgumentTypeError(f"a sequence is a whole number from 1, not {text!r}")
+    return seq
+
+
+def _tenant_name(text: str) -> str:
+    """A tenant name: not blank, no control characters (argparse type)."""
+    try:
+        return check_tenant_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="zapbus", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -209,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     tenant = sub.add_parser("tenant", help="manage tenants").add_subparsers(
         dest="action", required=True
     )
-    tenant.add_parser("create", help="create a tenant and print its API key").add_argument("name")
+    tenant.add_parser("create", help="create a tenant and print its API key").add_argument(
+        "name", type=_tenant_name
+    )
     tenant.add_parser("list", help="list tenants")
     key = sub.add_parser("key", help="manage API keys").add_subparsers(dest="action", required=True)
     key.add_parser("rotate", help="give a tenant a new API key").add_argument("name")
@@ -218,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     letters.add_parser("list", help="list dead letters")
     letters.add_parser("replay", help="queue a dead letter's command again").add_argument(
-        "seq", type=int, help="the dead letter's sequence, as `dlq list` shows it"
+        "seq", type=_sequence, help="the dead letter's sequence, as `dlq list` shows it"
     )
     hooks = sub.add_parser("webhooks", help="webhook deliveries").add_subparsers(
         dest="action", required=True

@@ -78,6 +78,10 @@ log_fields_key = web.RequestKey("log_fields", dict[str, object])
 # Checks reported by /readyz but not required for readiness (e.g. the gateway keeps accepting
 # requests into its outbox while NATS is away, so NATS must not take it out of rotation).
 optional_checks_key = web.AppKey("optional_checks", set[str])
+# Why the service cannot do its work though its dependencies answer (a Baileys server of the
+# wrong kind), by part: each names the reason or None; /readyz is 503 with the reasons while
+# any does.
+not_ready_key = web.AppKey("not_ready", dict[str, Callable[[], str | None]])
 # Why the process should be restarted (a loop that keeps crashing), by part; /healthz answers
 # 503 while this is not empty.
 unhealthy_key = web.AppKey("unhealthy", dict[str, str])
@@ -233,9 +237,14 @@ async def readyz(request: web.Request) -> web.Response:
             results[name] = bool(await outcome if not isinstance(outcome, bool) else outcome)
         except Exception:
             results[name] = False
+    reasons = {name: why for name, says in request.app[not_ready_key].items() if (why := says())}
+    results.update(dict.fromkeys(reasons, False))
     optional = request.app[optional_checks_key]
     ok = all(passed for name, passed in results.items() if name not in optional)
-    return json_response({"ready": ok, "checks": results}, status=200 if ok else 503)
+    body: dict[str, Any] = {"ready": ok, "checks": results}
+    if reasons:
+        body["reasons"] = reasons
+    return json_response(body, status=200 if ok else 503)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -252,6 +261,7 @@ def base_app(service: str, client_max_size: int = 1024**2) -> web.Application:
     app[registry_key] = CollectorRegistry()
     app[ready_checks_key] = {}
     app[optional_checks_key] = set()
+    app[not_ready_key] = {}
     app[unhealthy_key] = {}
     app.middlewares.append(_make_middleware(app))
     app.router.add_get("/healthz", healthz)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
 
 import asyncpg
@@ -9,16 +10,32 @@ import msgspec
 
 from zapbus.tokens import hash_api_key, new_api_key
 
+# Control and format characters, and line/paragraph separators: never in a tenant name.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
 
 class Tenant(msgspec.Struct, frozen=True, kw_only=True):
     id: uuid.UUID
     name: str
 
 
+def check_tenant_name(name: str) -> str:
+    """``name`` if it can name a tenant: not blank, without control or format characters
+    (newlines, escapes, bidi overrides); else ValueError saying why."""
+    if not name.strip():
+        raise ValueError("a tenant name must not be empty or blank")
+    bad = next((ch for ch in name if unicodedata.category(ch) in _UNPRINTABLE), None)
+    if bad is not None:
+        raise ValueError(f"a tenant name must not hold control characters (found {bad!r})")
+    return name
+
+
 async def create_tenant(
     conn: asyncpg.Connection | asyncpg.Pool, name: str, api_key: str | None = None
 ) -> tuple[Tenant, str]:
-    """Create a tenant; return it and its API key (a new random one unless given)."""
+    """Create a tenant; return it and its API key (a new random one unless given).
+    ValueError for a name ``check_tenant_name`` refuses."""
+    check_tenant_name(name)
     key = api_key or new_api_key()
     tenant = Tenant(id=uuid.uuid4(), name=name)
     await conn.execute(

@@ -44,6 +44,7 @@ class _ConfigPatch(msgspec.Struct, forbid_unknown_fields=True):
     webhook_ids: bool | None = None
     delete_fail_rate: float | None = None
     list_route: bool | None = None
+    waha_core: bool | None = None
 
 
 def _registry(request: web.Request) -> SessionRegistry:

@@ -55,6 +55,10 @@ class SimConfig(msgspec.Struct, frozen=True, kw_only=True):
     # closes it retries, gives up and drops the session (SimEvent "gave_up"). Rendered by the
     # fazer dialect only (reconnecting x10, then reconnect_loop_detected).
     whatsapp_unreachable: bool = False
+    # The waha dialect answers as WAHA Core does: only the session named "default" (others:
+    # 422 with Core's words, their GET 404), /api/server/version says "tier": "CORE", and
+    # webhooks are not signed.
+    waha_core: bool = False
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -148,6 +152,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "ZAPBUS_SIM_LIST_ROUTE": ("list_route", _parse_bool),
     "ZAPBUS_SIM_STATE_FILE": ("state_file", str),
     "ZAPBUS_SIM_WHATSAPP_UNREACHABLE": ("whatsapp_unreachable", _parse_bool),
+    "ZAPBUS_SIM_WAHA_CORE": ("waha_core", _parse_bool),
 }
 
 

@@ -13,6 +13,7 @@ import base64
 import contextlib
 import os
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Coroutine
@@ -93,6 +94,8 @@ class SessionRegistry:
         self.created_count: Counter[str] = Counter()
         # every delete asked for, by name (answered or not): did the client send it?
         self.delete_requests: Counter[str] = Counter()
+        # name -> when each create of it reached the server (Unix time), for tests to time
+        self.create_requests: dict[str, list[float]] = {}
         self._reserved: set[str] = set()
         self._ended: dict[str, SimSession] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -149,6 +152,7 @@ class SessionRegistry:
     ) -> CreateOutcome:
         """A create as a slow, flaky server does it: reserve the name, wait the create delay,
         then create (or fail); sometimes create and then hang before answering."""
+        self.create_requests.setdefault(name, []).append(time.time())
         if not self.reserve(name):
             self._metrics.create_requests.labels("conflict").inc()
             return "exists"
@@ -299,6 +303,7 @@ class SessionRegistry:
         """The JSON of ``GET /_sim/stats``."""
         return {
             "created": dict(self.created_count),
+            "create_requested_at": {n: list(t) for n, t in self.create_requests.items()},
             "live": sorted(self.live),
             "states": {name: session.status for name, session in sorted(self.live.items())},
             "webhooks_sent": self.webhooks.sent,

@@ -83,26 +83,30 @@ async def create(request: web.Request) -> web.Response:
             422, "webhook-url-refused", "Webhook URL refused", str(exc), field="url"
         ) from None
     pool, tenant_id, secret = request.app[pool_key], request[tenant_key].id, new_secret()
-    count = await pool.fetchval(
-        "SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1", tenant_id
-    )
-    if count >= MAX_ENDPOINTS_PER_TENANT:
-        raise ProblemError(
-            409,
-            "too-many-webhooks",
-            "Too many webhook endpoints",
-            f"at most {MAX_ENDPOINTS_PER_TENANT} per tenant; delete one first",
+    async with pool.acquire() as conn, conn.transaction():
+        # The tenant's row locked: parallel creates count one after the other, so together
+        # they never pass the limit.
+        await conn.execute("SELECT 1 FROM tenants WHERE id = $1 FOR UPDATE", tenant_id)
+        count = await conn.fetchval(
+            "SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1", tenant_id
         )
-    row = await pool.fetchrow(
-        "INSERT INTO webhook_endpoints (id, tenant_id, url, events, description, secret)"
-        f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
-        uuid.uuid4(),
-        tenant_id,
-        url,
-        sorted(set(req.events)),
-        req.description,
-        secret,
-    )
+        if count >= MAX_ENDPOINTS_PER_TENANT:
+            raise ProblemError(
+                409,
+                "too-many-webhooks",
+                "Too many webhook endpoints",
+                f"at most {MAX_ENDPOINTS_PER_TENANT} per tenant; delete one first",
+            )
+        row = await conn.fetchrow(
+            "INSERT INTO webhook_endpoints (id, tenant_id, url, events, description, secret)"
+            f" VALUES ($1, $2, $3, $4, $5, $6) RETURNING {_COLUMNS}",
+            uuid.uuid4(),
+            tenant_id,
+            url,
+            sorted(set(req.events)),
+            req.description,
+            secret,
+        )
     return json_response(
         _endpoint(row, secret), status=201, headers={"Location": f"/v1/webhooks/{row['id']}"}
     )

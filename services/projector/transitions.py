@@ -402,11 +402,12 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
     match event:
         case CreateStarted() | SessionCreated() | CreateRetrying() | CreateFailed():
             return _worker_event(row, event)
-        case SessionDeleted():
+        case SessionDeleted(already_gone=gone):
             # The server's session is gone; the row says what the tenant wants. Only the
             # gateway's delete makes a row `deleted` (a session the reconciler removed from
             # a failed row leaves it failed). Recorded in history, never applied.
-            return Outcome(row=row, applied=False, reason="session removed from the server")
+            said = "already gone from the server" if gone else "removed from the server"
+            return Outcome(row=row, applied=False, reason=f"session {said}")
         case PairingCodeShown(code=code, occurred_at=at):
             return _pairing_code(row, code, at, policy)
         case WebhookIgnored(event=name):

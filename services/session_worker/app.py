@@ -11,6 +11,7 @@ from nats.js import api as js_api
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import Policy
 from services.session_worker.fence import Fence
+from services.session_worker.fitness import FitnessCheck, why_unfit
 from services.session_worker.handler import CommandHandler
 from services.session_worker.holds import Holds
 from services.session_worker.manager import PoolManager, PoolMetrics
@@ -22,7 +23,7 @@ from services.session_worker.retry import RetryPolicy
 from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
 from zapbus.dialects import make_dialect
-from zapbus.httpkit import base_app, registry_key
+from zapbus.httpkit import base_app, not_ready_key, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
 http_key = web.AppKey("http", aiohttp.ClientSession)
@@ -32,6 +33,7 @@ metrics_key = web.AppKey("worker_metrics", WorkerMetrics)
 holds_key = web.AppKey("holds", Runner)
 reconciler_key = web.AppKey("reconciler", Runner)
 manager_key = web.AppKey("pool_manager", Runner)
+fitness_key = web.AppKey("fitness", Runner)
 
 
 def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -84,6 +86,7 @@ async def servers_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = WorkerMetrics(app[registry_key])
     app[metrics_key] = metrics
     app[servers_key] = build_servers(app[settings_key], app[http_key], metrics)
+    app[not_ready_key]["baileys_servers"] = lambda: why_unfit(app[servers_key])
     yield
     await app[servers_key].close()
 
@@ -122,6 +125,11 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         # the rest of the grace is for handing interrupted commands back
         grace_seconds=settings.shutdown_grace_seconds * 0.6,
     )
+
+
+def build_fitness(app: web.Application) -> FitnessCheck:
+    every = app[settings_key].baileys_health_interval_seconds
+    return FitnessCheck(app[servers_key], every_seconds=every)
 
 
 def build_reconciler(app: web.Application) -> Reconciler:
@@ -170,6 +178,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(nats_ctx("session_worker"))
     app.cleanup_ctx.append(http_ctx)
     app.cleanup_ctx.append(servers_ctx)
+    app.cleanup_ctx.append(runner_ctx("fitness", fitness_key, build_fitness))
     app.cleanup_ctx.append(runner_ctx("pool_manager", manager_key, build_manager))
     app.cleanup_ctx.append(runner_ctx("command_consumer", consumer_key, build_consumer))
     app.cleanup_ctx.append(runner_ctx("holds", holds_key, lambda app: app[holds_key]))

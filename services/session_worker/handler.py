@@ -70,6 +70,7 @@ from services.session_worker.retry import RetryPolicy
 from zapbus import db, jsretry
 from zapbus.dialects.base import CreateSessionRequest
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, clean_reason
+from zapbus.dialects.removal import delete_or_gone
 from zapbus.logs import fields
 from zapbus.outbox import queue_delete, untrack_delete
 from zapbus.tokens import webhook_signing_key, webhook_url
@@ -291,6 +292,7 @@ class CommandHandler:
                 server.name,
                 self.servers.specs,
                 clean_reason(exc.reason),
+                refused=isinstance(exc, PermanentError),
             )
         except db.UNAVAILABLE as err:
             log.warning("could not place a failed create elsewhere: %s", err)
@@ -390,7 +392,7 @@ class CommandHandler:
                 await msg.ack()
                 return "fenced"
             for server in servers:
-                await server.dialect.delete_session_of(cmd.session_name, cmd.phone_number)
+                await delete_or_gone(server.dialect, cmd.session_name, cmd.phone_number)
         except BaileysError as exc:
             self.metrics.baileys_seconds.labels("delete", "error").observe(
                 time.perf_counter() - start
@@ -455,6 +457,7 @@ class CommandHandler:
             return "fenced"
         start = time.perf_counter()
         server: Server | None = None
+        removed = False  # False: the server had no such session (404 or alike)
         try:
             servers = await self._servers_of(cmd)
             if not servers:
@@ -475,7 +478,7 @@ class CommandHandler:
                     return "deferred"
                 if server.dialect.keys_by_phone and await self.fence.phone_serves_another(cmd):
                     continue  # the phone's server connection is another connection's now
-                await server.dialect.delete_session_of(cmd.session_name, cmd.phone_number)
+                removed |= await delete_or_gone(server.dialect, cmd.session_name, cmd.phone_number)
                 server.breaker.record(server_down=False)
         except BaileysError as exc:
             if server is not None:
@@ -485,7 +488,8 @@ class CommandHandler:
             )
             return await self._on_error(msg, cmd, attempt, exc)
         self.metrics.baileys_seconds.labels("delete", "ok").observe(time.perf_counter() - start)
-        await self._emit(SessionDeleted(**self._common(msg, cmd, "session.deleted", attempt)))
+        common = self._common(msg, cmd, "session.deleted", attempt)
+        await self._emit(SessionDeleted(**common, already_gone=not removed))
         await self._untrack(cmd)
         await msg.ack()
         return "succeeded"

@@ -4,7 +4,9 @@ A create can sit in a worker for a long time without any event: waiting for the 
 close, for a create slot during a burst, or inside a 30 s call. While it does, the worker
 pushes ``connections.held_until`` forward on every heartbeat (one UPDATE for all held rows);
 the watchdog never re-drives or times out a row whose hold has not expired. A worker that dies
-stops renewing, and its holds lapse after ``hold_seconds``.
+stops renewing, and its holds lapse after ``hold_seconds``; a hold whose work ended is released
+at once (``held_until`` cleared), since the reconciler too waits for a held row: a session lost
+right after its create must not wait out the rest of the hold to be re-created.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ _RENEW = (
     "UPDATE connections SET held_until = now() + make_interval(secs => $2)"
     " WHERE id = ANY($1::uuid[])"
 )
+_RELEASE = (
+    "UPDATE connections SET held_until = NULL WHERE id = ANY($1::uuid[]) AND held_until IS NOT NULL"
+)
 
 
 class Holds:
@@ -34,6 +39,7 @@ class Holds:
         self.every = every_seconds
         self.hold_seconds = hold_seconds
         self._held: Counter[uuid.UUID] = Counter()
+        self._released: set[uuid.UUID] = set()  # no longer held here, not yet cleared
         self._stopping = asyncio.Event()
         self._fresh = asyncio.Event()  # a new hold: renew now, not at the next beat
 
@@ -43,19 +49,29 @@ class Holds:
         if not self._held[connection_id]:
             self._fresh.set()
         self._held[connection_id] += 1
+        self._released.discard(connection_id)
         try:
             yield
         finally:
             self._held[connection_id] -= 1
             if self._held[connection_id] <= 0:
                 del self._held[connection_id]
+                self._released.add(connection_id)
+                self._fresh.set()  # release it now, not when the hold would lapse
 
     async def renew(self) -> None:
-        if self.pool is None or not self._held:
+        """Push the held rows' ``held_until`` forward; clear it on rows released since."""
+        if self.pool is None:
             return
+        released = list(self._released - set(self._held))
+        self._released.clear()
         try:
-            await self.pool.execute(_RENEW, list(self._held), self.hold_seconds)
+            if self._held:
+                await self.pool.execute(_RENEW, list(self._held), self.hold_seconds)
+            if released:
+                await self.pool.execute(_RELEASE, released)
         except db.UNAVAILABLE as exc:
+            # a hold not cleared lapses by itself after hold_seconds
             log.warning("could not renew %d holds: %s", len(self._held), exc)
 
     def stop(self) -> None:

@@ -262,11 +262,13 @@ async def place_elsewhere(
     server: str,
     specs: tuple[ServerSpec, ...],
     reason: str,
+    refused: bool = False,
 ) -> bool:
     """The generation's create failed on ``server`` for good: place it anew, on another
     server (one it has not failed on), with its create queued again; a delete of whatever
-    that server may hold under the name is queued for it. False when the row moved on or
-    every server has failed this generation (it then fails as a single server would)."""
+    that server may hold under the name is queued for it, unless the server ``refused`` the
+    create (a permanent error: it made no session). False when the row moved on or every
+    server has failed this generation (it then fails as a single server would)."""
     async with pool.acquire() as conn, conn.transaction():
         row = await conn.fetchrow(
             "SELECT generation, status, status_reason, reason_code, placement_excluded,"
@@ -307,16 +309,17 @@ async def place_elsewhere(
             to_status="pending",
         )
         await queue_row_change(conn, names, cmd.connection_id, "placement.failed", row["status"])
-        await queue_delete(
-            conn,
-            names,
-            cmd.connection_id,
-            cmd.tenant_id,
-            cmd.generation,
-            cmd.session_name,
-            row["phone_number"],
-            server=server,
-        )
+        if not refused:  # attempts that timed out may have made it after all
+            await queue_delete(
+                conn,
+                names,
+                cmd.connection_id,
+                cmd.tenant_id,
+                cmd.generation,
+                cmd.session_name,
+                row["phone_number"],
+                server=server,
+            )
         again = msgspec.structs.replace(cmd, requested_at=datetime.now(UTC))
         await insert_outbox(
             conn, names, again, msg_id=f"{cmd.command_id}:elsewhere:{uuid.uuid4().hex}"

@@ -50,6 +50,7 @@ from services.session_worker.drift import (
 )
 from services.session_worker.pool import Server, ServerPool
 from zapbus import db, history, jsretry
+from zapbus.dialects.base import SessionList
 from zapbus.dialects.errors import BaileysError
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
@@ -234,10 +235,19 @@ class Reconciler(Stoppable):
     async def _observe(self, server: Server) -> Observed:
         at = datetime.now(UTC)
         listed = await server.dialect.list_sessions()
-        if listed is not None:
+        unreadable = listed.unreadable if isinstance(listed, SessionList) else 0
+        if listed is not None and not unreadable:
             return Observed(sessions={s.name: s.state for s in listed}, at=at, complete=True)
-        # No list route: ask for each session that should be live there, and each pending
-        # delete there.
+        # No list route, or a list with items that could not be read (any of them may be a
+        # wanted session: none may be judged missing from it): ask for each session that
+        # should be live there, and each pending delete there, that was not listed.
+        seen = {s.name: s.state for s in listed or ()}
+        if unreadable:
+            log.warning(
+                "%r listed %d sessions it did not name readably: each wanted one is asked for",
+                server.name,
+                unreadable,
+            )
         single = self.servers.only is not None
         names = [
             r["session_name"]
@@ -258,13 +268,9 @@ class Reconciler(Stoppable):
                 found = await server.dialect.get_session(name)
             return name, (found.state if found else None), found is not None
 
-        results = await asyncio.gather(*(probe(n) for n in names))
-        return Observed(
-            sessions={name: state for name, state, live in results if live},
-            at=at,
-            complete=False,
-            probed=frozenset(names),
-        )
+        results = await asyncio.gather(*(probe(n) for n in names if n not in seen))
+        seen.update({name: state for name, state, live in results if live})
+        return Observed(sessions=seen, at=at, complete=False, probed=frozenset(names) | set(seen))
 
     def _count(self, drift: Drift) -> None:
         by_kind = dict.fromkeys(KINDS, 0)

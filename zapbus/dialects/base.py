@@ -6,15 +6,19 @@ Supporting a fifth server means adding one file and naming it in ``KINDS``.
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import ClassVar, Literal
 
 import aiohttp
 import msgspec
 
 from zapbus.dialects.reports import Delivery
+from zapbus.servers import public_url
+
+log = logging.getLogger("zapbus.dialects")
 
 Login = Literal["qr", "code"]
 
@@ -24,6 +28,20 @@ class ServerSession(msgspec.Struct, frozen=True):
 
     name: str
     state: str | None = None
+
+
+class SessionList(list[ServerSession]):
+    """A server's list of sessions. ``unreadable``: items of its answer that could not be read
+    (no name we can find): any of them may be a session zapbus wants, so a list with any is
+    not ``complete`` and no session may be judged missing from it."""
+
+    def __init__(self, sessions: Iterable[ServerSession] = (), unreadable: int = 0) -> None:
+        super().__init__(sessions)
+        self.unreadable = unreadable
+
+    @property
+    def complete(self) -> bool:
+        return self.unreadable == 0
 
 
 class CreateSessionRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,6 +110,20 @@ class Dialect(ABC):
         self.api_key = api_key
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.short_timeout = aiohttp.ClientTimeout(total=min(10.0, timeout_seconds))
+        # Why this server cannot serve zapbus (WAHA Core), once found (``mark_unfit``)
+        self.unfit: str | None = None
+
+    async def check_fit(self) -> str | None:
+        """Ask the server whether it can serve zapbus: why not (and ``mark_unfit``), or None
+        when it can or cannot tell. BaileysError when it does not answer."""
+        return None
+
+    def mark_unfit(self, reason: str) -> None:
+        """Record why this server cannot serve zapbus; the first time, log it as an error."""
+        if self.unfit is None:
+            where = public_url(self.base_url)
+            log.error("Baileys server %s cannot serve zapbus: %s", where, reason)
+        self.unfit = reason
 
     @abstractmethod
     async def create_session(self, req: CreateSessionRequest) -> CreateSessionResult:
@@ -103,7 +135,8 @@ class Dialect(ABC):
 
     @abstractmethod
     async def list_sessions(self) -> list[ServerSession] | None:
-        """Every session the server holds; None when it has no list route."""
+        """Every session the server holds; None when it has no list route. A ``SessionList``
+        says whether every item could be read (a plain list: all were)."""
 
     @abstractmethod
     async def delete_session(self, name: str) -> bool:

@@ -45,7 +45,7 @@ from zapbus.dialects.base import (
     ServerSession,
 )
 from zapbus.dialects.errors import BaileysError, RetryableError, error_for_status
-from zapbus.dialects.http import ALREADY_EXISTS, NOT_FOUND, Answer, call
+from zapbus.dialects.http import ALREADY_EXISTS, NOT_FOUND, Answer, call, sessions_from
 from zapbus.dialects.reports import (
     Delivery,
     PairingCodeReport,
@@ -159,7 +159,7 @@ class EvolutionDialect(Dialect):
                 f" list of instances: {answer.text[:200]}",
                 answer.status,
             )
-        return [s for item in answer.body if (s := _listed(item)) is not None]
+        return sessions_from(answer.body, _listed)
 
     async def delete_session(self, name: str) -> bool:
         """Log the instance out (so WhatsApp unlinks the device), then delete it. A logout of

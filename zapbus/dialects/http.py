@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import msgspec
 
-from zapbus.dialects.base import ServerSession
+from zapbus.dialects.base import ServerSession, SessionList
 from zapbus.dialects.errors import (
     BaileysError,
     RetryableError,
@@ -110,6 +111,17 @@ def session_from(item: Any, name: str | None = None) -> ServerSession | None:
         return None
     state = next((v for k in _STATE_FIELDS if isinstance(v := item.get(k), str)), None)
     return ServerSession(found, state)
+
+
+def sessions_from(
+    items: list[Any], read: Callable[[Any], ServerSession | None] | None = None
+) -> SessionList:
+    """The sessions of a list's ``items`` (each read by ``read``, ``session_from`` unless
+    given), counting the items that could not be read."""
+    reader = read or session_from
+    found = [reader(item) for item in items]
+    sessions = [s for s in found if s is not None]
+    return SessionList(sessions, unreadable=len(found) - len(sessions))
 
 
 def session_items(body: Any) -> list[Any] | None:

@@ -34,6 +34,7 @@ from zapbus.dialects.http import (
     call,
     session_from,
     session_items,
+    sessions_from,
 )
 from zapbus.dialects.reports import (
     Delivery,
@@ -80,7 +81,8 @@ class SeedDialect(Dialect):
     async def list_sessions(self) -> list[ServerSession] | None:
         """Every session the server holds; None when it has no list route (404 or 405).
 
-        Items the server describes in a way we cannot read are skipped.
+        Items the server describes in a way we cannot read are counted, not listed (the list
+        is then not complete).
         """
         answer = await self._call("GET", "/sessions")
         if answer.status in (404, 405):
@@ -94,7 +96,7 @@ class SeedDialect(Dialect):
                 f" {answer.text[:200]}",
                 answer.status,
             )
-        return [s for item in items if (s := session_from(item)) is not None]
+        return sessions_from(items)
 
     async def get_session(self, name: str) -> ServerSession | None:
         answer = await self._call("GET", f"/sessions/{quote(name, safe='')}")

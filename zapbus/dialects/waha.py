@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
@@ -61,8 +62,14 @@ from zapbus.dialects.base import (
     Health,
     ServerSession,
 )
-from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, error_for_status
-from zapbus.dialects.http import ALREADY_EXISTS, Answer, call, session_from
+from zapbus.dialects.errors import (
+    BaileysError,
+    PermanentError,
+    RetryableError,
+    clean_reason,
+    error_for_status,
+)
+from zapbus.dialects.http import ALREADY_EXISTS, Answer, call, sessions_from
 from zapbus.dialects.reports import (
     Delivery,
     PayloadError,
@@ -83,6 +90,13 @@ HMAC_ALGORITHM_HEADER = "X-Webhook-Hmac-Algorithm"
 QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words for it (services/projector)
 QR_LIMIT_CODE = 408
 _MAX_ID_CHARS = 150
+# WAHA Core refuses every session but "default" with 422 "WAHA Core support only 'default'
+# session. ... please get WAHA PLUS version"; its GET /api/server/version says "tier": "CORE".
+CORE_REFUSAL = re.compile(r"only\s+'?default'?\s+session|get WAHA PLUS", re.I)
+PLUS_REQUIRED = (
+    "zapbus needs WAHA Plus: it names one session per connection (WAHA Core accepts only the"
+    " session named 'default') and checks each webhook's HMAC (WAHA Core signs nothing)"
+)
 
 
 def _message(answer: Answer) -> str:
@@ -135,10 +149,37 @@ class WahaDialect(Dialect):
             answer.status in (400, 422) and ALREADY_EXISTS.search(_message(answer))
         ):
             return CreateSessionResult(already_existed=True)
-        raise _error(answer)
+        raise self._core_refusal(answer) or _error(answer)
+
+    def _core_refusal(self, answer: Answer) -> PermanentError | None:
+        """WAHA Core's refusal of a session not named ``default``: the server is marked unfit
+        (logged once, /readyz says why) and the error says WAHA Plus is required."""
+        if answer.status != 422 or not CORE_REFUSAL.search(_message(answer)):
+            return None
+        said = clean_reason(_message(answer), 120)
+        self.mark_unfit(clean_reason(f"WAHA Core answered 422 ({said}): {PLUS_REQUIRED}", 500))
+        return PermanentError(
+            f"waha answered 422: WAHA Core serves only the session 'default'; {PLUS_REQUIRED}",
+            422,
+        )
+
+    async def check_fit(self) -> str | None:
+        """WAHA Core (``GET /api/server/version`` says ``"tier": "CORE"``) cannot serve
+        zapbus; None for WAHA Plus, or a server that does not say."""
+        answer = await self._call("GET", "/api/server/version")
+        if not _ok(answer) and answer.status not in (404, 405):
+            raise _error(answer)
+        body = answer.body if isinstance(answer.body, dict) else {}
+        tier, version = body.get("tier"), body.get("version")
+        if not isinstance(tier, str) or tier.strip().upper() != "CORE":
+            return None
+        named = clean_reason(version, 40) if isinstance(version, str) else ""
+        self.mark_unfit(clean_reason(f"WAHA Core {named} (tier CORE): {PLUS_REQUIRED}", 500))
+        return self.unfit
 
     async def list_sessions(self) -> list[ServerSession] | None:
-        """Every session, STOPPED ones too (``all=true``); items we cannot read are skipped."""
+        """Every session, STOPPED ones too (``all=true``); items we cannot read are counted
+        (the list is then not complete)."""
         answer = await self._call("GET", "/api/sessions?all=true")
         if answer.status in (404, 405):
             return None
@@ -150,7 +191,7 @@ class WahaDialect(Dialect):
                 f" {answer.text[:200]}",
                 answer.status,
             )
-        return [s for item in answer.body if (s := session_from(item)) is not None]
+        return sessions_from(answer.body)
 
     async def get_session(self, name: str) -> ServerSession | None:
         answer = await self._call("GET", f"/api/sessions/{quote(name, safe='')}")
@@ -169,7 +210,7 @@ class WahaDialect(Dialect):
             return False
         if _ok(answer):
             return True
-        raise _error(answer)
+        raise self._core_refusal(answer) or _error(answer)
 
     async def request_pairing_code(self, name: str, phone_number: str) -> str:
         answer = await self._call(

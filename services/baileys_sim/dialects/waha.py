@@ -14,6 +14,11 @@ to a session, as WAHA's NOWEB engine reports it: the socket opens = STARTING, a 
 SCAN_QR_CODE, the 515 restart after a scan and a dropped connection = STARTING (WAHA restarts
 the client), connected = WORKING, logged out from the phone and the QR limit = FAILED, a
 pairing code = nothing (it is the answer to request-code).
+
+With ``waha_core`` set it answers as WAHA Core (2024.10) does: every session but ``default``
+is refused with Core's 422 (create, delete, auth routes) while its ``GET`` is a 404,
+``GET /api/server/version`` says ``"tier": "CORE"`` (``"PLUS"`` otherwise), and webhooks
+carry no HMAC (signing is a Plus feature there).
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ if TYPE_CHECKING:
     from services.baileys_sim.sessions import SimSession
 
 ENGINE = "NOWEB"
-ENVIRONMENT = {"version": "2026.1.1", "engine": ENGINE, "tier": "CORE", "browser": None}
+VERSION = "2026.1.1"
+CORE_VERSION = "2024.10.8"
+CORE_ONLY = "default"  # the one session name WAHA Core accepts
+# WAHA Core's words for any other name (its OnlyDefaultSessionIsAllowed, 422)
+CORE_REFUSAL = (
+    "WAHA Core support only 'default' session. If you want to run more then one WhatsApp"
+    " account - please get WAHA PLUS version. Check this out: https://waha.devlike.pro/"
+)
 KEPT_STATUSES = 10  # how many recent statuses a webhook's payload.statuses carries
 
 _STATUS_OF: dict[Happening, str | None] = {
@@ -95,6 +107,7 @@ class WahaSim(SimDialect):
     def routes(self) -> list[web.RouteDef]:
         return [
             web.get("/ping", ping),
+            web.get("/api/server/version", server_version),
             web.post("/api/sessions", create_session),
             web.get("/api/sessions", list_sessions),
             web.get("/api/sessions/{name}", get_session),
@@ -117,6 +130,7 @@ class WahaSim(SimDialect):
             seen.linked = True
         elif status == "FAILED":
             seen.linked = False
+        core = not session.secret  # a Core session: created without an HMAC key (unsigned)
         body = {
             "id": f"evt_{uuid.uuid4().hex[:26]}",
             "timestamp": now_ms,
@@ -126,13 +140,13 @@ class WahaSim(SimDialect):
             "me": me_of(session) if seen.linked else None,
             "payload": {"name": session.name, "status": status, "statuses": seen.statuses},
             "engine": ENGINE,
-            "environment": ENVIRONMENT,
+            "environment": environment(core),
         }
         headers = {
             "X-Webhook-Request-Id": str(uuid.uuid4()),
             "X-Webhook-Timestamp": str(now_ms),
         }
-        if session.secret:
+        if session.secret and not core:
             # The registry sends msgspec.json.encode(body): the same bytes as signed here.
             raw = msgspec.json.encode(body)
             headers["X-Webhook-Hmac"] = sign(raw, session.secret)
@@ -155,6 +169,28 @@ async def ping(request: web.Request) -> web.Response:
     return web.json_response({"message": "pong"})
 
 
+def environment(core: bool) -> dict[str, Any]:
+    """What ``GET /api/server/version`` (and each webhook's ``environment``) says."""
+    if core:
+        return {"version": CORE_VERSION, "engine": ENGINE, "tier": "CORE", "browser": None}
+    return {"version": VERSION, "engine": ENGINE, "tier": "PLUS", "browser": None}
+
+
+def _core(request: web.Request) -> bool:
+    return registry_of(request).config.waha_core
+
+
+def core_refuses(request: web.Request, name: object) -> web.Response | None:
+    """WAHA Core's 422 for a session not named ``default``; None when it is served."""
+    if _core(request) and name != CORE_ONLY:
+        return nest_error(422, CORE_REFUSAL)
+    return None
+
+
+async def server_version(request: web.Request) -> web.Response:
+    return web.json_response(environment(_core(request)))
+
+
 def _webhook_config(body: dict[str, Any]) -> tuple[str, str] | None:
     """(url, hmac key) of the first webhook of the create's config, None if malformed."""
     config = body.get("config")
@@ -173,12 +209,16 @@ async def create_session(request: web.Request) -> web.Response:
     if body is None:
         return nest_error(400, "invalid json body")
     name = body.get("name")
+    if refused := core_refuses(request, name):
+        return refused
     if not valid_name(name):
         return nest_error(400, "invalid session name")
     hook = _webhook_config(body)
     if hook is None:
         return nest_error(400, "config.webhooks[0].url must be an http(s) URL")
     url, key = hook
+    if _core(request):
+        key = ""  # Core signs no webhook: it ignores the hmac key
     match await registry_of(request).create_flow(name, url, key):
         case "exists":
             return nest_error(422, f"Session '{name}' already exists. Use PUT to update it.")
@@ -209,6 +249,8 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     """Stop, log out and delete; idempotent (200 for a session that is not there)."""
+    if refused := core_refuses(request, request.match_info["name"]):
+        return refused
     if registry_of(request).delete_flow(request.match_info["name"]) == "failed":
         return web.json_response(
             {"statusCode": 500, "message": "Internal server error"}, status=500
@@ -220,6 +262,8 @@ async def request_code(request: web.Request) -> web.Response:
     """``POST /api/{name}/auth/request-code``: 422 unless the session shows a QR."""
     registry = registry_of(request)
     name = request.match_info["name"]
+    if refused := core_refuses(request, name):
+        return refused
     body = await read_json(request)
     phone = body.get("phoneNumber") if body is not None else None
     if not isinstance(phone, str) or not phone.strip():
@@ -238,6 +282,8 @@ async def request_code(request: web.Request) -> web.Response:
 
 async def get_qr(request: web.Request) -> web.Response:
     """``GET /api/{name}/auth/qr?format=raw``: the QR shown now; 422 when none is."""
+    if refused := core_refuses(request, request.match_info["name"]):
+        return refused
     if request.query.get("format") != "raw":
         return nest_error(400, "the simulator serves format=raw only")
     session = registry_of(request).live.get(request.match_info["name"])
