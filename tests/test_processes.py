@@ -101,3 +101,26 @@ async def test_a_health_answer_from_another_process_on_the_port_is_not_taken_for
     finally:
         proc.stop(timeout=15)
         await runner.cleanup()
+
+
+async def test_the_second_process_on_a_shared_port_is_seen_healthy(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """With ZAPBUS_REUSE_PORT two webhook services listen on one port. The second one's health
+    check must reach it: probing over one kept-alive connection, which the first process
+    answered before the second had bound, never did (test_scale_out timed out so)."""
+    port = free_port()
+    env = service_env(settings, ZAPBUS_WEBHOOK_PORT=str(port), ZAPBUS_REUSE_PORT="true")
+    url = f"http://127.0.0.1:{port}/healthz"
+    procs = [
+        ServiceProcess(f"webhook_{n}", "services.webhook", env, url, tmp_path / f"w{n}.log")
+        for n in (1, 2)
+    ]
+    try:
+        procs[0].start()
+        await procs[0].wait_healthy(timeout=60)
+        procs[1].start()  # probed at once: the first process holds the port meanwhile
+        await procs[1].wait_healthy(timeout=60)
+    finally:
+        for proc in procs:
+            proc.stop()

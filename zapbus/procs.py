@@ -55,7 +55,11 @@ class ServiceProcess:
 
     async def wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
-        async with aiohttp.ClientSession() as http:
+        # A new connection per probe: with ZAPBUS_REUSE_PORT several processes share the port,
+        # and a kept-alive connection to the first one would never reach the one started next
+        # (test_scale_out's second webhook service timed out so on a loaded machine).
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as http:
             while True:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
