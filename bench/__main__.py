@@ -82,7 +82,9 @@ async def main(argv: list[str]) -> int:
     started = time.monotonic()
     async with await ensure_infra(args.nats_url, args.database_url, logs / "infra") as infra:
         pids = await find_infra_pids(infra.nats_url, infra.database_url)
-        ctx = Ctx(infra.nats_url, infra.database_url, logs, scale, pids, args.profile)
+        ctx = Ctx(
+            infra.nats_url, infra.database_url, logs, scale, pids, args.profile, scale.quiet_s
+        )
         ctx.say(f"service logs in {logs}")
         env = await environment(infra.database_url, infra.nats_url)
         sections = []
