@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
+import signal
 import sys
 import time
 import uuid
@@ -247,23 +249,46 @@ async def processes(ctx: Ctx, tag: str) -> AsyncIterator[Procs]:
         await asyncio.to_thread(procs.stop_all)
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole foreground process group: the load generator leaves it to the
+    # bench process, which stops the run in order (and this process with it)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class LoadProcess:
     """One spawned process that runs load-generator functions (``fn(*args)`` -> picklable)."""
 
     def __init__(self) -> None:
-        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self._pool = ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+        )
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        """Spawn the process (and learn its pid)."""
+        self.pid = await self.run(os.getpid)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Wait for the process to finish its work and end; with ``kill`` (the run is being
+        cancelled) end it now."""
+        if kill and self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.asynccontextmanager
 async def load_process() -> AsyncIterator[LoadProcess]:
+    """A load-generator process; killed at once if the block ends with an exception (Ctrl-C
+    cancels the run while it generates load)."""
     lp = LoadProcess()
+    done = False
     try:
+        await lp.start()
         yield lp
+        done = True
     finally:
-        await asyncio.to_thread(lp.close)
+        await asyncio.to_thread(lp.close, not done)
