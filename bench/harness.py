@@ -249,24 +249,23 @@ async def processes(ctx: Ctx, tag: str) -> AsyncIterator[Procs]:
         await asyncio.to_thread(procs.stop_all)
 
 
-def _ignore_sigint() -> None:
-    # Ctrl-C reaches the whole foreground process group: the load generator leaves it to the
-    # bench process, which stops the run in order (and this process with it)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class LoadProcess:
     """One spawned process that runs load-generator functions (``fn(*args)`` -> picklable)."""
 
     def __init__(self) -> None:
-        self._pool = ProcessPoolExecutor(
-            1, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
-        )
+        self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         self.pid: int | None = None
 
     async def start(self) -> None:
-        """Spawn the process (and learn its pid)."""
-        self.pid = await self.run(os.getpid)
+        """Spawn the process (and learn its pid). It inherits SIGINT ignored: Ctrl-C reaches
+        the whole foreground process group, and the bench process, which stops the run in
+        order, ends this one."""
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            started = self._pool.submit(os.getpid)  # spawns the process
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        self.pid = await asyncio.wrap_future(started)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)

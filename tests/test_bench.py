@@ -105,15 +105,23 @@ def _wait_for_line(path: Path, text: str, proc: subprocess.Popen[bytes], timeout
         time.sleep(0.1)
 
 
+RUNNING = ("nats-server", "postgres", "services.gateway", "multiprocessing")
+# how: the signal, the line of the run after which it comes, what runs then, how many presses
+SIGNALS = {
+    "ctrl-c": (signal.SIGINT, "create: gateway capacity", RUNNING, 2),
+    "ctrl-c-while-postgres-starts": (signal.SIGINT, "started nats-server", ("nats-server",), 1),
+    "sigterm": (signal.SIGTERM, "create: gateway capacity", RUNNING, 1),
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="reads /proc")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_signal_mid_run_stops_every_process_the_run_started(
-    sig: signal.Signals, workdir: Path
-) -> None:
+@pytest.mark.parametrize("how", list(SIGNALS))
+def test_a_signal_mid_run_stops_every_process_the_run_started(how: str, workdir: Path) -> None:
     """The run starts its own nats-server and PostgreSQL (nothing answers on the ports it is
     given), the gateway, and the load generator. Ctrl-C reaches its whole process group, as
-    from a terminal, and is pressed again while the run stops; SIGTERM reaches only the bench
-    process, as from ``kill``."""
+    from a terminal (pressed again while the run stops, or while PostgreSQL is starting);
+    SIGTERM reaches only the bench process, as from ``kill``."""
+    sig, after, running, presses = SIGNALS[how]
     mark = uuid.uuid4().hex
     # TMPDIR: the run's logs and servers' data go under workdir, removed after the test
     env = {**os.environ, MARK: mark, "TMPDIR": str(workdir)}
@@ -138,16 +146,16 @@ def test_a_signal_mid_run_stops_every_process_the_run_started(
             start_new_session=True,
         )
     try:
-        _wait_for_line(err, "create: gateway capacity", proc, timeout=180)
+        _wait_for_line(err, after, proc, timeout=180)
         started = _marked(mark)
-        for what in ("nats-server", "postgres", "services.gateway", "multiprocessing"):
+        for what in running:
             assert any(what in p for p in started), f"no {what} among {started}"
-        if sig == signal.SIGINT:
-            os.killpg(proc.pid, sig)
-            time.sleep(0.3)  # pressed twice, as when stopping seems slow
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
+        for _ in range(presses):
+            if sig == signal.SIGINT:
+                os.killpg(proc.pid, sig)
+            else:
+                proc.send_signal(sig)
+            time.sleep(0.3)  # pressed again as the run stops, as when stopping seems slow
         code = proc.wait(timeout=120)
         # multiprocessing's resource tracker ends by itself once the bench process is gone;
         # services and servers would never

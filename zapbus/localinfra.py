@@ -218,8 +218,15 @@ class _Server:
             await asyncio.sleep(0.1)
 
     async def astart(self, timeout: float = 60.0) -> None:
-        """``start()`` in a worker thread, then ``wait_ready()``."""
-        await asyncio.to_thread(self.start, timeout)
+        """``start()`` in a worker thread, then ``wait_ready()``. Cancelled while the thread
+        starts the server (it cannot be interrupted), it waits for the thread before passing
+        the cancellation on, so that whoever stops the server on the way out finds it."""
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start, timeout))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await asyncio.gather(starting, return_exceptions=True)
+            raise
         await self.wait_ready(timeout)
 
 
@@ -696,13 +703,14 @@ async def ensure_infra(
             port = _local_port(server_urls(infra.nats_url)[0], 4222)
             srv = NatsServer(Path(data_dir) / "nats", port)
             t0 = time.monotonic()
+            infra.nats = srv  # close() stops it, should starting it be cancelled (astart)
             await srv.astart()
             say(
                 f"{why}: started nats-server {metadata.version(NATS_WHEEL)} from the"
                 f" {NATS_WHEEL} wheel at {srv.url} in {_ms(t0)} (sync_interval: always;"
                 f" store {srv.workdir}, log {srv.log_path})"
             )
-            infra.nats, infra.nats_url = srv, srv.url
+            infra.nats_url = srv.url
         if database_url is None and embedded:
             why = "ZAPBUS_EMBEDDED=1"
         elif await postgres_reachable(infra.database_url):
@@ -718,13 +726,14 @@ async def ensure_infra(
                 await pg.astop()
             t0 = time.monotonic()
             fresh = not (pg.data_dir / "PG_VERSION").exists()
+            infra.postgres = pg
             await pg.astart()
             say(
                 f"{why}: started PostgreSQL {metadata.version(PG_WHEEL)} from the {PG_WHEEL}"
                 f" wheel at {pg.dsn} in {_ms(t0)}{' (initdb included)' if fresh else ''}"
                 f" (data {pg.data_dir}, log {pg.log_path})"
             )
-            infra.postgres, infra.database_url = pg, pg.dsn
+            infra.database_url = pg.dsn
     except BaseException:
         await infra.close()
         raise
