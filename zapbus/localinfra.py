@@ -217,7 +217,7 @@ class _Server:
                 raise InfraError(f"{self.url} not ready; {self.log_path}:\n{_tail(self.log_path)}")
             await asyncio.sleep(0.1)
 
-    async def astart(self, timeout: float = 60.0) -> None:
+    async def astart(self, timeout: float = 120.0) -> None:
         """``start()`` in a worker thread, then ``wait_ready()``. Cancelled while the thread
         starts the server (it cannot be interrupted), it waits for the thread before passing
         the cancellation on, so that whoever stops the server on the way out finds it."""
@@ -288,7 +288,7 @@ class NatsServer(_Server):
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Spawn the server; return once JetStream answers, else stop it and raise."""
         if self.running:
             return
@@ -316,7 +316,7 @@ class NatsServer(_Server):
                 start_new_session=True,
             )
 
-    def wait_started(self, timeout: float = 20.0) -> None:
+    def wait_started(self, timeout: float = 60.0) -> None:
         """Return once the spawned server's JetStream answers, else stop it and raise."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -343,18 +343,18 @@ class NatsServer(_Server):
                 proc.kill()
                 proc.wait()
 
-    def restart(self, kill: bool = False, timeout: float = 20.0) -> None:
+    def restart(self, kill: bool = False, timeout: float = 60.0) -> None:
         """Stop (gracefully, or SIGKILL if ``kill``) and start again on the same port and store."""
         self.stop(kill=kill)
         self.start(timeout)
 
     async def _probe(self) -> bool:
-        return await nats_reachable(self.url, timeout=1.0)
+        return await nats_reachable(self.url, timeout=5.0)
 
     async def astop(self, kill: bool = False) -> None:
         await asyncio.to_thread(self.stop, kill)
 
-    async def arestart(self, kill: bool = False, timeout: float = 20.0) -> None:
+    async def arestart(self, kill: bool = False, timeout: float = 60.0) -> None:
         await self.astop(kill)
         await self.astart(timeout)
 
@@ -406,7 +406,7 @@ class NatsCluster:
                 return n
         raise KeyError(server_name)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Spawn every node, then wait until each one's JetStream answers (a meta leader is
         elected once a majority is up)."""
         for n in self.nodes:
@@ -423,7 +423,7 @@ class NatsCluster:
         for n in self.nodes:
             n.stop(kill=kill)
 
-    async def astart(self, timeout: float = 30.0) -> None:
+    async def astart(self, timeout: float = 60.0) -> None:
         await asyncio.to_thread(self.start, timeout)
         for n in self.nodes:
             await n.wait_ready(timeout)
@@ -515,7 +515,7 @@ class PostgresServer(_Server):
         return self.dsn
 
     async def _probe(self) -> bool:
-        return await postgres_reachable(self.dsn, timeout=1.0)
+        return await postgres_reachable(self.dsn, timeout=5.0)
 
     def _wrapper(self) -> list[str]:
         """What ``initdb``/``pg_ctl`` run under: nothing, unshare, or runuser."""
@@ -572,7 +572,7 @@ class PostgresServer(_Server):
         """A live postmaster owns the data dir (its postmaster.pid names a live process)."""
         return self._postmaster() is not None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         """initdb if needed, then ``pg_ctl start -w``; raise with the log tail on failure."""
         if self.running:
             return
@@ -619,7 +619,7 @@ class PostgresServer(_Server):
                 deadline = time.monotonic() + 10
             time.sleep(0.02)
 
-    def restart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
+    def restart(self, mode: StopMode = "fast", timeout: float = 120.0) -> None:
         """Stop with ``mode`` and start again; same port, same data."""
         self.stop(mode, timeout)
         self.start(timeout)
@@ -627,7 +627,7 @@ class PostgresServer(_Server):
     async def astop(self, mode: StopMode = "fast") -> None:
         await asyncio.to_thread(self.stop, mode)
 
-    async def arestart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
+    async def arestart(self, mode: StopMode = "fast", timeout: float = 120.0) -> None:
         await self.astop(mode)
         await self.astart(timeout)
 

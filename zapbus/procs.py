@@ -67,7 +67,7 @@ class ServiceProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    async def wait_healthy(self, timeout: float = 30.0) -> None:
+    async def wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         async with aiohttp.ClientSession() as http:
             while True:
