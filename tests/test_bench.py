@@ -26,12 +26,14 @@ MARK = "ZAPBUS_BENCH_TEST_RUN"  # every process a run starts inherits it
 FIGURE = re.compile(r"^-?[\d,]*\d(\.\d+)?$")
 
 
-def _bench(*args: str, timeout: float = 500) -> subprocess.CompletedProcess[str]:
-    """``python -m <args>`` from the repository; it must exit 0 without a traceback. Past
-    ``timeout`` it gets a SIGTERM, which stops what it started."""
+def _bench(*args: str, tmp: Path, timeout: float = 500) -> subprocess.CompletedProcess[str]:
+    """``python -m <args>`` from the repository, its temporary files (the bench's logs) in
+    ``tmp``; it must exit 0 without a traceback. Past ``timeout`` it gets a SIGTERM, which
+    stops what it started."""
     proc = subprocess.Popen(
         [sys.executable, "-m", *args],
         cwd=ROOT,
+        env={**os.environ, "TMPDIR": str(tmp)},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -55,7 +57,7 @@ def _tables(section: str) -> list[list[str]]:
 
 
 @pytest.mark.timeout(600)  # ~40 s alone; much longer beside other work on 2 cores
-def test_every_benchmark_runs_quick_and_prints_its_figures(infra: Infra) -> None:
+def test_every_benchmark_runs_quick_and_prints_its_figures(infra: Infra, workdir: Path) -> None:
     t0 = time.monotonic()
     r = _bench(
         "bench",
@@ -64,6 +66,7 @@ def test_every_benchmark_runs_quick_and_prints_its_figures(infra: Infra) -> None
         infra.nats_url,
         "--database-url",
         infra.database_url,
+        tmp=workdir,
     )
     sections = re.split(r"^## ", r.stdout, flags=re.M)[1:]
     assert len(sections) == len(BENCHMARKS), r.stdout
@@ -75,14 +78,13 @@ def test_every_benchmark_runs_quick_and_prints_its_figures(infra: Infra) -> None
     print(f"python -m bench --quick: {time.monotonic() - t0:.0f} s")
 
 
-def test_the_placement_and_query_plan_benchmarks_run(infra: Infra) -> None:
+def test_the_placement_and_query_plan_benchmarks_run(infra: Infra, workdir: Path) -> None:
     dsn = ["--database-url", infra.database_url]
-    r = _bench(
-        "bench.placement", "--live", "500", "--placements", "20", "--concurrency", "1", "4", *dsn
-    )
+    place = ["--live", "500", "--placements", "20", "--concurrency", "1", "4"]
+    r = _bench("bench.placement", *place, *dsn, tmp=workdir)
     assert re.search(r"^\s+4\s+[\d.]+\s+[\d.]+\s+\d+$", r.stdout, re.M), r.stdout
     assert "new placements by server:" in r.stdout
-    r = _bench("bench.plans", "--history", "25000", *dsn)
+    r = _bench("bench.plans", "--history", "25000", *dsn, tmp=workdir)
     assert re.search(r"^history page: [\d.]+ ms$", r.stdout, re.M), r.stdout
     assert "sequential scans:" in r.stdout
 
