@@ -3,12 +3,19 @@
 Runs the chosen benchmarks (all by default) one after the other, prints each table as it is
 done, and writes every table to ``docs/benchmarks.md`` (a full run of all four) or to ``--out``.
 A ``--quick`` run or a subset only prints, unless ``--out`` is given.
+
+Ctrl-C (SIGINT), SIGTERM or SIGHUP cancels the run: on the way out each benchmark stops the
+services, servers and load generator it started, then the NATS and Postgres started for the run
+are stopped; whatever child still leads a process group of its own after that is killed with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
+import signal
 import sys
 import tempfile
 import time
@@ -16,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench import burst, create, projector, sync, webhook
-from bench.cpu import find_infra_pids
+from bench.cpu import child_pids, find_infra_pids
 from bench.harness import Ctx, Scale
 from bench.report import document, environment
 from bench.stats import Section
@@ -73,6 +80,7 @@ def _args(argv: list[str]) -> argparse.Namespace:
 
 async def main(argv: list[str]) -> int:
     args = _args(argv)
+    _cancel_on_signals()
     names = args.names or list(BENCHMARKS)
     scale = Scale.quick() if args.quick else Scale()
     out = args.out
@@ -82,7 +90,9 @@ async def main(argv: list[str]) -> int:
     started = time.monotonic()
     async with await ensure_infra(args.nats_url, args.database_url, logs / "infra") as infra:
         pids = await find_infra_pids(infra.nats_url, infra.database_url)
-        ctx = Ctx(infra.nats_url, infra.database_url, logs, scale, pids, args.profile)
+        ctx = Ctx(
+            infra.nats_url, infra.database_url, logs, scale, pids, args.profile, scale.quiet_s
+        )
         ctx.say(f"service logs in {logs}")
         env = await environment(infra.database_url, infra.nats_url)
         sections = []
@@ -102,5 +112,47 @@ async def main(argv: list[str]) -> int:
     return 0
 
 
+_stopped_by: list[signal.Signals] = []
+
+
+def _cancel_on_signals() -> None:
+    """SIGINT, SIGTERM and SIGHUP cancel the run (its main task), so that every ``async with``
+    on the way out stops what it started. Another signal meanwhile does not cut that short."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+
+    def stop(sig: signal.Signals) -> None:
+        if not _stopped_by:
+            print(f"[bench] {sig.name}: stopping what this run started", file=sys.stderr)
+            task.cancel()
+        _stopped_by.append(sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(sig, stop, sig)
+
+
+def _kill_leftovers() -> None:
+    """The last resort, however the run ended: SIGKILL each child process that still leads a
+    process group of its own (services and servers do, so that a Ctrl-C does not reach them
+    before the run stops them), with its group."""
+    for pid in child_pids(os.getpid()):
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pid != os.getpgrp():
+                os.killpg(pid, signal.SIGKILL)
+
+
+def run(argv: list[str]) -> int:
+    """``python -m bench``: the exit code (128 + the signal's number if one stopped it)."""
+    try:
+        return asyncio.run(main(argv))
+    except asyncio.CancelledError:
+        if not _stopped_by:
+            raise
+        return 128 + _stopped_by[0]
+    finally:
+        _kill_leftovers()
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(sys.argv[1:])))
+    sys.exit(run(sys.argv[1:]))

@@ -9,14 +9,12 @@ import os
 import msgspec
 from aiohttp import web
 
+from zapbus.procs import healthz
+
 
 async def receive(request: web.Request) -> web.Response:
     msgspec.json.decode(await request.read())
     return web.Response(body=b'{"ok":true}', content_type="application/json")
-
-
-async def healthz(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
 
 
 def create_app() -> web.Application:

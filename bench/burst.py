@@ -140,7 +140,7 @@ async def _one(ctx: Ctx, cap: int) -> dict[str, Any]:
         worker = procs.pid("session_worker")
         idle_rss = proc_status(worker, "VmRSS")
         cpu = ctx.meter({**{n: procs.pid(n) for n in procs.procs}, "load": await lp.run(getpid)})
-        ctx.say(f"burst: {s.burst_n} creates at once, cap {cap}, ideal {ideal:.0f} s")
+        ctx.say(f"burst: {s.burst_n} creates at once, cap {cap}, ideal {ideal:g} s")
         await ctx.quiet()
         cpu.start()
         profiled = ["session_worker", "gateway", "webhook", "projector"]
@@ -200,7 +200,7 @@ async def run(ctx: Ctx) -> Section:
             f"{r['first_qr_s']:.2f}",
             f"{r['all_created_s']:.2f}",
             f"{r['all_qr_s']:.2f}",
-            f"{r['ideal']:.0f}",
+            f"{r['ideal']:g}",
             f"{r['all_qr_s'] / r['ideal']:.2f}",
             f"{num(r['idle_rss'] / 2**20)} / {num(r['peak_rss'] / 2**20)}",
         )
@@ -222,7 +222,7 @@ async def run(ctx: Ctx) -> Section:
     low, high = results
     sec.target(
         f"cap {low['cap']}: within 10 % of the ideal",
-        f"{low['all_qr_s']:.1f} s vs {low['ideal']:.0f} s "
+        f"{low['all_qr_s']:.1f} s vs {low['ideal']:g} s "
         f"({100 * (low['all_qr_s'] / low['ideal'] - 1):+.0f} %)",
         low["all_qr_s"] <= low["ideal"] * 1.1,
     )

@@ -32,7 +32,8 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def _children(ppid: int) -> list[int]:
+def child_pids(ppid: int) -> list[int]:
+    """The pids of the processes whose parent is ``ppid``."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -104,7 +105,7 @@ class CpuMeter:
             groups["nats-server"] = [(self.infra.nats, False)]
         if self.infra.postmaster is not None:
             pm = self.infra.postmaster
-            groups["postgres"] = [(pm, True)] + [(c, False) for c in _children(pm)]
+            groups["postgres"] = [(pm, True)] + [(c, False) for c in child_pids(pm)]
         out: dict[str, float] = {}
         for name, pids in groups.items():
             total = 0.0

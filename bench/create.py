@@ -138,7 +138,12 @@ async def _original(ctx: Ctx, lp: LoadProcess, rate: float) -> dict[str, Any]:
         url = procs.add(
             "original",
             "bench.original",
-            {"BENCH_PORT": str(port), "BENCH_SIM_URL": sim_url, "BENCH_SIM_KEY": "bench-key"},
+            {
+                "BENCH_PORT": str(port),
+                "BENCH_SIM_URL": sim_url,
+                "BENCH_SIM_KEY": "bench-key",
+                "BENCH_TIMEOUT": str(ctx.scale.original_timeout_s),
+            },
             port,
         )
         await procs.wait_healthy()
@@ -161,7 +166,7 @@ async def run(ctx: Ctx) -> Section:
             tenant_id,
         )
         cpu = ctx.meter({"gateway": procs.pid("gateway"), "load": await lp.run(getpid)})
-        await lp.run(closed_loop, target, 8, 1.0)  # warm up connections and caches
+        await lp.run(closed_loop, target, 8, scale.warmup_s)  # warm up connections, caches
         ctx.say(f"create: gateway capacity, {scale.clients} clients, {scale.capacity_s:.0f} s")
         await ctx.quiet()
         cpu.start()
@@ -231,7 +236,8 @@ def _section(
         f"connection row plus one JetStream publish-ack of the create command (pool of "
         f"{GATEWAY_POOL_SIZE}), at the same concurrency and the same rate. Original design: an "
         f"aiohttp handler (bench/original.py, own process) that waits for the simulator's "
-        f"`POST /sessions` (delay 10-30 s, own process) with an 8 s timeout, open loop at the "
+        f"`POST /sessions` (delay 10-30 s, own process) with a {s.original_timeout_s:g} s "
+        f"timeout, open loop at the "
         f"same rate for {s.original_s:.0f} s.",
         ["measure", "gateway", "floor", "gateway / floor"],
     )

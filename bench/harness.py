@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing
+import os
+import signal
 import sys
 import time
 import uuid
@@ -44,28 +46,42 @@ SERVICE_PORTS = {
 
 @dataclass(frozen=True)
 class Scale:
-    """Durations and sizes of one run (``--quick`` shrinks them)."""
+    """Durations and sizes of one run (``--quick`` shrinks them to a smoke run)."""
 
     capacity_s: float = 20.0
     latency_s: float = 20.0
     original_s: float = 10.0
+    original_timeout_s: float = 8.0  # the original design's wait for the Baileys server
+    warmup_s: float = 1.0
     clients: int = 64
     burst_n: int = 1000
     burst_caps: tuple[int, int] = (100, 1000)
     burst_delay_s: float = 2.0
     projector_events: int = 100_000
     webhook_connections: int = 5000
+    sync_s: float = 10.0
+    sequential_publishes: int = 1000
+    quiet_s: float = 90.0  # how long a run may wait in all for others' load to pass
 
     @classmethod
     def quick(cls) -> Scale:
+        """Every step of every benchmark, each as short as it can be (``make test`` runs it
+        to check that none crashes): figures, not measurements."""
         return cls(
-            capacity_s=3.0,
-            latency_s=3.0,
-            original_s=2.0,
-            burst_n=200,
-            burst_caps=(100, 200),
-            projector_events=10_000,
-            webhook_connections=2000,
+            capacity_s=1.0,
+            latency_s=1.0,
+            original_s=1.0,
+            original_timeout_s=1.0,
+            warmup_s=0.3,
+            clients=16,
+            burst_n=40,
+            burst_caps=(20, 40),
+            burst_delay_s=0.5,
+            projector_events=1000,
+            webhook_connections=200,
+            sync_s=1.0,
+            sequential_publishes=100,
+            quiet_s=0.0,
         )
 
 
@@ -79,7 +95,7 @@ class Ctx:
     scale: Scale
     infra: InfraPids
     profile: bool = False
-    quiet_budget_s: float = 90.0  # how long one run may wait for others' load to pass
+    quiet_budget_s: float = 90.0  # what is left of ``scale.quiet_s``
 
     def say(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -88,7 +104,10 @@ class Ctx:
         return CpuMeter(pids, self.infra)
 
     async def quiet(self) -> None:
-        """Before a measurement: wait a little for load from outside the benchmark to pass."""
+        """Before a measurement: wait a little for load from outside the benchmark to pass
+        (not in a smoke run, whose scale gives no time for it)."""
+        if self.scale.quiet_s <= 0:
+            return
         t0 = time.monotonic()
         await wait_quiet(self.say, min(20.0, max(1.0, self.quiet_budget_s)))
         self.quiet_budget_s -= time.monotonic() - t0
@@ -235,18 +254,40 @@ class LoadProcess:
 
     def __init__(self) -> None:
         self._pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self.pid: int | None = None
+
+    async def start(self) -> None:
+        """Spawn the process (and learn its pid). It inherits SIGINT ignored: Ctrl-C reaches
+        the whole foreground process group, and the bench process, which stops the run in
+        order, ends this one."""
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            started = self._pool.submit(os.getpid)  # spawns the process
+        finally:
+            signal.signal(signal.SIGINT, handler)
+        self.pid = await asyncio.wrap_future(started)
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
-    def close(self) -> None:
+    def close(self, kill: bool = False) -> None:
+        """Wait for the process to finish its work and end; with ``kill`` (the run is being
+        cancelled) end it now."""
+        if kill and self.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextlib.asynccontextmanager
 async def load_process() -> AsyncIterator[LoadProcess]:
+    """A load-generator process; killed at once if the block ends with an exception (Ctrl-C
+    cancels the run while it generates load)."""
     lp = LoadProcess()
+    done = False
     try:
+        await lp.start()
         yield lp
+        done = True
     finally:
-        await asyncio.to_thread(lp.close)
+        await asyncio.to_thread(lp.close, not done)

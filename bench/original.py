@@ -1,7 +1,8 @@
 """The original design, kept only to be measured: ``POST /v1/connections`` waits for the Baileys
 server's ``POST /sessions`` (10-30 s) with an 8 s timeout, and fails when it runs out.
 
-``python -m bench.original`` with ``BENCH_PORT``, ``BENCH_SIM_URL`` and ``BENCH_SIM_KEY``.
+``python -m bench.original`` with ``BENCH_PORT``, ``BENCH_SIM_URL`` and ``BENCH_SIM_KEY`` (and
+``BENCH_TIMEOUT``, 8 s unless given: a smoke run shortens it).
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-TIMEOUT = aiohttp.ClientTimeout(total=8.0)
+from zapbus.procs import healthz
+
+TIMEOUT = aiohttp.ClientTimeout(total=float(os.environ.get("BENCH_TIMEOUT", "8")))
 http_key = web.AppKey("http", aiohttp.ClientSession)
 
 
@@ -32,10 +35,6 @@ async def create(request: web.Request) -> web.Response:
     except TimeoutError:
         return web.json_response({"error": "baileys timed out"}, status=504)
     return web.json_response({"name": name, "status": "connecting"}, status=201)
-
-
-async def healthz(_: web.Request) -> web.Response:
-    return web.Response(text="ok")
 
 
 async def http_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -88,9 +88,11 @@ def document(
         "run, and the ratio is the headline. Benchmarks print; `make test` asserts behaviour.",
         "",
         "Run `make bench` (all of them, ~7 min, rewrites this file), `python -m bench --quick` "
-        "(~1 min smoke run, prints only), `python -m bench create sync` (a subset of create, "
-        "burst, webhook, projector, sync: prints only; `--out FILE` writes), `--profile` (py-spy "
-        "each service under load; summaries in the log directory printed at the start).",
+        "(~40 s smoke run of every step, prints only; `make test` runs it in "
+        "`tests/test_bench.py`, so a benchmark that crashes fails the tests), `python -m bench "
+        "create sync` (a subset of create, burst, webhook, projector, sync: prints only; `--out "
+        "FILE` writes), `--profile` (py-spy each service under load; summaries in the log "
+        "directory printed at the start). Ctrl-C stops every process the run started.",
         "",
         "| | |",
         "|---|---|",

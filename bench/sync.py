@@ -27,8 +27,6 @@ from proto import headers
 from proto.commands import CreateSession, command_encoder
 from zapbus.localinfra import NatsServer
 
-SEQUENTIAL_PUBLISHES = 1000
-
 
 async def _publish_acks(nats_url: str, subject: str, n: int) -> dict[str, Any]:
     nc = await nats.connect(nats_url, name="zapbus-bench-sync")
@@ -66,7 +64,7 @@ def publish_acks(nats_url: str, subject: str, n: int) -> dict[str, Any]:
 async def _measure(ctx: Ctx, lp: LoadProcess, label: str, rate: float | None) -> dict[str, Any]:
     """The create path on this ``ctx``'s NATS; latency at ``rate`` (half the capacity if None)."""
     scale = ctx.scale
-    duration = max(3.0, scale.capacity_s / 2)
+    duration = scale.sync_s
     async with namespace(ctx) as settings, processes(ctx, f"sync-{label}") as procs:
         tenant_id, key = await new_tenant(settings)
         gateway = procs.service(settings, "gateway")
@@ -76,7 +74,7 @@ async def _measure(ctx: Ctx, lp: LoadProcess, label: str, rate: float | None) ->
         spec = FloorSpec(
             settings.database_url, settings.db_schema, settings.nats_url, subject, tenant_id
         )
-        await lp.run(closed_loop, target, 8, 1.0)  # warm up
+        await lp.run(closed_loop, target, 8, scale.warmup_s)  # warm up
         ctx.say(f"sync ({label}): gateway capacity, {scale.clients} clients, {duration:.0f} s")
         await ctx.quiet()
         cap = await lp.run(closed_loop, target, scale.clients, duration)
@@ -87,7 +85,7 @@ async def _measure(ctx: Ctx, lp: LoadProcess, label: str, rate: float | None) ->
         ctx.say(f"  p50 {ms(lat['http']['p50'])} p99 {ms(lat['http']['p99'])} ms; floor")
         await ctx.quiet()
         floor = await lp.run(floor_closed, spec, scale.clients, duration)
-        pubs = await lp.run(publish_acks, settings.nats_url, subject, SEQUENTIAL_PUBLISHES)
+        pubs = await lp.run(publish_acks, settings.nats_url, subject, scale.sequential_publishes)
         ctx.say(f"  floor {floor['rate']:.0f}/s; publish-ack p50 {ms(pubs['ack']['p50'])} ms")
     return {"cap": cap, "lat": lat, "rate": rate, "floor": floor, "pubs": pubs}
 
@@ -112,7 +110,7 @@ async def run(ctx: Ctx) -> Section:
 
 
 def _section(ctx: Ctx, a: dict[str, Any], d: dict[str, Any]) -> Section:
-    duration = max(3.0, ctx.scale.capacity_s / 2)
+    duration = ctx.scale.sync_s
     sec = Section(
         "5. What `sync_interval: always` costs the create path",
         "The embedded nats-server (what `make run` and `make test` start) fsyncs every "
@@ -122,7 +120,8 @@ def _section(ctx: Ctx, a: dict[str, Any], d: dict[str, Any]) -> Section:
         f"{ctx.scale.clients} closed-loop clients for {duration:.0f} s (capacity), then open "
         f"loop at one fixed rate (half the capacity measured on `always`) for {duration:.0f} s "
         "(latency), the floor of benchmark 1 (row insert + publish-ack, same clients), and "
-        f"{SEQUENTIAL_PUBLISHES:,} sequential publish-acks of a create command (one client).",
+        f"{ctx.scale.sequential_publishes:,} sequential publish-acks of a create command "
+        "(one client).",
         ["measure", "sync_interval: always", "default (2 min)", "always / default"],
     )
     sec.row(

@@ -104,8 +104,8 @@ async def _measure(
 ) -> dict[str, Any]:
     s = ctx.scale
     listen = Listen(settings.database_url, channel)
-    await lp.run(closed_loop, _targets(settings, ids, webhook, "w"), 8, 1.0, listen)  # warm-up
-    await lp.run(closed_loop, _targets(settings, ids, bare, "w"), 8, 1.0)
+    await lp.run(closed_loop, _targets(settings, ids, webhook, "w"), 8, s.warmup_s, listen)
+    await lp.run(closed_loop, _targets(settings, ids, bare, "w"), 8, s.warmup_s)
     ctx.say(f"webhook: capacity, {s.clients} clients, {s.capacity_s:.0f} s")
     rows = RowCount(
         settings.database_url,

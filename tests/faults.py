@@ -78,7 +78,7 @@ class ProcessStack:
         proc = self.procs[name]
         proc.kill() if kill else proc.stop()
         proc.start()
-        await proc.wait_healthy(timeout=30)
+        await proc.wait_healthy(timeout=60)
 
     def all_logs(self) -> str:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
@@ -181,7 +181,7 @@ async def process_stack(
         for proc in procs.values():
             proc.start()
         for proc in procs.values():
-            await proc.wait_healthy(timeout=30)
+            await proc.wait_healthy(timeout=60)
         yield stack
     finally:
         await http.close()

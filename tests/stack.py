@@ -39,7 +39,7 @@ FAST_SIM = SimConfig(port=0, create_delay=(0.02, 0.1), qr_first_seconds=60, qr_n
 
 
 async def wait_for(
-    what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = 15.0, every: float = 0.02
+    what: str, probe: Callable[[], Awaitable[T | None]], timeout: float = 60.0, every: float = 0.02
 ) -> T:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` at the deadline."""
     deadline = asyncio.get_running_loop().time() + timeout
@@ -89,7 +89,7 @@ class Stack:
         ) as r:
             return r.status, await r.json(content_type=None)
 
-    async def wait_status(self, connection_id: str, *statuses: str, timeout: float = 15.0) -> Any:
+    async def wait_status(self, connection_id: str, *statuses: str, timeout: float = 60.0) -> Any:
         async def probe() -> Any:
             status, body = await self.get(connection_id)
             return body if status == 200 and body["status"] in statuses else None

@@ -35,7 +35,7 @@ Client = TestClient[web.Request, web.Application]
 MakeSim = Callable[..., Awaitable[Client]]
 
 
-async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
     """Poll ``predicate`` every 10 ms; fail the test naming ``what`` after ``timeout`` s."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

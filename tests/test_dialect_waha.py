@@ -362,7 +362,7 @@ async def sim() -> AsyncIterator[Sim]:
 
 
 async def until(what: str, probe: Callable[[], bool]) -> None:
-    await wait_for(what, lambda: asyncio.sleep(0, probe()), timeout=5.0)
+    await wait_for(what, lambda: asyncio.sleep(0, probe()), timeout=30.0)
 
 
 async def test_client_create_get_list_qr_code_delete(sim: Sim) -> None:

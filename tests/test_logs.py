@@ -113,7 +113,7 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
             done = any(line.get("to_status") == "connected" for line in about["projector"])
             return about if done and all(about.values()) else None
 
-        about = await wait_for(f"log lines about {cid} from {SERVICES}", traced, timeout=10)
+        about = await wait_for(f"log lines about {cid} from {SERVICES}", traced, timeout=30)
         all_logs = stack.all_logs()
 
     # The same lines, found the way an operator would: one grep for the id.

@@ -50,7 +50,7 @@ async def test_service_process_is_ready_exports_metrics_and_stops_cleanly_on_sig
     )
     proc.start()
     try:
-        await proc.wait_healthy(timeout=20)
+        await proc.wait_healthy(timeout=60)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/readyz") as r:
                 body = await r.json()
@@ -97,7 +97,7 @@ async def test_a_health_answer_from_another_process_on_the_port_is_not_taken_for
     proc.start()
     try:
         with pytest.raises(RuntimeError, match="gateway exited"):
-            await proc.wait_healthy(timeout=20)
+            await proc.wait_healthy(timeout=60)
     finally:
         proc.stop(timeout=15)
         await runner.cleanup()

@@ -231,7 +231,7 @@ async def test_a_command_that_exhausts_max_deliver_becomes_a_dead_letter(
             adv = await js.stream_info(names.advisories_stream)
             return info.state.messages == 0 and adv.state.messages == 0
 
-        await wait_for("an empty work queue", empty, timeout=10)
+        await wait_for("an empty work queue", empty, timeout=30)
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
                 assert 'zapbus_worker_dead_letters_total{kind="create"} 1.0' in await r.text()

@@ -73,7 +73,7 @@ def app_with(runner: Runner, settings: Settings | None = None) -> web.Applicatio
     return app
 
 
-async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
+async def wait_until(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 30) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while not await check():

@@ -72,6 +72,6 @@ async def test_service_process_starts_with_the_default_secret_in_dev(
     )
     proc.start()
     try:
-        await proc.wait_healthy(timeout=20)
+        await proc.wait_healthy(timeout=60)
     finally:
         assert proc.stop(timeout=15) == 0, (tmp_path / "log").read_text()[-2000:]

@@ -8,7 +8,6 @@ Every service (the consumers too) is an aiohttp app built by ``base_app``, so ea
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -27,6 +26,7 @@ from prometheus_client import (
 
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.logs import setup_logging
+from zapbus.procs import health_answer
 
 log = logging.getLogger("zapbus.http")
 
@@ -225,8 +225,7 @@ async def healthz(request: web.Request) -> web.Response:
         return json_response(
             {"status": "unhealthy", "service": service, "problems": problems}, status=503
         )
-    # the pid lets whoever started the process tell its answer from another's on the port
-    return json_response({"status": "ok", "service": service, "pid": os.getpid()})
+    return json_response(health_answer(service=service))
 
 
 async def readyz(request: web.Request) -> web.Response:

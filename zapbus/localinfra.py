@@ -217,9 +217,16 @@ class _Server:
                 raise InfraError(f"{self.url} not ready; {self.log_path}:\n{_tail(self.log_path)}")
             await asyncio.sleep(0.1)
 
-    async def astart(self, timeout: float = 60.0) -> None:
-        """``start()`` in a worker thread, then ``wait_ready()``."""
-        await asyncio.to_thread(self.start, timeout)
+    async def astart(self, timeout: float = 120.0) -> None:
+        """``start()`` in a worker thread, then ``wait_ready()``. Cancelled while the thread
+        starts the server (it cannot be interrupted), it waits for the thread before passing
+        the cancellation on, so that whoever stops the server on the way out finds it."""
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start, timeout))
+        try:
+            await asyncio.shield(starting)
+        except asyncio.CancelledError:
+            await asyncio.gather(starting, return_exceptions=True)
+            raise
         await self.wait_ready(timeout)
 
 
@@ -281,7 +288,7 @@ class NatsServer(_Server):
         while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def start(self, timeout: float = 20.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Spawn the server; return once JetStream answers, else stop it and raise."""
         if self.running:
             return
@@ -309,7 +316,7 @@ class NatsServer(_Server):
                 start_new_session=True,
             )
 
-    def wait_started(self, timeout: float = 20.0) -> None:
+    def wait_started(self, timeout: float = 60.0) -> None:
         """Return once the spawned server's JetStream answers, else stop it and raise."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
@@ -336,18 +343,18 @@ class NatsServer(_Server):
                 proc.kill()
                 proc.wait()
 
-    def restart(self, kill: bool = False, timeout: float = 20.0) -> None:
+    def restart(self, kill: bool = False, timeout: float = 60.0) -> None:
         """Stop (gracefully, or SIGKILL if ``kill``) and start again on the same port and store."""
         self.stop(kill=kill)
         self.start(timeout)
 
     async def _probe(self) -> bool:
-        return await nats_reachable(self.url, timeout=1.0)
+        return await nats_reachable(self.url, timeout=5.0)
 
     async def astop(self, kill: bool = False) -> None:
         await asyncio.to_thread(self.stop, kill)
 
-    async def arestart(self, kill: bool = False, timeout: float = 20.0) -> None:
+    async def arestart(self, kill: bool = False, timeout: float = 60.0) -> None:
         await self.astop(kill)
         await self.astart(timeout)
 
@@ -399,7 +406,7 @@ class NatsCluster:
                 return n
         raise KeyError(server_name)
 
-    def start(self, timeout: float = 30.0) -> None:
+    def start(self, timeout: float = 60.0) -> None:
         """Spawn every node, then wait until each one's JetStream answers (a meta leader is
         elected once a majority is up)."""
         for n in self.nodes:
@@ -416,7 +423,7 @@ class NatsCluster:
         for n in self.nodes:
             n.stop(kill=kill)
 
-    async def astart(self, timeout: float = 30.0) -> None:
+    async def astart(self, timeout: float = 60.0) -> None:
         await asyncio.to_thread(self.start, timeout)
         for n in self.nodes:
             await n.wait_ready(timeout)
@@ -508,7 +515,7 @@ class PostgresServer(_Server):
         return self.dsn
 
     async def _probe(self) -> bool:
-        return await postgres_reachable(self.dsn, timeout=1.0)
+        return await postgres_reachable(self.dsn, timeout=5.0)
 
     def _wrapper(self) -> list[str]:
         """What ``initdb``/``pg_ctl`` run under: nothing, unshare, or runuser."""
@@ -565,7 +572,7 @@ class PostgresServer(_Server):
         """A live postmaster owns the data dir (its postmaster.pid names a live process)."""
         return self._postmaster() is not None
 
-    def start(self, timeout: float = 60.0) -> None:
+    def start(self, timeout: float = 120.0) -> None:
         """initdb if needed, then ``pg_ctl start -w``; raise with the log tail on failure."""
         if self.running:
             return
@@ -612,7 +619,7 @@ class PostgresServer(_Server):
                 deadline = time.monotonic() + 10
             time.sleep(0.02)
 
-    def restart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
+    def restart(self, mode: StopMode = "fast", timeout: float = 120.0) -> None:
         """Stop with ``mode`` and start again; same port, same data."""
         self.stop(mode, timeout)
         self.start(timeout)
@@ -620,7 +627,7 @@ class PostgresServer(_Server):
     async def astop(self, mode: StopMode = "fast") -> None:
         await asyncio.to_thread(self.stop, mode)
 
-    async def arestart(self, mode: StopMode = "fast", timeout: float = 60.0) -> None:
+    async def arestart(self, mode: StopMode = "fast", timeout: float = 120.0) -> None:
         await self.astop(mode)
         await self.astart(timeout)
 
@@ -696,13 +703,14 @@ async def ensure_infra(
             port = _local_port(server_urls(infra.nats_url)[0], 4222)
             srv = NatsServer(Path(data_dir) / "nats", port)
             t0 = time.monotonic()
+            infra.nats = srv  # close() stops it, should starting it be cancelled (astart)
             await srv.astart()
             say(
                 f"{why}: started nats-server {metadata.version(NATS_WHEEL)} from the"
                 f" {NATS_WHEEL} wheel at {srv.url} in {_ms(t0)} (sync_interval: always;"
                 f" store {srv.workdir}, log {srv.log_path})"
             )
-            infra.nats, infra.nats_url = srv, srv.url
+            infra.nats_url = srv.url
         if database_url is None and embedded:
             why = "ZAPBUS_EMBEDDED=1"
         elif await postgres_reachable(infra.database_url):
@@ -718,13 +726,14 @@ async def ensure_infra(
                 await pg.astop()
             t0 = time.monotonic()
             fresh = not (pg.data_dir / "PG_VERSION").exists()
+            infra.postgres = pg
             await pg.astart()
             say(
                 f"{why}: started PostgreSQL {metadata.version(PG_WHEEL)} from the {PG_WHEEL}"
                 f" wheel at {pg.dsn} in {_ms(t0)}{' (initdb included)' if fresh else ''}"
                 f" (data {pg.data_dir}, log {pg.log_path})"
             )
-            infra.postgres, infra.database_url = pg, pg.dsn
+            infra.database_url = pg.dsn
     except BaseException:
         await infra.close()
         raise

@@ -1,7 +1,9 @@
 """Running zapbus services as child processes (``make run`` and the fault tests).
 
 Each service is ``python -m services.<name>`` with its configuration in the environment, as in
-production. ``wait_healthy`` polls its ``/healthz`` with a deadline.
+production. ``wait_healthy`` polls its ``/healthz`` with a deadline and takes only an answer
+that carries the process's pid: ``health_answer`` is that answer, for every app started so
+(zapbus's services, and the benchmark's stand-ins, which ``healthz`` serves).
 """
 
 from __future__ import annotations
@@ -16,6 +18,18 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
+from aiohttp import web
+
+
+def health_answer(**fields: object) -> dict[str, object]:
+    """The body of a healthy ``/healthz``: status ok, ``fields``, and this process's pid, by
+    which ``ServiceProcess.wait_healthy`` tells its process's answer from another's."""
+    return {"status": "ok", **fields, "pid": os.getpid()}
+
+
+async def healthz(_: web.Request) -> web.Response:
+    """``GET /healthz`` of a plain aiohttp app run as a ``ServiceProcess``."""
+    return web.json_response(health_answer())
 
 
 class ServiceProcess:
@@ -53,7 +67,7 @@ class ServiceProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    async def wait_healthy(self, timeout: float = 30.0) -> None:
+    async def wait_healthy(self, timeout: float = 60.0) -> None:
         deadline = asyncio.get_running_loop().time() + timeout
         # A new connection per probe: with ZAPBUS_REUSE_PORT several processes share the port,
         # and a kept-alive connection to the first one would never reach the one started next
