@@ -24,6 +24,7 @@ from services.notifier.sender import Sender
 from tests.stack import Stack, serve, start_stack, wait_for
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
+from zapbus.webhooks import is_public
 
 
 @dataclass
@@ -312,6 +313,56 @@ async def test_private_urls_refused_without_the_flag(
         assert attempt.ok and len(rec.got) == 1
     finally:
         await sender.close()
+
+
+# IPv6 forms that lead to an IPv4 address (or a private network) zapbus must not call
+EMBEDDED_PRIVATE = [
+    "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix -> 169.254.169.254 (metadata)
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215)
+    "64:ff9b:1:fffe::a00:1",  # local-use NAT64, another layout
+    "::7f00:1",  # IPv4-compatible -> 127.0.0.1
+    "::ffff:0:7f00:1",  # IPv4-translated -> 127.0.0.1
+    "::ffff:7f00:1",  # IPv4-mapped -> 127.0.0.1
+    "2002:7f00:1::1",  # 6to4 -> 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 -> 169.254.169.254
+    "fec0::1",  # site-local
+    "::",
+    "::1",
+]
+# the same forms leading to public IPv4 addresses are public
+EMBEDDED_PUBLIC = ["64:ff9b::808:808", "::ffff:808:808", "2002:808:808::1", "2606:4700::1111"]
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PRIVATE)
+def test_ipv6_forms_that_embed_a_private_ipv4_are_not_public(address: str) -> None:
+    assert not is_public(address)
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PUBLIC)
+def test_ipv6_forms_that_embed_a_public_ipv4_stay_public(address: str) -> None:
+    assert is_public(address)
+
+
+async def test_ipv6_forms_embedding_ipv4_refused_at_registration_and_delivery(
+    settings: Settings,
+) -> None:
+    async with start_stack(settings, notify_allow_private=False) as stack:
+        sender = Sender(timeout_seconds=2, allow_private=False)
+        try:
+            for address in EMBEDDED_PRIVATE:
+                url = f"https://[{address}]/hook"
+                async with stack.http.post(
+                    f"{stack.gateway_url}/v1/webhooks",
+                    json={"url": url, "events": ["*"]},
+                    headers=stack.auth(),
+                ) as r:
+                    assert r.status == 422, (url, await r.text())
+                    assert (await r.json())["type"].endswith("webhook-url-refused")
+                attempt = await sender.send(url, ["whsec_" + "A" * 44], "msg_1", b"{}")
+                assert attempt.error and attempt.error.startswith("refused"), (url, attempt)
+                assert not attempt.retryable
+        finally:
+            await sender.close()
 
 
 async def test_rotation_signs_with_both_secrets(stack: Stack, receiver: Callable[[], Any]) -> None:
