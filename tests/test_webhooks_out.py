@@ -20,10 +20,13 @@ import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 
+from services.notifier.app import create_app as create_notifier
 from services.notifier.sender import Sender
+from tests.chains import expected_webhook_ids, first_seen
 from tests.stack import Stack, serve, start_stack, wait_for
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
+from zapbus.runtime import js_key
 from zapbus.webhooks import is_public
 
 
@@ -465,3 +468,76 @@ async def test_an_idle_fan_out_keeps_its_lease_and_delivers_the_next_change(
         )
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert not errors, errors
+
+
+STATUS_ONLY = ["connection.status"]
+
+
+async def test_a_batch_a_dead_fan_out_held_is_queued_before_newer_changes(
+    stack: Stack, receiver: Callable[[], Any]
+) -> None:
+    """A fan-out killed between fetching a batch and acking it: the batch waits on the
+    consumer for ack_wait (10 s) while the next fan-out fetches newer changes. Those must not
+    overtake it: the next fan-out reads the held changes from the stream first."""
+    names = stack.settings.names
+    js = stack.apps["gateway"][js_key]
+    rec: Receiver = await receiver()
+    endpoint = await add_endpoint(stack, rec.url, STATUS_ONLY)
+
+    def got() -> list[tuple[str, dict[str, Any]]]:
+        return [(h["webhook-id"], b) for (h, _), b in zip(rec.got, rec.bodies(), strict=True)]
+
+    # a change goes through, so the fan-out has a checkpoint
+    warm = await stack.create("warm")
+    await stack.wait_status(warm["id"], "qr_ready")
+    warm_chain = await expected_webhook_ids(js, names, warm["id"], endpoint["id"], STATUS_ONLY)
+    await wait_for(
+        "the warm-up delivered", lambda: _async(first_seen(got(), warm["id"]) == warm_chain)
+    )
+    await stack.runners["notifier"].cleanup()  # the notifier is down
+
+    async def consumer_pending() -> tuple[int, int]:
+        info = await js.consumer_info(names.changes_stream, names.notifier_consumer)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    created = await stack.create("held")
+    await stack.wait_status(created["id"], "qr_ready")
+
+    async def undelivered() -> bool:
+        return (await consumer_pending())[0] >= 3
+
+    await wait_for("its changes on the consumer", undelivered)
+    # the dead fan-out: fetches the oldest changes and never acks them
+    dead = await js.pull_subscribe_bind(names.notifier_consumer, stream=names.changes_stream)
+    held = await dead.fetch(2, timeout=5)
+    await dead.unsubscribe()
+    assert len(held) == 2 and (await consumer_pending())[1] == 2
+    # newer changes of the same connection
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/connections/{created['id']}/recreate", headers=stack.auth()
+    ) as r:
+        assert r.status == 202, await r.text()
+    await wait_for(
+        "the recreated connection in qr_ready",
+        lambda: _async_row(
+            stack, created["id"], lambda b: b["generation"] == 2 and b["status"] == "qr_ready"
+        ),
+        timeout=30,
+    )
+    # a new notifier, while the dead one's batch still waits for ack_wait
+    port = int(stack.notifier_url.rsplit(":", 1)[1])
+    stack.runners["notifier"] = await serve(create_notifier(stack.settings), port)
+
+    async def all_received() -> tuple[list[str], list[str]] | None:
+        seen = first_seen(got(), created["id"])
+        chain = await expected_webhook_ids(js, names, created["id"], endpoint["id"], STATUS_ONLY)
+        return (seen, chain) if set(chain) <= set(seen) else None
+
+    seen, chain = await wait_for("every webhook of the connection", all_received, timeout=60)
+    assert len(chain) > 4
+    assert seen == chain
+
+
+async def _async_row(stack: Stack, connection_id: str, ok: Callable[[Any], bool]) -> bool:
+    status, body = await stack.get(connection_id)
+    return status == 200 and ok(body)
