@@ -75,7 +75,9 @@ def create_app(settings: Settings) -> web.Application:
     app[key_cache_key] = KeyCache(
         settings.api_key_cache_seconds, settings.unknown_api_key_cache_seconds
     )
-    app[stream_slots_key] = StreamSlots(settings.sse_max_streams_per_tenant)
+    app[stream_slots_key] = StreamSlots(
+        settings.sse_max_streams_per_tenant, settings.sse_max_streams_per_client_token
+    )
     app[optional_checks_key] = {"nats"}  # creates are accepted into the outbox without it
     app.middlewares.append(no_store)
     app.middlewares.append(auth_middleware)

@@ -252,7 +252,8 @@ def build() -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "429": _problem(
-                        "too many open event streams for this tenant",
+                        "too many open event streams for this tenant, or for client tokens"
+                        " of this connection",
                         {
                             "Retry-After": {
                                 "schema": {"type": "string"},
