@@ -287,6 +287,7 @@ def build() -> dict[str, Any]:
         },
     }
     paths.update(webhook_paths())
+    _document_nul(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -302,6 +303,23 @@ def build() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _document_nul(paths: dict[str, Any]) -> None:
+    """Every operation answers 400 to a NUL in its path or query (httpkit.refuse_nul)."""
+    nul = "a NUL character (%00) in the path or query"
+    for item in paths.values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue  # the path's own parameters
+            responses = operation["responses"]
+            if "400" in responses:
+                responses["400"] = {
+                    **responses["400"],
+                    "description": f"{responses['400']['description']}; or {nul}",
+                }
+            else:
+                responses["400"] = _problem(nul)
 
 
 _DOCUMENT = build()
