@@ -1,16 +1,21 @@
-"""SSE: a resume the stream cannot answer for starts from the row, never from silence; and at
-most ZAPBUS_SSE_MAX_STREAMS_PER_TENANT open streams per tenant on a replica."""
+"""SSE: a resume the stream cannot answer for starts from the row, never from silence; at most
+ZAPBUS_SSE_MAX_STREAMS_PER_TENANT open streams per tenant on a replica, and of those
+ZAPBUS_SSE_MAX_STREAMS_PER_CLIENT_TOKEN per connection with client tokens; a client that went
+away frees its slot within seconds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from proto.changes import ConnectionChanged, change_encoder
@@ -20,9 +25,10 @@ from services.gateway.app import create_app as create_gateway
 from services.gateway.live import READ_LIMIT
 from services.projector.store import Applied, project
 from services.projector.transitions import QrPolicy
-from tests.stack import wait_for
+from tests.stack import serve, wait_for
 from tests.test_frontend_api import sse_events
 from zapbus.config import Settings
+from zapbus.localinfra import free_port
 from zapbus.runtime import js_key, pool_key, settings_key
 from zapbus.tenants import create_tenant
 
@@ -233,3 +239,104 @@ async def test_a_change_committed_after_the_snapshot_with_an_earlier_time_is_not
 
 def _applied(results: list[Applied]) -> bool:
     return all(r.outcome is not None and r.outcome.applied for r in results)
+
+
+# Well below the 15 s keep-alive: a vanished client's slot must be free before it.
+FREED_WITHIN = 8.0
+
+
+@contextlib.asynccontextmanager
+async def _served(settings: Settings) -> AsyncIterator[tuple[str, web.Application]]:
+    """The gateway served as in production: aiohttp's test server cancels a handler whose
+    client went away (handler_cancellation), a real server does not, so a vanished client
+    is seen only by the stream itself."""
+    app = create_gateway(settings)
+    port = free_port()
+    runner = await serve(app, port)
+    try:
+        yield f"http://127.0.0.1:{port}", app
+    finally:
+        await runner.cleanup()
+
+
+async def _create_connection(http: aiohttp.ClientSession, base: str, key: str) -> str:
+    auth = {"Authorization": f"Bearer {key}"}
+    async with http.post(f"{base}/v1/connections", json={"name": "live"}, headers=auth) as r:
+        assert r.status == 202, await r.text()
+        return str((await r.json())["id"])
+
+
+async def _mint_token(http: aiohttp.ClientSession, base: str, key: str, cid: str) -> str:
+    auth = {"Authorization": f"Bearer {key}"}
+    async with http.post(f"{base}/v1/connections/{cid}/client-token", headers=auth) as r:
+        assert r.status == 200, await r.text()
+        return str((await r.json())["token"])
+
+
+async def _admitted(
+    http: aiohttp.ClientSession, url: str, headers: dict[str, str], params: dict[str, str]
+) -> bool:
+    async with http.get(url, headers=headers, params=params) as r:
+        return r.status == 200
+
+
+async def test_client_tokens_have_their_own_small_cap_per_connection(settings: Settings) -> None:
+    assert settings.sse_max_streams_per_client_token == 5  # the default
+    async with _served(settings) as (base, app), aiohttp.ClientSession() as http:
+        _, key = await create_tenant(app[pool_key], f"sse-{uuid.uuid4().hex[:6]}")
+        auth = {"Authorization": f"Bearer {key}"}
+        cid = await _create_connection(http, base, key)
+        other_cid = await _create_connection(http, base, key)
+        token = await _mint_token(http, base, key, cid)
+        second_token = await _mint_token(http, base, key, cid)
+        url = f"{base}/v1/connections/{cid}/events"
+        streams = []
+        try:
+            for _ in range(5):
+                stream = await http.get(url, params={"token": token})
+                streams.append(stream)
+                assert stream.status == 200
+                await _next(sse_events(stream), "the snapshot")
+            # a sixth from client tokens of that connection (any of them) is refused
+            for t in (token, second_token):
+                async with http.get(url, params={"token": t}) as r:
+                    assert r.status == 429, r.status  # (a 200 is an endless stream)
+                    body = await r.json(content_type=None)
+                    assert body["type"].endswith("/too-many-streams")
+                    assert "client tokens" in body["detail"]
+                    assert int(r.headers["Retry-After"]) > 0
+            # the tenant's own key, and another connection's token, still get theirs
+            assert await _admitted(http, url, auth, {})
+            other_token = await _mint_token(http, base, key, other_cid)
+            other_url = f"{base}/v1/connections/{other_cid}/events"
+            assert await _admitted(http, other_url, {}, {"token": other_token})
+        finally:
+            for stream in streams:
+                stream.close()  # the browsers went away; nothing is written to them meanwhile
+        await wait_for(
+            "a client token's slot freed",
+            lambda: _admitted(http, url, {}, {"token": token}),
+            timeout=FREED_WITHIN,
+            every=0.2,
+        )
+
+
+async def test_a_vanished_client_frees_its_slot_within_seconds(settings: Settings) -> None:
+    """Nothing happens on the connection after the client left: its slot is freed by seeing
+    the closed socket, not by a keep-alive write failing 15 s later."""
+    limited = msgspec.structs.replace(settings, sse_max_streams_per_tenant=1)
+    async with _served(limited) as (base, app), aiohttp.ClientSession() as http:
+        _, key = await create_tenant(app[pool_key], f"sse-{uuid.uuid4().hex[:6]}")
+        auth = {"Authorization": f"Bearer {key}"}
+        url = f"{base}/v1/connections/{await _create_connection(http, base, key)}/events"
+        stream = await http.get(url, headers=auth)
+        assert stream.status == 200
+        await _next(sse_events(stream), "the snapshot")
+        assert not await _admitted(http, url, auth, {})  # 429: the one slot is taken
+        stream.close()
+        await wait_for(
+            "the vanished client's slot",
+            lambda: _admitted(http, url, auth, {}),
+            timeout=FREED_WITHIN,
+            every=0.2,
+        )

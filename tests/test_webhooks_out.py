@@ -26,11 +26,14 @@ from services.gateway.app import create_app as create_gateway
 from services.gateway.webhook_models import ConnectionEvent, ConnectionEventData
 from services.notifier.app import create_app as create_notifier
 from services.notifier.sender import Sender
+from tests.chains import expected_webhook_ids, first_seen
 from tests.stack import Stack, serve, start_stack, wait_for
 from zapbus import db
 from zapbus.config import Settings
 from zapbus.localinfra import free_port
+from zapbus.runtime import js_key
 from zapbus.tenants import create_tenant
+from zapbus.webhooks import is_public
 
 
 @dataclass
@@ -321,6 +324,56 @@ async def test_private_urls_refused_without_the_flag(
         await sender.close()
 
 
+# IPv6 forms that lead to an IPv4 address (or a private network) zapbus must not call
+EMBEDDED_PRIVATE = [
+    "64:ff9b::a9fe:a9fe",  # NAT64 well-known prefix -> 169.254.169.254 (metadata)
+    "64:ff9b:1::a9fe:a9fe",  # local-use NAT64 (RFC 8215)
+    "64:ff9b:1:fffe::a00:1",  # local-use NAT64, another layout
+    "::7f00:1",  # IPv4-compatible -> 127.0.0.1
+    "::ffff:0:7f00:1",  # IPv4-translated -> 127.0.0.1
+    "::ffff:7f00:1",  # IPv4-mapped -> 127.0.0.1
+    "2002:7f00:1::1",  # 6to4 -> 127.0.0.1
+    "2002:a9fe:a9fe::1",  # 6to4 -> 169.254.169.254
+    "fec0::1",  # site-local
+    "::",
+    "::1",
+]
+# the same forms leading to public IPv4 addresses are public
+EMBEDDED_PUBLIC = ["64:ff9b::808:808", "::ffff:808:808", "2002:808:808::1", "2606:4700::1111"]
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PRIVATE)
+def test_ipv6_forms_that_embed_a_private_ipv4_are_not_public(address: str) -> None:
+    assert not is_public(address)
+
+
+@pytest.mark.parametrize("address", EMBEDDED_PUBLIC)
+def test_ipv6_forms_that_embed_a_public_ipv4_stay_public(address: str) -> None:
+    assert is_public(address)
+
+
+async def test_ipv6_forms_embedding_ipv4_refused_at_registration_and_delivery(
+    settings: Settings,
+) -> None:
+    async with start_stack(settings, notify_allow_private=False) as stack:
+        sender = Sender(timeout_seconds=2, allow_private=False)
+        try:
+            for address in EMBEDDED_PRIVATE:
+                url = f"https://[{address}]/hook"
+                async with stack.http.post(
+                    f"{stack.gateway_url}/v1/webhooks",
+                    json={"url": url, "events": ["*"]},
+                    headers=stack.auth(),
+                ) as r:
+                    assert r.status == 422, (url, await r.text())
+                    assert (await r.json())["type"].endswith("webhook-url-refused")
+                attempt = await sender.send(url, ["whsec_" + "A" * 44], "msg_1", b"{}")
+                assert attempt.error and attempt.error.startswith("refused"), (url, attempt)
+                assert not attempt.retryable
+        finally:
+            await sender.close()
+
+
 async def test_rotation_signs_with_both_secrets(stack: Stack, receiver: Callable[[], Any]) -> None:
     rec: Receiver = await receiver()
     endpoint = await add_endpoint(stack, rec.url)
@@ -504,3 +557,76 @@ async def test_parallel_creates_never_pass_the_per_tenant_limit(stack: Stack) ->
         "SELECT count(*) FROM webhook_endpoints WHERE tenant_id = $1", stack.tenant_id
     )
     assert count == MAX_ENDPOINTS_PER_TENANT
+
+
+STATUS_ONLY = ["connection.status"]
+
+
+async def test_a_batch_a_dead_fan_out_held_is_queued_before_newer_changes(
+    stack: Stack, receiver: Callable[[], Any]
+) -> None:
+    """A fan-out killed between fetching a batch and acking it: the batch waits on the
+    consumer for ack_wait (10 s) while the next fan-out fetches newer changes. Those must not
+    overtake it: the next fan-out reads the held changes from the stream first."""
+    names = stack.settings.names
+    js = stack.apps["gateway"][js_key]
+    rec: Receiver = await receiver()
+    endpoint = await add_endpoint(stack, rec.url, STATUS_ONLY)
+
+    def got() -> list[tuple[str, dict[str, Any]]]:
+        return [(h["webhook-id"], b) for (h, _), b in zip(rec.got, rec.bodies(), strict=True)]
+
+    # a change goes through, so the fan-out has a checkpoint
+    warm = await stack.create("warm")
+    await stack.wait_status(warm["id"], "qr_ready")
+    warm_chain = await expected_webhook_ids(js, names, warm["id"], endpoint["id"], STATUS_ONLY)
+    await wait_for(
+        "the warm-up delivered", lambda: _async(first_seen(got(), warm["id"]) == warm_chain)
+    )
+    await stack.runners["notifier"].cleanup()  # the notifier is down
+
+    async def consumer_pending() -> tuple[int, int]:
+        info = await js.consumer_info(names.changes_stream, names.notifier_consumer)
+        return int(info.num_pending or 0), int(info.num_ack_pending or 0)
+
+    created = await stack.create("held")
+    await stack.wait_status(created["id"], "qr_ready")
+
+    async def undelivered() -> bool:
+        return (await consumer_pending())[0] >= 3
+
+    await wait_for("its changes on the consumer", undelivered)
+    # the dead fan-out: fetches the oldest changes and never acks them
+    dead = await js.pull_subscribe_bind(names.notifier_consumer, stream=names.changes_stream)
+    held = await dead.fetch(2, timeout=5)
+    await dead.unsubscribe()
+    assert len(held) == 2 and (await consumer_pending())[1] == 2
+    # newer changes of the same connection
+    async with stack.http.post(
+        f"{stack.gateway_url}/v1/connections/{created['id']}/recreate", headers=stack.auth()
+    ) as r:
+        assert r.status == 202, await r.text()
+    await wait_for(
+        "the recreated connection in qr_ready",
+        lambda: _async_row(
+            stack, created["id"], lambda b: b["generation"] == 2 and b["status"] == "qr_ready"
+        ),
+        timeout=30,
+    )
+    # a new notifier, while the dead one's batch still waits for ack_wait
+    port = int(stack.notifier_url.rsplit(":", 1)[1])
+    stack.runners["notifier"] = await serve(create_notifier(stack.settings), port)
+
+    async def all_received() -> tuple[list[str], list[str]] | None:
+        seen = first_seen(got(), created["id"])
+        chain = await expected_webhook_ids(js, names, created["id"], endpoint["id"], STATUS_ONLY)
+        return (seen, chain) if set(chain) <= set(seen) else None
+
+    seen, chain = await wait_for("every webhook of the connection", all_received, timeout=60)
+    assert len(chain) > 4
+    assert seen == chain
+
+
+async def _async_row(stack: Stack, connection_id: str, ok: Callable[[Any], bool]) -> bool:
+    status, body = await stack.get(connection_id)
+    return status == 200 and ok(body)

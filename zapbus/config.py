@@ -71,6 +71,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     pairing_code_min_interval_seconds: float = 30.0
     # Open event streams (SSE) per tenant on one gateway replica; beyond, 429.
     sse_max_streams_per_tenant: Count = 100
+    # Of those, open with client tokens of one connection (a token that leaked must not take
+    # every slot of its tenant); beyond, 429.
+    sse_max_streams_per_client_token: Count = 5
     # Signs client tokens (browser-safe access to one connection). Empty: derived from
     # webhook_secret. The gateway refuses the built-in one unless env is "dev".
     client_token_secret: str = ""

@@ -121,6 +121,21 @@ class DurableConsumer:
         except Exception as exc:  # the server is unreachable: the next fetch will tell
             log.debug("consumer_info failed: %s", exc)
 
+    async def read_from(self, seq: int) -> js_api.RawStreamMsg | None:
+        """The stream's first message at or after sequence ``seq`` on the consumer's subjects,
+        read from the stream itself (whoever the consumer delivered it to); None if none."""
+        subject = self.config.filter_subject
+        assert subject
+        try:
+            msg: js_api.RawStreamMsg = await jsretry.retrying(
+                lambda: self.js.get_msg(self.stream, seq, subject, next=True),
+                f"get_msg {self.stream}",
+                deadline=10.0,
+            )
+        except NotFoundError:
+            return None
+        return msg
+
     async def pending(self) -> tuple[int, int]:
         """(messages not yet delivered, delivered but not acked) for the metrics."""
         info = await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)

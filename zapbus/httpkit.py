@@ -193,6 +193,51 @@ def _make_middleware(app: web.Application) -> Any:
     return middleware
 
 
+_NUL = "\x00"
+_NUL_DETAIL = "NUL characters (\\u0000, %00) are not accepted"
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether a decoded JSON value holds a NUL in any string (keys included)."""
+    if isinstance(value, str):
+        return _NUL in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(v) for v in value)
+    return False
+
+
+@web.middleware
+async def refuse_nul(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Refuse NUL in the path (path parameters included), the query and the body's strings
+    (keys included): PostgreSQL cannot store NUL in text and no API input has a use for it, so
+    it is refused here, where every request of an API comes in, rather than by each handler
+    and model. An API adds it after its authentication (a stranger's body is not read). A JSON
+    string can only carry NUL escaped, so only a body holding the escape (or a raw NUL) is
+    decoded to look. (The webhook service keeps its own rule: what a Baileys server sends is
+    cleaned, not refused, and a bad URL token is a 401.)"""
+    if _NUL in request.path:
+        raise ProblemError(400, "invalid-path", "Invalid path", _NUL_DETAIL)
+    for key, value in request.query.items():
+        if _NUL in key or _NUL in value:
+            raise ProblemError(400, "invalid-query", "Invalid query", _NUL_DETAIL, field=key)
+    if request.can_read_body:
+        body = await request.read()  # kept by aiohttp: the handler reads it again
+        if b"\x00" in body:
+            raise ProblemError(422, "invalid-body", "Invalid request body", _NUL_DETAIL)
+        if b"\\u0000" in body:
+            try:
+                decoded = msgspec.json.decode(body)
+            except msgspec.DecodeError:
+                decoded = None  # not JSON: the handler says so
+            if _holds_nul(decoded):
+                raise ProblemError(422, "invalid-body", "Invalid request body", _NUL_DETAIL)
+    return await handler(request)
+
+
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 

@@ -65,14 +65,41 @@ def wants(subscribed: list[str], event_type: str) -> bool:
     return ALL in subscribed or event_type in subscribed
 
 
+# IPv6 ranges whose last 32 bits are an IPv4 address that the packet ends up at: IPv4-mapped
+# (::ffff:0:0/96), IPv4-translated (::ffff:0:0:0/96), IPv4-compatible (::/96) and the NAT64
+# well-known prefix (64:ff9b::/96). The IPv4 address inside is what is judged.
+_EMBEDS_IPV4_LAST_32 = tuple(
+    ipaddress.IPv6Network(n) for n in ("::ffff:0:0/96", "::ffff:0:0:0/96", "::/96", "64:ff9b::/96")
+)
+# Refused whatever they hold: local-use NAT64 (RFC 8215; the IPv4 address can sit at several
+# places) and the deprecated site-local range (a private network by another name).
+_NEVER_PUBLIC_V6 = tuple(ipaddress.IPv6Network(n) for n in ("64:ff9b:1::/48", "fec0::/10"))
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one leads to (NAT64, 6to4, mapped, compatible), if any."""
+    if ip.sixtofour is not None:  # 2002::/16
+        return ip.sixtofour
+    if any(ip in net for net in _EMBEDS_IPV4_LAST_32):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def is_public(address: str) -> bool:
-    """A global unicast address (not loopback, private, link-local, shared, metadata...)."""
+    """A global unicast address (not loopback, private, link-local, shared, metadata...).
+
+    An IPv6 address that embeds an IPv4 one (NAT64, 6to4, IPv4-mapped, -translated or
+    -compatible) is judged by the IPv4 address it leads to; local-use NAT64 and site-local
+    addresses are never public."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if any(ip in net for net in _NEVER_PUBLIC_V6):
+            return False
+        if (inner := _embedded_ipv4(ip)) is not None:
+            return inner.is_global and not inner.is_multicast
     return ip.is_global and not ip.is_multicast
 
 

@@ -18,7 +18,7 @@ from services.gateway.relay import OutboxMetrics, OutboxRelay
 from services.gateway.sse import StreamSlots
 from services.gateway.webhooks import add_webhook_routes
 from zapbus.config import Settings, require_client_token_secret
-from zapbus.httpkit import base_app, optional_checks_key, registry_key
+from zapbus.httpkit import base_app, optional_checks_key, refuse_nul, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
 STATIC = Path(__file__).with_name("static")
@@ -75,10 +75,13 @@ def create_app(settings: Settings) -> web.Application:
     app[key_cache_key] = KeyCache(
         settings.api_key_cache_seconds, settings.unknown_api_key_cache_seconds
     )
-    app[stream_slots_key] = StreamSlots(settings.sse_max_streams_per_tenant)
+    app[stream_slots_key] = StreamSlots(
+        settings.sse_max_streams_per_tenant, settings.sse_max_streams_per_client_token
+    )
     app[optional_checks_key] = {"nats"}  # creates are accepted into the outbox without it
     app.middlewares.append(no_store)
     app.middlewares.append(auth_middleware)
+    app.middlewares.append(refuse_nul)  # NUL in path, query or body: 4xx, not a 500
     app.cleanup_ctx.append(pool_ctx)
     app.cleanup_ctx.append(nats_ctx("gateway"))
     app.cleanup_ctx.append(qr_renderer_ctx)

@@ -363,7 +363,10 @@ async def get_qr(request: web.Request) -> web.Response:
 async def get_events(request: web.Request) -> web.StreamResponse:
     pool, tenant_id = request.app[pool_key], request[tenant_key].id
     connection_id = _connection_id(request)
-    with request.app[stream_slots_key].take(tenant_id):  # 429 past the tenant's limit
+    claims = request.get(client_token_key)
+    # 429 past the tenant's limit, or past the client tokens' limit of the connection
+    token_connection = None if claims is None else connection_id
+    with request.app[stream_slots_key].take(tenant_id, token_connection):
         if await get_connection(pool, tenant_id, connection_id) is None:
             raise _not_found()
 
@@ -373,7 +376,6 @@ async def get_events(request: web.Request) -> web.StreamResponse:
                 raise _not_found()
             return change_of(current, "snapshot")
 
-        claims = request.get(client_token_key)
         ends_at = None if claims is None else float(claims.expires)  # a token's stream ends
         return await sse.stream(request, request.app[hub_key], connection_id, load, ends_at)
 

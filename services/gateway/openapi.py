@@ -263,7 +263,8 @@ def build() -> dict[str, Any]:
                         "content": {"text/event-stream": {"schema": {"type": "string"}}},
                     },
                     "429": _problem(
-                        "too many open event streams for this tenant",
+                        "too many open event streams for this tenant, or for client tokens"
+                        " of this connection",
                         {
                             "Retry-After": {
                                 "schema": {"type": "string"},
@@ -297,6 +298,7 @@ def build() -> dict[str, Any]:
         },
     }
     paths.update(webhook_paths())
+    _document_nul(paths)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -313,6 +315,23 @@ def build() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+def _document_nul(paths: dict[str, Any]) -> None:
+    """Every operation answers 400 to a NUL in its path or query (httpkit.refuse_nul)."""
+    nul = "a NUL character (%00) in the path or query"
+    for item in paths.values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue  # the path's own parameters
+            responses = operation["responses"]
+            if "400" in responses:
+                responses["400"] = {
+                    **responses["400"],
+                    "description": f"{responses['400']['description']}; or {nul}",
+                }
+            else:
+                responses["400"] = _problem(nul)
 
 
 _DOCUMENT = build()

@@ -4,9 +4,12 @@ The stream starts with the current state (or, with ``Last-Event-ID``, with every
 client missed), then follows live changes, with a keep-alive comment every 15 s. A
 ``Last-Event-ID`` the stream cannot answer for (beyond its last sequence, before its first, or
 with more missed changes than one read returns) starts from the current state too, never from
-silence. At most ``ZAPBUS_SSE_MAX_STREAMS_PER_TENANT`` streams per tenant and replica. Event names:
-``qr`` when a new QR code arrived, ``status`` otherwise; the data is the connection snapshot;
-the id is the change's JetStream sequence.
+silence. At most ``ZAPBUS_SSE_MAX_STREAMS_PER_TENANT`` streams per tenant and replica, of
+which at most ``ZAPBUS_SSE_MAX_STREAMS_PER_CLIENT_TOKEN`` per connection with client tokens; a
+client that went away frees its slot within ``DISCONNECT_CHECK_SECONDS`` (its closed socket is
+seen then, not at the next keep-alive). Event names: ``qr`` when a new QR code arrived,
+``status`` otherwise; the data is the connection snapshot; the id is the change's JetStream
+sequence.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from services.gateway.live import READ_LIMIT, Change, ChangeHub
 from zapbus.httpkit import ProblemError
 
 KEEPALIVE_SECONDS = 15.0
+# how often an idle stream looks whether its client is still there (its socket closed)
+DISCONNECT_CHECK_SECONDS = 1.0
 RETRY_AFTER_SECONDS = 5
 _json = msgspec.json.Encoder()
 
@@ -81,33 +86,59 @@ def last_event_id(request: web.Request) -> int | None:
 
 
 class StreamSlots:
-    """Counts each tenant's open streams on this replica; ``take`` refuses one too many."""
+    """Counts the open streams on this replica, per tenant and, of those opened with client
+    tokens, per connection; ``take`` refuses one too many."""
 
-    def __init__(self, per_tenant: int) -> None:
+    def __init__(self, per_tenant: int, per_client_token: int) -> None:
         self.per_tenant = per_tenant
-        self._open: dict[uuid.UUID, int] = {}
+        self.per_client_token = per_client_token
+        self._open: dict[uuid.UUID, int] = {}  # tenant -> streams
+        self._by_token: dict[uuid.UUID, int] = {}  # connection -> streams of client tokens
 
     @contextlib.contextmanager
-    def take(self, tenant_id: uuid.UUID) -> Iterator[None]:
-        """Hold one of the tenant's slots; ProblemError 429 (with Retry-After) if none is free."""
+    def take(
+        self, tenant_id: uuid.UUID, token_connection: uuid.UUID | None = None
+    ) -> Iterator[None]:
+        """Hold one of the tenant's slots, and one of the connection's client-token slots when
+        ``token_connection`` (the stream is opened with a client token for it); ProblemError
+        429 (with Retry-After) if either is full."""
         if self._open.get(tenant_id, 0) >= self.per_tenant:
-            err = ProblemError(
-                429,
-                "too-many-streams",
-                "Too many event streams",
-                f"at most {self.per_tenant} open event streams per tenant; close one",
-            )
-            err.response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-            raise err
-        self._open[tenant_id] = self._open.get(tenant_id, 0) + 1
+            raise _too_many(f"at most {self.per_tenant} open event streams per tenant")
+        if token_connection is not None:
+            if self._by_token.get(token_connection, 0) >= self.per_client_token:
+                raise _too_many(
+                    f"at most {self.per_client_token} open event streams per connection with"
+                    " client tokens"
+                )
+            _count(self._by_token, token_connection, +1)
+        _count(self._open, tenant_id, +1)
         try:
             yield
         finally:
-            left = self._open[tenant_id] - 1
-            if left:
-                self._open[tenant_id] = left
-            else:
-                del self._open[tenant_id]
+            _count(self._open, tenant_id, -1)
+            if token_connection is not None:
+                _count(self._by_token, token_connection, -1)
+
+
+def _count(counts: dict[uuid.UUID, int], key: uuid.UUID, step: int) -> None:
+    left = counts.get(key, 0) + step
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
+
+
+def _too_many(limit: str) -> ProblemError:
+    err = ProblemError(429, "too-many-streams", "Too many event streams", f"{limit}; close one")
+    err.response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    return err
+
+
+def _gone(request: web.Request) -> bool:
+    """Has the client gone away (its connection closed)? aiohttp does not end the handler
+    then, and a write into a closed socket fails only later: look at the transport."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def missed(hub: ChangeHub, connection_id: uuid.UUID, resume: int) -> list[Change] | None:
@@ -170,18 +201,22 @@ async def stream(
         for seq, change in backlog:
             await resp.write(_frame(seq, change))
             sent = max(sent, seq)
+        keepalive_at = time.monotonic() + KEEPALIVE_SECONDS
         while True:
-            wait = KEEPALIVE_SECONDS
+            wait = min(DISCONNECT_CHECK_SECONDS, keepalive_at - time.monotonic())
             if ends_at is not None:
                 wait = min(wait, ends_at - time.time())
-                if wait <= 0:
+                if ends_at <= time.time():
                     break
             try:
-                async with asyncio.timeout(wait):
+                async with asyncio.timeout(max(wait, 0.0)):
                     item = await queue.get()
             except TimeoutError:
-                if ends_at is None or time.time() < ends_at:
+                if _gone(request):
+                    break  # frees its slot now, not when a keep-alive fails
+                if time.monotonic() >= keepalive_at and (ends_at is None or time.time() < ends_at):
                     await resp.write(b": keep-alive\n\n")
+                    keepalive_at = time.monotonic() + KEEPALIVE_SECONDS
                 continue
             if item is None:
                 break

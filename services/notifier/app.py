@@ -31,11 +31,11 @@ def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
         filter_subject=names.changes_subjects,
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.NEW,
-        # a batch is one insert: a fan-out that died holding one is noticed within this
+        # a batch is one insert; what a fan-out died holding comes back after this, and is
+        # acked then (order does not wait for it: the fan-out's checkpoint in Postgres makes
+        # the next one read it from the stream first, see fanout.py)
         ack_wait=10.0,
         max_deliver=-1,  # a database outage must not drop a change
-        # no more than one batch unacked: after a crash, the unacked batch comes back before
-        # anything newer, so a connection's webhooks keep their order
         max_ack_pending=FANOUT_BATCH,
     )
 
