@@ -27,7 +27,7 @@ with the key zapbus put in the create (``X-Webhook-Hmac-Algorithm: sha512``): a 
 wrong one is refused (401). Deliveries are de-duplicated by the body's ``id`` (``evt_...``,
 kept by WAHA's retries); ``timestamp`` is never used to order anything.
 
-What each status is reported as (words ``services/projector/transitions.py`` reads):
+What each status is reported as (words ``zapbus/connection/vocabulary.py`` reads):
 
     STARTING                       connecting (reconnecting when it follows WORKING: the
                                    connection dropped and WAHA restarts it)
