@@ -87,7 +87,7 @@ from zapbus.signing import SignatureError
 STATUS_EVENT = "session.status"
 HMAC_HEADER = "X-Webhook-Hmac"
 HMAC_ALGORITHM_HEADER = "X-Webhook-Hmac-Algorithm"
-QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words for it (services/projector)
+QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words (zapbus/connection/vocabulary.py)
 QR_LIMIT_CODE = 408
 _MAX_ID_CHARS = 150
 # WAHA Core refuses every session but "default" with 422 "WAHA Core support only 'default'
