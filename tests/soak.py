@@ -46,8 +46,9 @@ from services.session_worker.drift import parse_session_name
 from tests.faults import ProcessStack, process_stack
 from zapbus import dlq
 from zapbus.config import Settings
+from zapbus.connection import states
 
-TERMINAL = {"qr_expired", "logged_out", "conflict", "failed", "deleted"}
+TERMINAL = {s.value for s in states.TERMINAL}
 # What the simulator's session state may look like behind a live row (the server agrees).
 AGREES = {
     "awaiting_qr": {"qr", "connecting"},

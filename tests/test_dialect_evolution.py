@@ -22,9 +22,9 @@ from aiohttp.test_utils import TestServer
 from proto.states import Status
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
-from services.projector.transitions import state_for_report
 from tests.stack import FAST_SIM, Stack, start_stack, wait_for
 from zapbus.config import Settings
+from zapbus.connection.vocabulary import state_for_report
 from zapbus.dialects import dialect_class
 from zapbus.dialects.base import CreateSessionRequest
 from zapbus.dialects.errors import PermanentError, RetryableError

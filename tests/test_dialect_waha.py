@@ -22,10 +22,10 @@ from services.baileys_sim.app import REGISTRY_KEY
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from services.baileys_sim.sessions import SessionRegistry
-from services.projector.transitions import state_for_report
 from tests.stack import FAST_SIM, serve, start_stack, wait_for
 from zapbus import bus, dlq
 from zapbus.config import Settings
+from zapbus.connection.vocabulary import state_for_report
 from zapbus.dialects import dialect_class
 from zapbus.dialects.base import CreateSessionRequest, ServerSession
 from zapbus.dialects.errors import PermanentError, RetryableError

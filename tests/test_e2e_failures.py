@@ -46,6 +46,7 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
         failed = await stack.wait_status(created["id"], "failed", timeout=20)
         assert "gave up after 3 attempts" in failed["status_reason"]
         assert "500" in failed["status_reason"]
+        assert failed["reason_code"] == "gave_up"
         history = await _history(stack, created["id"])
         assert [h["event_type"] for h in history].count("create.started") == 3
         assert (await stack.sim("GET", "/_sim/stats"))["created"] == {}
@@ -84,6 +85,8 @@ async def test_create_against_failing_server_ends_failed_with_reason(settings: S
         )
         replayed = [c for c in changes if c.cause == "dlq.replayed"]
         assert [(c.previous_status, c.status) for c in replayed] == [("failed", "pending")]
+        # the create runs again: the reason (and reason code) of the failure it replays is gone
+        assert [(c.status_reason, c.reason_code) for c in replayed] == [(None, None)]
         assert versions_grow(changes), [(c.cause, c.version) for c in changes]
 
 

@@ -24,10 +24,10 @@ from proto.names import Names
 from services.gateway.app import create_app as create_gateway
 from services.gateway.live import READ_LIMIT
 from services.projector.store import Applied, project
-from services.projector.transitions import QrPolicy
 from tests.stack import serve, wait_for
 from tests.test_frontend_api import sse_events
 from zapbus.config import Settings
+from zapbus.connection.machine import QrPolicy
 from zapbus.localinfra import free_port
 from zapbus.runtime import js_key, pool_key, settings_key
 from zapbus.tenants import create_tenant

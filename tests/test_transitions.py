@@ -21,7 +21,8 @@ from proto.events import (
     event_type,
 )
 from proto.states import TERMINAL, Status
-from services.projector.transitions import REASON_CODES, QrPolicy, Row, apply, state_for_report
+from zapbus.connection.machine import QrPolicy, Row, apply
+from zapbus.connection.vocabulary import REASON_CODES, state_for_report
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 CID = uuid.uuid4()

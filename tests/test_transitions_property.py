@@ -19,6 +19,10 @@ What must hold for the final row of any delivery, against the in-order one:
 The refresh cap (``max_refreshes``) counts QRs shown, so whether a shuffle reaches it depends on
 the order; the equality property keeps N within the cap, and the step-by-step property, which
 goes past it, checks that nothing ever moves backwards or shows a QR that a newer one overtook.
+
+The transitions the system forces (``machine.force``: time-outs, re-creates, moves, replays,
+the gateway's recreate and delete) are checked against the graph written out by hand, and on
+every row the events can reach: what the events do after a forced move keeps the graph.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,7 +47,17 @@ from proto.events import (
     StatusReported,
 )
 from proto.states import RANK, TERMINAL, Status
-from services.projector.transitions import QrPolicy, Row, apply
+from zapbus.connection.machine import (
+    FORCED_TARGET,
+    Forced,
+    IllegalTransition,
+    QrPolicy,
+    Row,
+    apply,
+    force,
+    may_force,
+)
+from zapbus.connection.vocabulary import MOVE_REASONS, REASON_CODES
 
 POLICY = QrPolicy(first_ttl_seconds=60, next_ttl_seconds=20, max_refreshes=4)
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -184,4 +200,119 @@ def test_no_step_moves_backwards_or_shows_an_overtaken_qr(
         assert new.attempts >= r.attempts
         newest = max(seen, key=lambda q: (q.occurred_at, q.qr), default=None)
         check_qr_fields(new, newest, len({q.qr for q in seen}))
+        r = new
+
+
+# -- transitions the system forces (machine.force) ---------------------------------------------
+#
+# The oracle below is the graph written out by hand: a forced move goes where its kind says,
+# from the states its rule allows, and nothing ever leaves ``deleted``.
+
+ALLOWED_FROM: dict[Forced, frozenset[Status | None]] = {
+    Forced.CREATE: frozenset({None}),
+    Forced.RESTART: frozenset(Status) - {Status.DELETED},
+    Forced.RERUN: frozenset(Status) - {Status.DELETED},
+    Forced.RECREATE: frozenset(
+        {
+            Status.AWAITING_QR,
+            Status.QR_READY,
+            Status.CODE_READY,
+            Status.PAIRING,
+            Status.CONNECTED,
+            Status.RECONNECTING,
+        }
+    ),
+    Forced.FAIL: frozenset(Status) - TERMINAL,
+    Forced.DELETE: frozenset(Status) - {Status.DELETED},
+}
+REASON_CODE_OR_NONE = st.sampled_from([None, *sorted(REASON_CODES)])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from([None, *Status]),
+    st.sampled_from(Forced),
+    REASON_CODE_OR_NONE,
+    REASON_CODE_OR_NONE,
+)
+def test_a_forced_move_goes_where_the_graph_allows_or_raises(
+    current: Status | None, kind: Forced, given_code: str | None, row_code: str | None
+) -> None:
+    if current not in ALLOWED_FROM[kind]:
+        assert not may_force(current, kind)
+        with pytest.raises(IllegalTransition):
+            force(current, kind, given_code, row_code)
+        return
+    move = force(current, kind, given_code, row_code)
+    assert move.status == FORCED_TARGET[kind]
+    assert current != Status.DELETED  # nothing leaves deleted
+    if given_code is not None:
+        assert move.reason_code == given_code
+    elif kind == Forced.RERUN and row_code in MOVE_REASONS:
+        assert move.reason_code == row_code  # a moved connection must still be linked again
+    else:
+        assert move.reason_code is None  # cleared with the state it explained
+
+
+def _forward(old: Status, new: Status) -> bool:
+    """Along the graph: never back in rank, except out of ``reconnecting`` (a cycle), which
+    leads back to linking or linked (or ends)."""
+    if old == Status.RECONNECTING:
+        back = {Status.QR_READY, Status.CODE_READY, Status.PAIRING, Status.CONNECTED}
+        return new in back | TERMINAL | {old}
+    return _progress(new) >= _progress(old)
+
+
+def forced_row(r: Row, kind: Forced, code: str | None) -> Row:
+    """The row as ``writer.transition`` and its callers leave it after ``kind``."""
+    move = force(r.status, kind, code, r.reason_code)
+    changes: dict[str, Any] = {"attempts": 0} if kind != Forced.DELETE else {}
+    if kind == Forced.RESTART:
+        changes |= {"generation": r.generation + 1, "qr_seq": 0, "server": None}
+    return msgspec.structs.replace(
+        r,
+        status=move.status,
+        reason_code=move.reason_code,
+        status_reason=None,
+        qr=None,
+        qr_expires_at=None,
+        pairing_code=None,
+        pairing_code_expires_at=None,
+        **changes,
+    )
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    deliveries(max_qrs=POLICY.max_refreshes),
+    st.data(),
+    st.sampled_from([k for k in Forced if k != Forced.CREATE]),
+    REASON_CODE_OR_NONE,
+)
+def test_forced_moves_on_any_reachable_row_keep_the_graph(
+    case: tuple[History, list[Event]], data: st.DataObject, kind: Forced, code: str | None
+) -> None:
+    """Any row the events can reach, forced any way the graph allows, then every event of the
+    history delivered again (late copies): a forced end stays the end, a new generation
+    ignores the old one's events, and from a forced re-run nothing moves backwards."""
+    h, delivered = case
+    cut = data.draw(st.integers(0, len(delivered)))
+    r = fold(delivered[:cut])
+    if not may_force(r.status, kind):
+        with pytest.raises(IllegalTransition):
+            force(r.status, kind, code, r.reason_code)
+        return
+    r = forced_row(r, kind, code)
+    assert r.qr is None and r.pairing_code is None  # no forced state shows either
+    later = delivered[cut:] + data.draw(st.permutations(h.events))
+    for event in later:
+        out = apply(r, event, POLICY)
+        new = out.row
+        if kind in (Forced.FAIL, Forced.DELETE):
+            assert new.status == r.status, (kind, event)  # an end stays the end
+        elif kind == Forced.RESTART:
+            assert not out.applied and new == r, event  # the old generation is fenced
+        else:
+            assert _forward(r.status, new.status), (r.status, event, new.status)
+            assert (new.qr is not None) == (new.status == Status.QR_READY), new
         r = new

@@ -2,7 +2,8 @@
 
 ``replay`` queues the command again through the outbox, in one Postgres transaction, then
 removes the dead letter from the stream. A create resets its connection to ``pending`` (same
-generation) and is refused once the connection moved on; a delete can always be replayed (the
+generation; through the state writer, so the change is queued and the old reason and reason
+code are cleared) and is refused once the connection moved on; a delete can always be replayed (the
 worker's fence skips it if the session is wanted again). A replayed command is a new message,
 so if it fails again it is dead-lettered again, under a new letter.
 """
@@ -32,11 +33,13 @@ from proto.commands import (
     dead_letter_encoder,
 )
 from proto.names import Names
-from proto.states import Status
-from zapbus import history, jsretry
+from zapbus import jsretry
+from zapbus.connection.machine import Forced
+from zapbus.connection.states import Status
+from zapbus.connection.writer import record, transition
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_row_change
+from zapbus.outbox import insert_outbox
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.dlq")
@@ -89,45 +92,50 @@ async def replay(js: JetStreamContext, pool: asyncpg.Pool, names: Names, seq: in
             "SELECT generation, status FROM connections WHERE id = $1 FOR UPDATE",
             cmd.connection_id,
         )
+        msg_id = f"{cmd.command_id}:replay:{seq}"
+        note = f"dead letter {seq} ({cmd.kind}) replayed by an operator"
         if isinstance(cmd, DeleteSession):
             # Removing a session is always safe to try again; the worker's fence skips it if
             # the row's current generation wants that session after all.
-            await insert_outbox(conn, names, cmd, msg_id=f"{cmd.command_id}:replay:{seq}")
+            await insert_outbox(conn, names, cmd, msg_id=msg_id)
             if row is not None:
-                await _record(conn, cmd, seq, row["status"], row["status"])
+                await _record(conn, cmd, note, row["status"])
             await js.delete_msg(names.dead_letter_stream, seq)
             return letter
         if row is None or row["generation"] != cmd.generation:
             raise ReplayError("the connection moved to another generation or is gone")
         if row["status"] == Status.DELETED:
             raise ReplayError("the connection was deleted")
+        await insert_outbox(conn, names, cmd, msg_id=msg_id)
         if isinstance(cmd, CreateSession):
-            await conn.execute(
-                "UPDATE connections SET status = $2, status_reason = NULL, attempts = 0,"
-                " redrives = 0, updated_at = now(), status_changed_at = now(),"
-                " version = version + 1 WHERE id = $1",
+            # the create runs again from the start: pending, its old reason (and code) gone
+            await transition(
+                conn,
+                names,
                 cmd.connection_id,
-                Status.PENDING.value,
+                Forced.RERUN,
+                cause="dlq.replayed",
+                changes={"attempts": 0, "redrives": 0},
+                note=note,
+                command_id=cmd.command_id,
             )
-            await queue_row_change(conn, names, cmd.connection_id, "dlq.replayed", row["status"])
-        await insert_outbox(conn, names, cmd, msg_id=f"{cmd.command_id}:replay:{seq}")
-        await _record(conn, cmd, seq, row["status"], Status.PENDING.value)
+        else:
+            await _record(conn, cmd, note, row["status"])
     await js.delete_msg(names.dead_letter_stream, seq)
     return letter
 
 
-async def _record(
-    conn: asyncpg.Connection, cmd: Command, seq: int, from_status: str, to_status: str
-) -> None:
-    await history.record(
+async def _record(conn: asyncpg.Connection, cmd: Command, note: str, status: str) -> None:
+    """History of a replay that moves no state."""
+    await record(
         conn,
         cmd.connection_id,
         cmd.generation,
         "dlq.replayed",
-        from_status=from_status,
-        to_status=to_status,
+        from_status=status,
+        to_status=status,
         applied=True,
-        reason=f"dead letter {seq} ({cmd.kind}) replayed by an operator",
+        reason=note,
         command_id=cmd.command_id,
     )
 

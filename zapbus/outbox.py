@@ -111,37 +111,6 @@ async def queue_change(conn: asyncpg.Connection, names: Names, change: Connectio
     await conn.execute(_INSERT, *change_row(names, change))
 
 
-# Every writer of a connection's row bumps ``version`` in its UPDATE (``version = version +
-# 1``); the change it queues is the row as that UPDATE left it, read back here.
-_ROW_AS_CHANGED = """
-SELECT generation, status, status_reason, qr, qr_seq, qr_expires_at, now() AS changed_at,
-       pairing_code, pairing_code_expires_at, reason_code, server, version
-FROM connections WHERE id = $1
-"""
-
-
-async def queue_row_change(
-    conn: asyncpg.Connection,
-    names: Names,
-    connection_id: uuid.UUID,
-    cause: str,
-    previous_status: str,
-) -> ConnectionChanged:
-    """Queue the row as it is now, in the caller's transaction, as the change ``cause`` made
-    to it: call it after the UPDATE (which bumped ``version``), with the status the row had
-    before it (read under the same lock)."""
-    row = await conn.fetchrow(_ROW_AS_CHANGED, connection_id)
-    assert row is not None, "the caller changed this row in its transaction"
-    change = ConnectionChanged(
-        connection_id=connection_id,
-        cause=cause,
-        previous_status=previous_status,
-        **dict(row),
-    )
-    await queue_change(conn, names, change)
-    return change
-
-
 async def untrack_delete(pool: asyncpg.Pool, session: str) -> None:
     """The session is gone or wanted again: its delete needs no re-drive."""
     await pool.execute("DELETE FROM session_deletes WHERE session_name = $1", session)

@@ -35,7 +35,9 @@ from services.gateway.models import (
     create_decoder,
     recreate_decoder,
 )
-from services.gateway.store import change_of, get_connection, history, list_connections
+from services.gateway.store import get_connection, history, list_connections
+from zapbus.connection.states import Status
+from zapbus.connection.writer import change_from
 from zapbus.dialects import dialect_class
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
@@ -342,7 +344,7 @@ async def get_qr(request: web.Request) -> web.Response:
         raise ProblemError(
             406, "not-acceptable", "Not acceptable", f"offered: {', '.join(qr.OFFERED)}"
         )
-    if connection.status != "qr_ready" or not connection.qr:
+    if connection.status != Status.QR_READY or not connection.qr:
         raise ProblemError(
             409,
             "qr-not-ready",
@@ -374,7 +376,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
             current = await get_connection(pool, tenant_id, connection_id)
             if current is None:
                 raise _not_found()
-            return change_of(current, "snapshot")
+            return change_from(msgspec.structs.asdict(current), "snapshot")
 
         ends_at = None if claims is None else float(claims.expires)  # a token's stream ends
         return await sse.stream(request, request.app[hub_key], connection_id, load, ends_at)
@@ -400,7 +402,7 @@ async def new_client_token(request: web.Request) -> web.Response:
     connection = await get_connection(request.app[pool_key], tenant_id, connection_id)
     if connection is None:
         raise _not_found()
-    if connection.status == "deleted":
+    if connection.status == Status.DELETED:
         raise ProblemError(
             409,
             "connection-deleted",

@@ -15,13 +15,14 @@ import msgspec
 
 from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from proto.names import Names
-from proto.states import TERMINAL, Status
 from services.gateway.models import Connection
 from services.gateway.store import COLUMNS as _COLUMNS
-from services.gateway.store import change_of
 from services.gateway.store import to_connection as _to_connection
-from zapbus import history
-from zapbus.outbox import change_row, command_row, insert_outbox, queue_change
+from zapbus.connection import states
+from zapbus.connection.machine import Forced, force
+from zapbus.connection.states import Status
+from zapbus.connection.writer import change_from, record, transition
+from zapbus.outbox import change_row, command_row, insert_outbox
 from zapbus.tokens import session_name
 
 
@@ -36,9 +37,6 @@ class PhoneInUse(Exception):
     def __init__(self, connection_id: uuid.UUID) -> None:
         super().__init__(str(connection_id))
         self.connection_id = connection_id
-
-
-_LIVE = [status.value for status in Status if status not in TERMINAL]
 
 
 async def _check_phone_free(
@@ -65,7 +63,7 @@ async def _check_phone_free(
         " AND ($5::text IS NULL OR idempotency_key IS DISTINCT FROM $5) LIMIT 1",
         phone_number,
         tenant_id,
-        _LIVE,
+        states.values(states.LIVE),
         connection_id,
         idempotency_key,
     )
@@ -88,7 +86,7 @@ WITH c AS (
     INSERT INTO connections (id, tenant_id, name, generation, session_name, status,
         idempotency_key, request_hash, command_id, created_at, updated_at, status_changed_at,
         login, phone_number)
-    VALUES ($1, $2, $3, 1, $4, 'pending', $5, $6, $7, $8, $8, $8, $18, $19)
+    VALUES ($1, $2, $3, 1, $4, $20, $5, $6, $7, $8, $8, $8, $18, $19)
     ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
     RETURNING {_COLUMNS}
 ), command AS (
@@ -98,7 +96,7 @@ WITH c AS (
 ), history AS (
     INSERT INTO connection_events (event_id, connection_id, generation, event_type,
         from_status, to_status, applied, command_id, occurred_at)
-    SELECT $17, c.id, 1, 'create.requested', NULL, 'pending', true, $7, $8 FROM c
+    SELECT $17, c.id, 1, 'create.requested', NULL, c.status, true, $7, $8 FROM c
 )
 SELECT * FROM c
 """
@@ -121,6 +119,7 @@ async def create_connection(
     server keyed by phone number): PhoneInUse when a live connection of the tenant uses the
     phone (checked under a lock, in the insert's transaction).
     """
+    status = force(None, Forced.CREATE).status  # a new row: pending
     connection_id = uuid.uuid4()
     digest = request_hash(name, login, phone_number)
     now = datetime.now(UTC)
@@ -137,7 +136,7 @@ async def create_connection(
     connection = Connection(
         id=connection_id,
         name=name,
-        status=Status.PENDING.value,
+        status=status.value,
         status_reason=None,
         generation=1,
         session_name=cmd.session_name,
@@ -162,10 +161,11 @@ async def create_connection(
         cmd.command_id,
         now,
         *command_row(names, cmd),
-        *change_row(names, change_of(connection, "create.requested")),
+        *change_row(names, change_from(msgspec.structs.asdict(connection), "create.requested")),
         uuid.uuid4(),
         login,
         phone_number,
+        status.value,
     )
     if one_per_phone and phone_number is not None:
         async with pool.acquire() as conn, conn.transaction():
@@ -187,29 +187,6 @@ async def create_connection(
     record = dict(existing)
     record.pop("request_hash")
     return _to_connection(record), False
-
-
-async def _record(
-    conn: asyncpg.Connection,
-    cmd: CreateSession | DeleteSession,
-    event_type: str,
-    from_status: Status | None,
-    to_status: Status,
-    reason: str | None = None,
-) -> None:
-    """A history row for a change the gateway itself made."""
-    await history.record(
-        conn,
-        cmd.connection_id,
-        cmd.generation,
-        event_type,
-        from_status=from_status.value if from_status else None,
-        to_status=to_status.value,
-        applied=True,
-        reason=reason,
-        command_id=cmd.command_id,
-        occurred_at=cmd.requested_at,
-    )
 
 
 def _delete_command(
@@ -274,7 +251,7 @@ async def request_pairing_code(
             return None
         if row["login"] != "code" or not row["phone_number"]:
             raise CodeNotAvailable(row["status"], "this connection links by QR code")
-        if row["status"] not in (Status.AWAITING_QR, Status.CODE_READY):
+        if row["status"] not in states.CODE_ASKABLE:
             raise CodeNotAvailable(row["status"], f"no code can be asked for in {row['status']}")
         since = row["since"]
         if since is not None and since.total_seconds() < min_interval_seconds:
@@ -293,7 +270,7 @@ async def request_pairing_code(
             connection_id,
         )
         await insert_outbox(conn, names, cmd)
-        await history.record(
+        await record(
             conn,
             connection_id,
             row["generation"],
@@ -303,10 +280,10 @@ async def request_pairing_code(
             applied=False,
             command_id=cmd.command_id,
         )
-        record = dict(row)
+        shown = dict(row)
         for extra in ("tenant_id", "pairing_code_requested_at", "since"):
-            record.pop(extra)
-        return _to_connection(record)
+            shown.pop(extra)
+        return _to_connection(shown)
 
 
 async def recreate_connection(
@@ -354,29 +331,33 @@ async def recreate_connection(
             phone_number=phone_number,
         )
         delete = _delete_command(tenant_id, connection_id, old, now)
-        row = await conn.fetchrow(
-            f"UPDATE connections SET generation = $2, session_name = $3, status = $4,"
-            f" status_reason = NULL, qr = NULL, qr_seq = 0, qr_expires_at = NULL, attempts = 0,"
-            f" command_id = $5, redrives = 0, reconcile_misses = 0, reconcile_recreates = 0,"
-            f" login = $6, phone_number = $7, pairing_code = NULL,"
-            f" pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
-            f" server = NULL, reason_code = NULL, placement_excluded = NULL,"
-            f" updated_at = now(), status_changed_at = now(), version = version + 1"
-            f" WHERE id = $1 RETURNING {_COLUMNS}",
-            connection_id,
-            generation,
-            create.session_name,
-            Status.PENDING.value,
-            create.command_id,
-            login,
-            phone_number,
-        )
         await insert_outbox(conn, names, delete)
         await insert_outbox(conn, names, create)
-        await _record(conn, create, "recreate.requested", Status(old["status"]), Status.PENDING)
-        connection = _to_connection(row)
-        await queue_change(conn, names, change_of(connection, "recreate.requested", old["status"]))
-        return connection
+        row = await transition(
+            conn,
+            names,
+            connection_id,
+            Forced.RESTART,
+            cause="recreate.requested",
+            changes={
+                "generation": generation,
+                "session_name": create.session_name,
+                "qr_seq": 0,
+                "attempts": 0,
+                "command_id": create.command_id,
+                "redrives": 0,
+                "reconcile_misses": 0,
+                "reconcile_recreates": 0,
+                "login": login,
+                "phone_number": phone_number,
+                "pairing_code_requested_at": None,
+                "server": None,
+                "placement_excluded": None,
+            },
+            command_id=create.command_id,
+            occurred_at=now,
+        )
+        return _to_connection(row)
 
 
 async def delete_connection(
@@ -394,15 +375,16 @@ async def delete_connection(
         if old["status"] == Status.DELETED:
             return _to_connection(old)  # deleting twice is fine
         delete = _delete_command(tenant_id, connection_id, old, datetime.now(UTC))
-        row = await conn.fetchrow(
-            f"UPDATE connections SET status = $2, status_reason = 'deleted by the tenant',"
-            f" qr = NULL, qr_expires_at = NULL, updated_at = now(), status_changed_at = now(),"
-            f" version = version + 1 WHERE id = $1 RETURNING {_COLUMNS}",
-            connection_id,
-            Status.DELETED.value,
-        )
         await insert_outbox(conn, names, delete)
-        await _record(conn, delete, "delete.requested", Status(old["status"]), Status.DELETED)
-        connection = _to_connection(row)
-        await queue_change(conn, names, change_of(connection, "delete.requested", old["status"]))
-        return connection
+        row = await transition(
+            conn,
+            names,
+            connection_id,
+            Forced.DELETE,
+            cause="delete.requested",
+            reason="deleted by the tenant",
+            note=None,
+            command_id=delete.command_id,
+            occurred_at=delete.requested_at,
+        )
+        return _to_connection(row)

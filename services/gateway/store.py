@@ -11,14 +11,10 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from proto.changes import ConnectionChanged
 from services.gateway.models import Connection, HistoryEntry
+from zapbus.connection.writer import SHOWN
 
-COLUMNS = (
-    "id, name, status, status_reason, generation, session_name, qr, qr_seq, qr_expires_at,"
-    " attempts, created_at, updated_at, status_changed_at, login, phone_number, pairing_code,"
-    " pairing_code_expires_at, reason_code, account_phone, account_name, server, version"
-)
+COLUMNS = SHOWN  # the row as the API shows it
 
 
 def to_connection(row: Mapping[str, Any]) -> Connection:
@@ -27,28 +23,6 @@ def to_connection(row: Mapping[str, Any]) -> Connection:
     if phone or name:
         fields["account"] = {"phone": phone, "name": name}
     return msgspec.convert(fields, Connection)
-
-
-def change_of(c: Connection, cause: str, previous_status: str | None = None) -> ConnectionChanged:
-    """The change that made ``c`` (the connection as read back from its row);
-    ``previous_status``: its status before (None: a create)."""
-    return ConnectionChanged(
-        connection_id=c.id,
-        generation=c.generation,
-        status=c.status,
-        status_reason=c.status_reason,
-        qr=c.qr,
-        qr_seq=c.qr_seq,
-        qr_expires_at=c.qr_expires_at,
-        cause=cause,
-        changed_at=c.updated_at,
-        pairing_code=c.pairing_code,
-        pairing_code_expires_at=c.pairing_code_expires_at,
-        reason_code=c.reason_code,
-        previous_status=previous_status,
-        server=c.server,
-        version=c.version,
-    )
 
 
 async def get_connection(

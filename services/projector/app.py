@@ -11,9 +11,9 @@ from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
 from services.projector.partitions import Lease, PartitionOwner
 from services.projector.retention import Retention, RetentionMetrics
-from services.projector.transitions import QrPolicy
 from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
+from zapbus.connection.machine import QrPolicy
 from zapbus.consumer import DurableConsumer
 from zapbus.dlq import MaxDeliveries
 from zapbus.httpkit import base_app, registry_key

@@ -23,7 +23,7 @@ from proto.names import Names
 from services.projector.metrics import ProjectorMetrics
 from services.projector.partitions import Lease, LeaseLost
 from services.projector.store import Applied, project
-from services.projector.transitions import QrPolicy
+from zapbus.connection.machine import QrPolicy
 from zapbus.consumer import DurableConsumer
 from zapbus.logs import fields
 

@@ -23,8 +23,8 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
-from proto.states import TERMINAL, Status
 from zapbus import db
+from zapbus.connection.states import TERMINAL, Status, sql_list
 from zapbus.leases import Lease
 from zapbus.supervisor import Stoppable
 
@@ -32,10 +32,10 @@ log = logging.getLogger("zapbus.retention")
 
 _LEASE = "zapbus.retention"
 # A literal list, not a parameter: the planner matches it to the partial index's predicate.
-_ENDED = ", ".join(f"'{s.value}'" for s in sorted(TERMINAL))
 _PAGE = f"""
 SELECT id, status, status_changed_at FROM connections
-WHERE status IN ({_ENDED}) AND status_changed_at < $1 AND (status_changed_at, id) > ($2, $3)
+WHERE status IN {sql_list(TERMINAL)} AND status_changed_at < $1
+    AND (status_changed_at, id) > ($2, $3)
 ORDER BY status_changed_at, id LIMIT $4
 """
 
@@ -108,9 +108,10 @@ class Retention(Stoppable):
                         connections += _count(
                             await conn.execute(
                                 "DELETE FROM connections WHERE id = ANY($1)"
-                                " AND status = 'deleted' AND status_changed_at < $2",
+                                " AND status = $3 AND status_changed_at < $2",
                                 gone,
                                 cutoff,
+                                Status.DELETED.value,
                             )
                         )
                     at, last = rows[-1]["status_changed_at"], rows[-1]["id"]

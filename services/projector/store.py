@@ -1,20 +1,20 @@
-"""Postgres side of the projector: fold a batch of events into rows in one transaction."""
+"""Postgres side of the projector: fold a batch of events into rows in one transaction
+(``machine.apply`` decides, ``writer.write_folded`` writes)."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 
 import asyncpg
 import msgspec
 
-from proto import headers
-from proto.changes import ConnectionChanged, change_encoder
 from proto.events import Event, event_type
 from proto.names import Names
-from proto.states import Status
-from services.projector.transitions import Outcome, QrPolicy, Row, apply
+from zapbus.connection.machine import Outcome, QrPolicy, Row, apply
+from zapbus.connection.states import Status
+from zapbus.connection.writer import FoldedChange, folded_change, write_folded
 
 
 class Applied(msgspec.Struct, frozen=True, kw_only=True):
@@ -33,42 +33,6 @@ SELECT id, status, generation, status_reason, qr, qr_seq, qr_expires_at, attempt
        pairing_code, pairing_code_expires_at, reason_code, conflicts, conflicts_since,
        account_phone, account_name, server, version
 FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
-"""
-
-# One statement per batch for each table (arrays unnested), not one per row: half the
-# projector's database time went into executemany's per-row round of messages.
-_UPDATE = """
-UPDATE connections AS c SET status = u.status, status_reason = u.reason, qr = u.qr,
-    qr_seq = u.qr_seq, qr_expires_at = u.qr_expires_at, attempts = u.attempts,
-    last_event_at = u.at, updated_at = now(), pairing_code = u.code,
-    pairing_code_expires_at = u.code_expires_at, reason_code = u.reason_code,
-    conflicts = u.conflicts, conflicts_since = u.conflicts_since,
-    account_phone = u.account_phone, account_name = u.account_name,
-    status_changed_at = CASE WHEN c.status <> u.status THEN now() ELSE c.status_changed_at END,
-    version = u.version
-FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-            $7::int[], $8::timestamptz[], $9::text[], $10::timestamptz[], $11::text[],
-            $12::int[], $13::timestamptz[], $14::text[], $15::text[], $16::bigint[])
-    AS u(id, status, reason, qr, qr_seq, qr_expires_at, attempts, at, code, code_expires_at,
-         reason_code, conflicts, conflicts_since, account_phone, account_name, version)
-WHERE c.id = u.id
-"""
-
-_HISTORY = """
-INSERT INTO connection_events (event_id, connection_id, generation, event_type, from_status,
-    to_status, applied, code, reason, command_id, occurred_at, reason_code)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::int[], $4::text[], $5::text[], $6::text[],
-                     $7::bool[], $8::int[], $9::text[], $10::uuid[], $11::timestamptz[],
-                     $12::text[])
-ON CONFLICT (event_id) DO NOTHING
-"""
-
-# Every applied transition's snapshot goes to the changes stream through the outbox, in the
-# batch's transaction: a crash after the commit cannot lose it (the notifier needs them all).
-_CHANGES = """
-INSERT INTO outbox (msg_id, subject, payload, headers)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::jsonb[])
-ON CONFLICT (msg_id) DO NOTHING
 """
 
 
@@ -148,69 +112,44 @@ async def project(
         if outcome.applied:
             rows[event.connection_id] = outcome.row
             changed[event.connection_id] = event.occurred_at
-    if changed:
-        updates: list[tuple[object, ...]] = [
-            (
-                cid,
-                rows[cid].status.value,
-                rows[cid].status_reason,
-                rows[cid].qr,
-                rows[cid].qr_seq,
-                rows[cid].qr_expires_at,
-                rows[cid].attempts,
-                at,
-                rows[cid].pairing_code,
-                rows[cid].pairing_code_expires_at,
-                rows[cid].reason_code,
-                rows[cid].conflicts,
-                rows[cid].conflicts_since,
-                rows[cid].account_phone,
-                rows[cid].account_name,
-                versions[cid],
-            )
-            for cid, at in changed.items()
-        ]
-        await conn.execute(_UPDATE, *_columns(updates, 16))
-    if history:
-        await conn.execute(_HISTORY, *_columns(history, 12))
+    updates: list[tuple[object, ...]] = [
+        (
+            cid,
+            rows[cid].status.value,
+            rows[cid].status_reason,
+            rows[cid].qr,
+            rows[cid].qr_seq,
+            rows[cid].qr_expires_at,
+            rows[cid].attempts,
+            at,
+            rows[cid].pairing_code,
+            rows[cid].pairing_code_expires_at,
+            rows[cid].reason_code,
+            rows[cid].conflicts,
+            rows[cid].conflicts_since,
+            rows[cid].account_phone,
+            rows[cid].account_name,
+            versions[cid],
+        )
+        for cid, at in changed.items()
+    ]
     # the transaction's own time, which is also the rows' updated_at (a reader of the row
     # tells a change it already saw by ``version``: this time is the transaction's start)
     tx_time = await conn.fetchval("SELECT now()") if changed else None
-    changes = [_change_row(names, r, tx_time) for r in results if r.outcome and r.outcome.applied]
-    if changes:
-        await conn.execute(_CHANGES, *_columns(changes, 4))
+    changes = [
+        FoldedChange(
+            event_id=r.event.event_id,
+            change=folded_change(
+                r.event.connection_id,
+                r.outcome.row,
+                event_type(r.event),
+                r.from_status.value if r.from_status else None,
+                r.version,
+                tx_time,
+            ),
+        )
+        for r in results
+        if r.outcome and r.outcome.applied
+    ]
+    await write_folded(conn, names, updates, history, changes)
     return results
-
-
-def _change_row(names: Names, result: Applied, at: datetime | None) -> tuple[object, ...]:
-    """The outbox row of one applied transition (message id ``chg:<event id>``)."""
-    assert result.outcome is not None
-    row, event = result.outcome.row, result.event
-    change = ConnectionChanged(
-        connection_id=event.connection_id,
-        generation=row.generation,
-        status=row.status.value,
-        status_reason=row.status_reason,
-        qr=row.qr,
-        qr_seq=row.qr_seq,
-        qr_expires_at=row.qr_expires_at,
-        cause=event_type(event),
-        changed_at=at or datetime.now(UTC),
-        pairing_code=row.pairing_code,
-        pairing_code_expires_at=row.pairing_code_expires_at,
-        reason_code=row.reason_code,
-        previous_status=result.from_status.value if result.from_status else None,
-        server=row.server,
-        version=result.version,
-    )
-    return (
-        f"chg:{event.event_id}",
-        names.change_subject(event.connection_id),
-        change_encoder.encode(change),
-        msgspec.json.encode({headers.CONNECTION_ID: str(event.connection_id)}).decode(),
-    )
-
-
-def _columns(rows: list[tuple[object, ...]], width: int) -> list[list[object]]:
-    """Rows to one list per column, for ``unnest``."""
-    return [list(column) for column in zip(*rows, strict=True)] if rows else [[]] * width

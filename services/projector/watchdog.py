@@ -31,16 +31,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
-from proto.states import Status
-from zapbus import db, history
+from zapbus import db
+from zapbus.connection import states
+from zapbus.connection.machine import Forced
+from zapbus.connection.states import Status
+from zapbus.connection.writer import record, transition
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
+from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.watchdog")
 
 _LOCK_ID = 0x7A627764  # "zbwd"
-_STUCK = (Status.PENDING, Status.CREATING, Status.AWAITING_QR)
+_STUCK = sorted(states.STUCK)
 # A delete that never completes (a server that refuses it for good) stops being re-driven
 # after this many tries; it stays listed in session_deletes and counted.
 _MAX_DELETE_REDRIVES = 10
@@ -103,20 +106,21 @@ class Watchdog(Stoppable):
                 "SELECT id, tenant_id, generation, session_name, status, status_reason,"
                 " command_id, redrives, phone_number"
                 " FROM connections"
-                " WHERE (status = ANY($1::text[]) OR (status = 'reconnecting' AND qr_seq = 0))"
+                " WHERE (status = ANY($1::text[]) OR (status = $3 AND qr_seq = 0))"
                 " AND greatest(status_changed_at, last_event_at) < $2"
                 " AND (held_until IS NULL OR held_until < now())"
                 # waiting for room on a Baileys server: queued, not stuck (the pool
                 # manager queues the create again as room frees)
                 " AND placement_wait_since IS NULL"
                 " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-                [s.value for s in _STUCK],
+                states.values(states.STUCK),
                 datetime.now(UTC) - self.deadline,
+                Status.RECONNECTING.value,  # closes before any QR: WhatsApp unreachable
             )
             redriven = failed = 0
             for row in rows:
                 status = Status(row["status"])
-                redrivable = status in (Status.PENDING, Status.CREATING)
+                redrivable = status in states.AWAITING_CREATE
                 if redrivable and row["redrives"] < self.max_redrives:
                     await self._redrive(conn, row)
                     redriven += 1
@@ -182,19 +186,6 @@ class Watchdog(Stoppable):
         else:
             code = "timeout"
             reason = f"timeout: no progress in {status.value} for {seconds:.0f} s"
-        await conn.execute(
-            "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
-            " qr_expires_at = NULL, reason_code = $4, pairing_code = NULL,"
-            " pairing_code_expires_at = NULL, updated_at = now(), status_changed_at = now(),"
-            " version = version + 1 WHERE id = $1",
-            row["id"],
-            Status.FAILED.value,
-            reason,
-            code,
-        )
-        await self._history(
-            conn, row, "watchdog.timeout", Status.FAILED.value, True, reason, reason_code=code
-        )
         # A timed-out POST may have made the session after all: a failed row keeps none.
         await queue_delete(
             conn,
@@ -205,7 +196,16 @@ class Watchdog(Stoppable):
             row["session_name"],
             row["phone_number"],
         )
-        await queue_row_change(conn, self.names, row["id"], "watchdog.timeout", status.value)
+        await transition(
+            conn,
+            self.names,
+            row["id"],
+            Forced.FAIL,
+            cause="watchdog.timeout",
+            reason=reason,
+            reason_code=code,
+            command_id=row["command_id"],
+        )
         log.warning(
             "stuck connection failed",
             extra=fields(
@@ -263,7 +263,7 @@ class Watchdog(Stoppable):
         reason: str,
         reason_code: str | None = None,
     ) -> None:
-        await history.record(
+        await record(
             conn,
             row["id"],
             row["generation"],
@@ -290,7 +290,7 @@ class Watchdog(Stoppable):
             for r in await conn.fetch(
                 "SELECT status, count(*) AS n FROM connections WHERE status = ANY($1::text[])"
                 " AND greatest(status_changed_at, last_event_at) < $2 GROUP BY status",
-                [s.value for s in _STUCK],
+                states.values(states.STUCK),
                 datetime.now(UTC) - self.deadline,
             )
         }

@@ -23,19 +23,9 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from proto.states import TERMINAL, Status
-from services.projector.transitions import state_for_report
+from zapbus.connection.states import TERMINAL, WANTED_LIVE, Status
+from zapbus.connection.vocabulary import RECONNECTING_WORD, state_for_report
 
-WANTED_LIVE: frozenset[Status] = frozenset(
-    {
-        Status.AWAITING_QR,
-        Status.QR_READY,
-        Status.CODE_READY,
-        Status.PAIRING,
-        Status.CONNECTED,
-        Status.RECONNECTING,
-    }
-)
 KINDS = ("orphan", "lost", "state", "unknown")
 LOST_REASON = "session lost on server"
 
@@ -121,7 +111,7 @@ def _state_report(row: RowView, state: str | None) -> tuple[str, str] | None:
         return state, why
     if row.status == Status.CONNECTED:
         # Connected here, not there: the session dropped and nobody told us.
-        return "reconnecting", why
+        return RECONNECTING_WORD, why
     return None  # e.g. qr_ready here, "connecting" there: the same phase in other words
 
 

@@ -26,15 +26,14 @@ import uuid
 import asyncpg
 
 from proto.commands import CreateSession, DeleteSession, RequestPairingCode
-from proto.states import TERMINAL, Status
 from zapbus import db
+from zapbus.connection import states
+from zapbus.connection.states import CREATE_RUNS, TERMINAL, Status
 
 log = logging.getLogger("zapbus.session_worker")
 
 
 _PRIMED_FOR_SECONDS = 1.0
-_CREATE_RUNS_IN = frozenset({Status.PENDING, Status.CREATING, Status.RECONNECTING})
-_LIVE = [status.value for status in Status if status not in TERMINAL]
 
 
 class Verdict(enum.Enum):
@@ -52,7 +51,7 @@ def create_verdict(row: tuple[int, str] | None, cmd: CreateSession) -> Verdict:
     status = Status(raw)
     if generation != cmd.generation or status in TERMINAL:
         return Verdict.UNDO
-    return Verdict.RUN if status in _CREATE_RUNS_IN else Verdict.DONE
+    return Verdict.RUN if status in CREATE_RUNS else Verdict.DONE
 
 
 def pairing_code_verdict(row: tuple[int, str] | None, cmd: RequestPairingCode) -> Verdict:
@@ -61,14 +60,7 @@ def pairing_code_verdict(row: tuple[int, str] | None, cmd: RequestPairingCode) -
     yet, which waits too."""
     if row is None or row[0] != cmd.generation:
         return Verdict.DONE
-    waiting = (
-        Status.PENDING,
-        Status.CREATING,
-        Status.AWAITING_QR,
-        Status.CODE_READY,
-        Status.RECONNECTING,
-    )
-    return Verdict.RUN if Status(row[1]) in waiting else Verdict.DONE
+    return Verdict.RUN if Status(row[1]) in states.CODE_WAITS else Verdict.DONE
 
 
 def delete_verdict(row: tuple[int, str] | None, cmd: DeleteSession) -> Verdict:
@@ -147,7 +139,7 @@ class Fence:
                 " AND (server IS NULL OR $4::text IS NULL OR server = $4) LIMIT 1",
                 cmd.phone_number,
                 cmd.connection_id,
-                _LIVE,
+                states.values(states.LIVE),
                 cmd.server,
             )
         except db.UNAVAILABLE as exc:

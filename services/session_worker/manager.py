@@ -32,10 +32,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from proto.commands import CreateSession
 from proto.names import Names
 from services.session_worker import placement
-from services.session_worker.moves import ENDED, move_connection
+from services.session_worker.moves import move_connection
 from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
 from zapbus import db
+from zapbus.connection import states
+from zapbus.connection.states import TERMINAL, Status
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
@@ -44,8 +46,10 @@ from zapbus.supervisor import Stoppable
 log = logging.getLogger("zapbus.pool")
 
 _LEASE = "zapbus.pool_manager"
-_LIVE_AGAIN = ("qr_ready", "code_ready", "pairing", "connected")
 _REQUEUE_AFTER_SECONDS = 15.0
+# placed and not ended, as the partial index connections_placed (a literal list: the planner
+# matches it to the index's predicate)
+_PLACED = f"status NOT IN {states.sql_list(TERMINAL)}"
 
 
 class PoolMetrics:
@@ -240,7 +244,7 @@ class PoolManager(Stoppable):
                     " WHERE name = $1",
                     server.name,
                     sessions,
-                    list(placement.CREATED),
+                    states.values(states.WANTED_LIVE),  # its create went through
                 )
                 continue
             seen.failures += 1
@@ -282,8 +286,8 @@ class PoolManager(Stoppable):
             if not v.drained and v.up is not False and not v.refusing
         )
         unplaced = await conn.fetchval(
-            "SELECT count(*) FROM connections WHERE server IS NULL"
-            " AND status IN ('pending', 'creating')"
+            "SELECT count(*) FROM connections WHERE server IS NULL AND status = ANY($1::text[])",
+            states.values(states.AWAITING_CREATE),
         )
         return float(room - unplaced)
 
@@ -313,18 +317,18 @@ class PoolManager(Stoppable):
             budget = int(min(self._tokens, self._room))
             if budget < 1:
                 left = await conn.fetchval(
-                    f"SELECT count(*) FROM connections WHERE server = $1"
-                    f" AND status NOT IN {_sql(ENDED)}",
+                    f"SELECT count(*) FROM connections WHERE server = $1 AND {_PLACED}",
                     server["name"],
                 )
                 if left:
                     self._take_room(server["name"], "unreachable")  # logs why nothing moves
                 return
             rows = await conn.fetch(
-                f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
-                " ORDER BY status = 'connected', created_at LIMIT $2",
+                f"SELECT id FROM connections WHERE server = $1 AND {_PLACED}"
+                " ORDER BY status = $3, created_at LIMIT $2",  # the linked ones last
                 server["name"],
                 budget,
+                Status.CONNECTED.value,
             )
             down_for = int((now - server["down_since"]).total_seconds())
             for row in rows:
@@ -356,14 +360,15 @@ class PoolManager(Stoppable):
                 row = await conn.fetchrow(
                     "SELECT status, server FROM connections WHERE id = $1", moving
                 )
-                if row is not None and row["status"] not in ENDED + _LIVE_AGAIN:
+                if row is not None and row["status"] not in TERMINAL | states.LIVE_AGAIN:
                     continue  # the one being moved is not live elsewhere yet
-                if row is not None and row["server"] == name and row["status"] not in ENDED:
+                if row is not None and row["server"] == name and row["status"] not in TERMINAL:
                     continue  # not moved yet (the move did not happen)
             nxt = await conn.fetchval(
-                f"SELECT id FROM connections WHERE server = $1 AND status NOT IN {_sql(ENDED)}"
-                " ORDER BY status = 'connected', created_at, id LIMIT 1",
+                f"SELECT id FROM connections WHERE server = $1 AND {_PLACED}"
+                " ORDER BY status = $2, created_at, id LIMIT 1",  # the linked ones last
                 name,
+                Status.CONNECTED.value,
             )
             if nxt is None:
                 await conn.execute(
@@ -398,7 +403,8 @@ class PoolManager(Stoppable):
     async def _requeue_waiting(self, conn: asyncpg.Connection, now: datetime) -> None:
         await conn.execute(
             "UPDATE connections SET placement_wait_since = NULL, placement_requeued_at = NULL"
-            " WHERE placement_wait_since IS NOT NULL AND status NOT IN ('pending', 'creating')"
+            " WHERE placement_wait_since IS NOT NULL AND NOT (status = ANY($1::text[]))",
+            states.values(states.AWAITING_CREATE),
         )
         views = await pool_views(conn, self.servers.specs, self.policy, now)
         usable = [v for v in views if not v.drained and v.up is not False]
@@ -408,11 +414,12 @@ class PoolManager(Stoppable):
         rows = await conn.fetch(
             "SELECT id, tenant_id, generation, session_name, command_id, login, phone_number"
             " FROM connections WHERE placement_wait_since IS NOT NULL"
-            " AND status IN ('pending', 'creating')"
+            " AND status = ANY($3::text[])"
             " AND (placement_requeued_at IS NULL OR placement_requeued_at < $1)"
             " ORDER BY placement_wait_since, id LIMIT $2",
             now - timedelta(seconds=_REQUEUE_AFTER_SECONDS),
             int(min(room, 500)),
+            states.values(states.AWAITING_CREATE),
         )
         for row in rows:
             async with conn.transaction():
@@ -461,10 +468,7 @@ class PoolManager(Stoppable):
         self.metrics.waiting.set(
             await self.pool.fetchval(
                 "SELECT count(*) FROM connections WHERE placement_wait_since IS NOT NULL"
-                " AND status IN ('pending', 'creating')"
+                " AND status = ANY($1::text[])",
+                states.values(states.AWAITING_CREATE),
             )
         )
-
-
-def _sql(values: tuple[str, ...]) -> str:
-    return "(" + ", ".join(f"'{v}'" for v in values) + ")"

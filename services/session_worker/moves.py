@@ -17,11 +17,11 @@ import asyncpg
 
 from proto.commands import CreateSession
 from proto.names import Names
-from zapbus import history
-from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
+from zapbus.connection.machine import Forced
+from zapbus.connection.states import TERMINAL
+from zapbus.connection.writer import transition
+from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.tokens import session_name
-
-ENDED = ("deleted", "failed", "logged_out", "qr_expired", "conflict")
 
 
 async def move_connection(
@@ -41,7 +41,7 @@ async def move_connection(
             " FROM connections WHERE id = $1 FOR UPDATE",
             connection_id,
         )
-        if old is None or old["server"] != server or old["status"] in ENDED:
+        if old is None or old["server"] != server or old["status"] in TERMINAL:
             return None
         generation = old["generation"] + 1
         create = CreateSession(
@@ -54,23 +54,6 @@ async def move_connection(
             login=old["login"],
             phone_number=old["phone_number"],
         )
-        await conn.execute(
-            "UPDATE connections SET generation = $2, session_name = $3, status = 'pending',"
-            " status_reason = $4, reason_code = $5, server = NULL, qr = NULL, qr_seq = 0,"
-            " qr_expires_at = NULL, attempts = 0, command_id = $6, redrives = 0,"
-            " reconcile_misses = 0, reconcile_recreates = 0, pairing_code = NULL,"
-            " pairing_code_expires_at = NULL, pairing_code_requested_at = NULL,"
-            " placement_wait_since = NULL, placement_requeued_at = NULL,"
-            " placement_excluded = NULL,"
-            " updated_at = now(), status_changed_at = now(), version = version + 1"
-            " WHERE id = $1",
-            connection_id,
-            generation,
-            create.session_name,
-            reason,
-            reason_code,
-            create.command_id,
-        )
         await queue_delete(
             conn,
             names,
@@ -82,19 +65,30 @@ async def move_connection(
             server=server,
         )
         await insert_outbox(conn, names, create)
-        event = "failover.moved" if reason_code == "server_lost" else "drain.moved"
-        await history.record(
+        await transition(
             conn,
+            names,
             connection_id,
-            generation,
-            event,
-            from_status=old["status"],
-            to_status="pending",
-            applied=True,
+            Forced.RESTART,
+            cause="failover.moved" if reason_code == "server_lost" else "drain.moved",
             reason=reason,
-            command_id=create.command_id,
             reason_code=reason_code,
+            changes={
+                "generation": generation,
+                "session_name": create.session_name,
+                "server": None,
+                "qr_seq": 0,
+                "attempts": 0,
+                "command_id": create.command_id,
+                "redrives": 0,
+                "reconcile_misses": 0,
+                "reconcile_recreates": 0,
+                "pairing_code_requested_at": None,
+                "placement_wait_since": None,
+                "placement_requeued_at": None,
+                "placement_excluded": None,
+            },
+            command_id=create.command_id,
             server=server,
         )
-        await queue_row_change(conn, names, connection_id, event, old["status"])
         return int(generation)

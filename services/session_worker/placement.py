@@ -23,19 +23,20 @@ import msgspec
 
 from proto.commands import CreateSession
 from proto.names import Names
-from zapbus import history
-from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
+from zapbus.connection import states
+from zapbus.connection.machine import Forced
+from zapbus.connection.writer import KEEP_REASON, record, transition
+from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.servers import ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
 WAITING_PREFIX = "waiting for a Baileys server: "
-_ENDED = "('deleted', 'failed', 'logged_out', 'qr_expired', 'conflict')"
-# as the partial index connections_placed, so the count reads only that index
-# a placed generation whose session the server holds (its create went through)
-CREATED = ("awaiting_qr", "qr_ready", "code_ready", "pairing", "connected", "reconnecting")
+# as the partial index connections_placed (a literal list, which the planner matches to the
+# index's predicate), so the count reads only that index
 PLACED_COUNTS = (
     "SELECT server, count(*) AS n FROM connections"
-    f" WHERE server IS NOT NULL AND status NOT IN {_ENDED} GROUP BY server"
+    f" WHERE server IS NOT NULL AND status NOT IN {states.sql_list(states.TERMINAL)}"
+    " GROUP BY server"
 )
 _SERVERS = (
     "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since, placed,"
@@ -277,7 +278,7 @@ async def place_elsewhere(
         )
         if row is None or row["generation"] != cmd.generation:
             return False
-        if row["status"] not in ("pending", "creating"):
+        if row["status"] not in states.AWAITING_CREATE:
             return False
         excluded = sorted(set(row["placement_excluded"] or ()) | {server})
         if all(s.name in excluded for s in specs):
@@ -289,26 +290,21 @@ async def place_elsewhere(
         )
         # Back to pending: no server is creating it now; it waits to be placed (and, with no
         # room anywhere, says so there like any create waiting for room).
-        await conn.execute(
-            "UPDATE connections SET server = NULL, placement_excluded = $2, status = 'pending',"
-            " status_changed_at = now(), updated_at = now(), version = version + 1"
-            " WHERE id = $1",
+        await transition(
+            conn,
+            names,
             cmd.connection_id,
-            excluded,
+            Forced.RERUN,
+            cause="placement.failed",
+            reason=KEEP_REASON,
+            changes={"server": None, "placement_excluded": excluded},
+            note=f"create failed on {server} ({reason}): placed again on another server",
+            command_id=cmd.command_id,
+            server=server,
         )
         await conn.execute(
             "UPDATE baileys_servers SET create_failed_at = now() WHERE name = $1", server
         )
-        await _history(
-            conn,
-            cmd,
-            "placement.failed",
-            row["status"],
-            server,
-            f"create failed on {server} ({reason}): placed again on another server",
-            to_status="pending",
-        )
-        await queue_row_change(conn, names, cmd.connection_id, "placement.failed", row["status"])
         if not refused:  # attempts that timed out may have made it after all
             await queue_delete(
                 conn,
@@ -346,16 +342,16 @@ async def _history(
     status: str,
     server: str | None,
     reason: str,
-    to_status: str | None = None,
 ) -> None:
-    await history.record(
+    """A history row of a placement that moves no state."""
+    await record(
         conn,
         cmd.connection_id,
         cmd.generation,
         event_type,
         from_status=status,
-        to_status=to_status or status,
-        applied=to_status is not None and to_status != status,
+        to_status=status,
+        applied=False,
         reason=reason,
         command_id=cmd.command_id,
         server=server,

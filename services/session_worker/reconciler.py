@@ -35,11 +35,9 @@ from proto import headers
 from proto.commands import CreateSession
 from proto.events import EVENT_SUBJECT_KIND, SessionObserved, event_encoder
 from proto.names import Names
-from proto.states import Status
 from services.session_worker.drift import (
     KINDS,
     LOST_REASON,
-    WANTED_LIVE,
     Drift,
     DriftItem,
     Observed,
@@ -49,12 +47,16 @@ from services.session_worker.drift import (
     parse_session_name,
 )
 from services.session_worker.pool import Server, ServerPool
-from zapbus import db, history, jsretry
+from zapbus import db, jsretry
+from zapbus.connection import states
+from zapbus.connection.machine import Forced
+from zapbus.connection.states import Status
+from zapbus.connection.writer import Raw, record, transition
 from zapbus.dialects.base import SessionList
 from zapbus.dialects.errors import BaileysError
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
-from zapbus.outbox import insert_outbox, queue_delete, queue_row_change
+from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.reconciler")
@@ -206,7 +208,7 @@ class Reconciler(Stoppable):
         referenced = [p[0] for n in observed.sessions if (p := parse_session_name(n))]
         rows = {
             r["id"]: _row_view(r)
-            for r in await self.pool.fetch(_ROWS, [s.value for s in WANTED_LIVE], referenced)
+            for r in await self.pool.fetch(_ROWS, states.values(states.WANTED_LIVE), referenced)
         }
         deleting = {
             r["session_name"]: r["last_driven_at"]
@@ -256,7 +258,7 @@ class Reconciler(Stoppable):
                 " AND (server = $2 OR (server IS NULL AND $3))"
                 " UNION SELECT session_name FROM session_deletes"
                 " WHERE server = $2 OR (server IS NULL AND $3)",
-                [s.value for s in WANTED_LIVE],
+                states.values(states.WANTED_LIVE),
                 server.name,
                 single,
             )
@@ -356,14 +358,15 @@ class Reconciler(Stoppable):
             if row is None or row["generation"] != seen.generation or row["status"] != seen.status:
                 return False  # the row moved since we looked: next sweep decides again
             give_up = row["reconcile_recreates"] >= self.policy.max_recreates
+            changes: dict[str, object] = {"reconcile_misses": 0, "attempts": 0}
             if give_up:
-                target, reason = (
-                    Status.FAILED,
+                kind, reason = (
+                    Forced.FAIL,
                     f"{LOST_REASON} ({row['reconcile_recreates']} re-creates)",
                 )
                 command_id = None
             else:
-                target, reason = Status.RECONNECTING, LOST_REASON
+                kind, reason = Forced.RECREATE, LOST_REASON
                 command_id = uuid.uuid4()
                 cmd = CreateSession(
                     command_id=command_id,
@@ -374,25 +377,21 @@ class Reconciler(Stoppable):
                     requested_at=datetime.now(UTC),
                 )
                 await insert_outbox(conn, self.names, cmd)
-            await conn.execute(
-                "UPDATE connections SET status = $2, status_reason = $3, qr = NULL,"
-                " qr_expires_at = NULL, reconcile_misses = 0, reason_code = 'session_lost',"
-                " pairing_code = NULL, pairing_code_expires_at = NULL,"
-                " reconcile_recreates = reconcile_recreates + $4::int,"
-                " command_id = coalesce($5, command_id), attempts = 0,"
-                " updated_at = now(), status_changed_at = now(), version = version + 1"
-                " WHERE id = $1",
+                changes |= {
+                    "reconcile_recreates": Raw("reconcile_recreates + 1"),
+                    "command_id": command_id,
+                }
+            await transition(
+                conn,
+                self.names,
                 seen.id,
-                target.value,
-                reason,
-                0 if give_up else 1,
-                command_id,
+                kind,
+                cause="reconcile.failed" if give_up else "reconcile.recreated",
+                reason=reason,
+                reason_code="session_lost",
+                changes=changes,
+                command_id=command_id,
             )
-            event = "reconcile.failed" if give_up else "reconcile.recreated"
-            await _history(
-                conn, item, event, target.value, True, reason, command_id, "session_lost"
-            )
-            await queue_row_change(conn, self.names, seen.id, event, row["status"])
         return True
 
     async def _report(self, item: DriftItem) -> bool:
@@ -457,7 +456,7 @@ async def _history(
     command_id: uuid.UUID | None,
     reason_code: str | None = None,
 ) -> None:
-    await history.record(
+    await record(
         conn,
         item.connection_id,
         item.generation,

@@ -64,7 +64,7 @@ from zapbus.dialects.reports import (
 
 INTEGRATION = "WHATSAPP-BAILEYS"
 WEBHOOK_EVENTS = ("QRCODE_UPDATED", "CONNECTION_UPDATE", "STATUS_INSTANCE", "LOGOUT_INSTANCE")
-QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words for it (services/projector)
+QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words (zapbus/connection/vocabulary.py)
 # A create racing another one for the same name fails in Evolution's database.
 _EXISTS = re.compile(ALREADY_EXISTS.pattern + r"|unique constraint", re.I)
 _NO_CODE = 200  # Evolution's statusReason when there is no disconnect code

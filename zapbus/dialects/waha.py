@@ -27,7 +27,7 @@ with the key zapbus put in the create (``X-Webhook-Hmac-Algorithm: sha512``): a 
 wrong one is refused (401). Deliveries are de-duplicated by the body's ``id`` (``evt_...``,
 kept by WAHA's retries); ``timestamp`` is never used to order anything.
 
-What each status is reported as (words ``services/projector/transitions.py`` reads):
+What each status is reported as (words ``zapbus/connection/vocabulary.py`` reads):
 
     STARTING                       connecting (reconnecting when it follows WORKING: the
                                    connection dropped and WAHA restarts it)
@@ -87,7 +87,7 @@ from zapbus.signing import SignatureError
 STATUS_EVENT = "session.status"
 HMAC_HEADER = "X-Webhook-Hmac"
 HMAC_ALGORITHM_HEADER = "X-Webhook-Hmac-Algorithm"
-QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words for it (services/projector)
+QR_LIMIT_REASON = "QR refs attempts ended"  # Baileys' words (zapbus/connection/vocabulary.py)
 QR_LIMIT_CODE = 408
 _MAX_ID_CHARS = 150
 # WAHA Core refuses every session but "default" with 422 "WAHA Core support only 'default'

@@ -21,13 +21,30 @@ Rules (see docs/architecture.md):
 * ``attempts`` (of the create call) never goes down; a late worker event that only raises it is
   applied without moving the state.
 
-Baileys disconnect codes (``DisconnectReason``): 515 restartRequired = pairing (the normal step
-after a scan), 401 loggedOut = logged_out, 408 "QR refs attempts ended" = qr_expired, other
-408/428/503 = reconnecting, 440 connectionReplaced = conflict, 403/411/500 = failed.
+What a server's words and Baileys' disconnect codes mean is ``vocabulary.py``'s.
+
+The system also forces transitions of its own, which no event of the session brings: the
+gateway's create, recreate and delete, the watchdog's time-out, the reconciler's re-create of a
+lost session (or its giving up), a move to another server, a placement that failed, a dead
+letter replayed. ``force`` says where each kind goes and refuses (``IllegalTransition``) what the
+graph does not allow, by the same rules as events (``_can_move``) plus the restarts:
+
+* ``fail`` (-> failed) and ``delete`` (-> deleted) follow the event rules: a terminal state ends
+  the generation, only ``deleted`` still replaces it, and nothing leaves ``deleted``;
+* ``restart`` (a new generation: recreate, move) and ``rerun`` (the same generation's create
+  again: replay, placement failed) go back to ``pending`` from any state but ``deleted``;
+* ``recreate`` (a session the server lost is created again) goes to ``reconnecting`` from a
+  state whose session the server should hold (``WANTED_LIVE``);
+* ``create`` makes a row, ``pending``.
+
+None of their targets shows a QR or a pairing code: a forced move clears both. Its reason code
+is the one the caller gives; a ``rerun`` keeps a move's (``MOVE_REASONS``: the connection must
+still be linked again), every other one is cleared with the state it explained.
 """
 
 from __future__ import annotations
 
+import enum
 from datetime import datetime, timedelta
 
 import msgspec
@@ -44,7 +61,14 @@ from proto.events import (
     StatusReported,
     WebhookIgnored,
 )
-from proto.states import RANK, TERMINAL, Status
+from zapbus.connection.states import AWAITING_CREATE, RANK, TERMINAL, WANTED_LIVE, Status
+from zapbus.connection.vocabulary import (
+    BARE_FAILED,
+    MOVE_REASONS,
+    STOPPED,
+    reason_code_for,
+    state_for_report,
+)
 
 
 class Row(msgspec.Struct, frozen=True, kw_only=True):
@@ -89,78 +113,10 @@ class Outcome(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
-# The closed list of reason codes (contract: frontends translate and act on them).
-REASON_CODES = frozenset(
-    {
-        "qr_refs_ended",  # nobody scanned: the QR codes ran out
-        "logged_out",  # the phone logged the device out
-        "conflict_loop",  # the server gave up reconnecting in a loop of 440s (replaced)
-        "wrong_number",  # the phone that linked is not the one asked for
-        "passkey_required",  # WhatsApp asked for a passkey, which Baileys cannot give
-        "gave_up",  # the create failed on every attempt
-        "timeout",  # no progress within the watchdog's deadline
-        "session_lost",  # the server lost the session (re-created, or given up on; or it
-        # gave up reconnecting, after a QR, with no 440 seen)
-        "bad_credentials",  # the server refused zapbus's API key
-        "server_refused",  # the server refused the request or the session (403/411/500 ...)
-        "whatsapp_unreachable",  # the server cannot reach WhatsApp: closes before any QR (and
-        # a server that gave up reconnecting before any QR)
-        "connection_replaced",  # another client took the session (440), repeatedly
-        "server_lost",  # its Baileys server was unreachable: moved to another (link again)
-        "server_drained",  # moved off a drained Baileys server (link again)
-    }
-)
-# A move to another server says why the connection must be linked again until it is: kept
-# through the states of the new generation's linking.
-MOVE_REASONS = frozenset({"server_lost", "server_drained"})
+# A move to another server stays on the row through the new generation's linking.
 _KEEPS_MOVE_REASON = frozenset(
     {Status.CREATING, Status.AWAITING_QR, Status.QR_READY, Status.CODE_READY}
 )
-
-
-_QR_END = "qr refs attempts ended"
-_PASSKEY = ("passkey",)
-_WRONG_NUMBER = ("wrong_phone_number", "wrong phone number", "wrong number")
-_LOOP = ("reconnect_loop_detected",)
-_RECONNECT_CODES = frozenset({408, 428, 503})
-_FAIL_CODES = frozenset({403, 411, 500})
-_CONNECTED_WORDS = frozenset({"connected", "open", "online", "ready", "authenticated", "working"})
-_PAIRING_WORDS = frozenset({"pairing", "paired", "restart_required"})
-_LOGGED_OUT_WORDS = frozenset({"logged_out", "loggedout", "logout"})
-_RECONNECT_WORDS = frozenset({"reconnecting", "close", "closed", "disconnected"})
-_CONNECTING_WORDS = frozenset({"connecting", "starting", "initializing", "qr", "scan_qr_code"})
-# A server's bare "failed" / "stopped" (WAHA): what it means depends on where the row is.
-_BARE_FAILED = frozenset({"failed", "stopped"})
-
-
-def state_for_report(status: str, code: int | None, reason: str | None) -> Status | None:
-    """Map a Baileys status report to the state it means, or None when it means no change."""
-    word = status.strip().lower().replace("-", "_").replace(" ", "_")
-    reason_l = (reason or "").lower()
-    said = f"{word} {reason_l}"
-    if any(p in said for p in _PASSKEY + _WRONG_NUMBER + _LOOP):
-        return Status.FAILED
-    if code == 515:
-        return Status.PAIRING
-    if code == 401 or word in _LOGGED_OUT_WORDS:
-        return Status.LOGGED_OUT
-    if code == 408 and _QR_END in reason_l:
-        return Status.QR_EXPIRED
-    if code == 440 or word == "conflict":
-        return Status.CONFLICT
-    if code in _FAIL_CODES or word in _BARE_FAILED:
-        return Status.FAILED
-    if code in _RECONNECT_CODES:
-        return Status.RECONNECTING
-    if word in _CONNECTED_WORDS:
-        return Status.CONNECTED
-    if word in _PAIRING_WORDS:
-        return Status.PAIRING
-    if word in _RECONNECT_WORDS:
-        return Status.RECONNECTING
-    if word in _CONNECTING_WORDS:
-        return Status.AWAITING_QR
-    return None
 
 
 def _can_move(current: Status, target: Status) -> bool:
@@ -177,33 +133,6 @@ def _can_move(current: Status, target: Status) -> bool:
     if current == Status.RECONNECTING:
         return target in (Status.CONNECTED, Status.QR_READY, Status.CODE_READY, Status.PAIRING)
     return RANK[target] > RANK[current]
-
-
-def reason_code_for(
-    target: Status, status: str, code: int | None, reason: str | None
-) -> str | None:
-    """The reason code of a status report that moves a row to ``target``."""
-    said = f"{status} {reason or ''}".lower().replace("-", "_")
-    if any(p in said for p in _PASSKEY):
-        return "passkey_required"
-    if any(p in said for p in _WRONG_NUMBER):
-        return "wrong_number"
-    if any(p in said for p in _LOOP):
-        return "conflict_loop"
-    if status.strip().lower() == "stopped":
-        return "session_lost"
-    match target:
-        case Status.QR_EXPIRED:
-            return "qr_refs_ended"
-        case Status.LOGGED_OUT:
-            return "logged_out"
-        case Status.CONFLICT:
-            return "connection_replaced"
-        case Status.FAILED:
-            return "server_refused"
-        case Status.RECONNECTING if code == 440:
-            return "connection_replaced"
-    return None
 
 
 def _move(row: Row, target: Status, reason: str | None = None, **changes: object) -> Row:
@@ -250,7 +179,7 @@ def _worker_event(row: Row, event: Event) -> Outcome:
             # A later attempt starts afresh (clears the last retry's reason); a late or repeated
             # start of an attempt already counted changes nothing.
             new = _attempts(row, attempt)
-            if row.status in (Status.PENDING, Status.CREATING) and attempt > row.attempts:
+            if row.status in AWAITING_CREATE and attempt > row.attempts:
                 new = _move(row, Status.CREATING, attempts=attempt)
         case SessionCreated(attempt=attempt):
             new = _attempts(row, attempt)
@@ -258,7 +187,7 @@ def _worker_event(row: Row, event: Event) -> Outcome:
                 new = _move(new, Status.AWAITING_QR)
         case CreateRetrying(reason=reason, attempt=attempt):
             new = _attempts(row, attempt)
-            if row.status in (Status.PENDING, Status.CREATING) and attempt >= row.attempts:
+            if row.status in AWAITING_CREATE and attempt >= row.attempts:
                 new = _move(new, Status.CREATING, reason)
         case CreateFailed(reason=reason, attempt=attempt, reason_code=code):
             # A QR already shown proves the session exists: a late failure of the call lies.
@@ -337,8 +266,8 @@ def _status(
     if target is None:
         return ignored
     word = status.strip().lower()
-    if target == Status.FAILED and code is None and word in _BARE_FAILED and not reason:
-        if word == "stopped":
+    if target == Status.FAILED and code is None and word in BARE_FAILED and not reason:
+        if word == STOPPED:
             reason = "the session was stopped on the server"
         elif row.status in (Status.CONNECTED, Status.PAIRING, Status.RECONNECTING):
             target, reason = Status.LOGGED_OUT, "the server reports the session failed"
@@ -425,3 +354,74 @@ def apply(row: Row, event: Event, policy: QrPolicy | None = None) -> Outcome:
                 return msgspec.structs.replace(out, row=new, applied=out.applied or new != row)
             return out
     return ignored
+
+
+# -- transitions the system forces ------------------------------------------------------------
+
+
+class Forced(enum.StrEnum):
+    """A transition the system makes itself (not an event of the session), by kind."""
+
+    CREATE = "create"  # the gateway makes a connection
+    RESTART = "restart"  # a new generation: the gateway's recreate, a move to another server
+    RERUN = "rerun"  # the same generation's create again: a dead letter replayed, a
+    # placement whose server failed the create
+    RECREATE = "recreate"  # the reconciler creates a session the server lost again
+    FAIL = "fail"  # the watchdog's time-out, the reconciler giving up on a lost session
+    DELETE = "delete"  # the tenant deletes the connection
+
+
+FORCED_TARGET: dict[Forced, Status] = {
+    Forced.CREATE: Status.PENDING,
+    Forced.RESTART: Status.PENDING,
+    Forced.RERUN: Status.PENDING,
+    Forced.RECREATE: Status.RECONNECTING,
+    Forced.FAIL: Status.FAILED,
+    Forced.DELETE: Status.DELETED,
+}
+
+
+class IllegalTransition(Exception):
+    """A forced transition the state graph does not allow (a bug in its caller)."""
+
+    def __init__(self, current: Status | None, kind: Forced) -> None:
+        now = current.value if current is not None else "no row"
+        super().__init__(f"{kind.value} is not allowed from {now}")
+        self.current = current
+        self.kind = kind
+
+
+class Move(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a forced transition leads: the state, and the reason code the row gets."""
+
+    status: Status
+    reason_code: str | None = None
+
+
+def may_force(current: Status | None, kind: Forced) -> bool:
+    """Does the graph allow ``kind`` from ``current`` (None: there is no row yet)?"""
+    if kind == Forced.CREATE or current is None:
+        return kind == Forced.CREATE and current is None
+    match kind:
+        case Forced.RESTART | Forced.RERUN:
+            return current != Status.DELETED
+        case Forced.RECREATE:
+            return current in WANTED_LIVE
+        case _:
+            return _can_move(current, FORCED_TARGET[kind])
+
+
+def force(
+    current: Status | None,
+    kind: Forced,
+    reason_code: str | None = None,
+    current_reason_code: str | None = None,
+) -> Move:
+    """The move ``kind`` makes from ``current`` (with its reason code: ``reason_code``, else
+    the row's ``current_reason_code`` when a rerun keeps it); raises IllegalTransition when the
+    graph does not allow it. Pure."""
+    if not may_force(current, kind):
+        raise IllegalTransition(current, kind)
+    if reason_code is None and kind == Forced.RERUN and current_reason_code in MOVE_REASONS:
+        reason_code = current_reason_code  # still to be linked again after its move
+    return Move(status=FORCED_TARGET[kind], reason_code=reason_code)

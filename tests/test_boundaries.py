@@ -1,0 +1,144 @@
+"""Boundaries the code keeps, checked on its source (issue 20), so they stay true:
+
+* one module writes a connection's status: ``zapbus/connection/writer.py`` holds the only
+  ``UPDATE connections ... SET ... status =``;
+* no SQL string spells a state name: subsets come from ``zapbus/connection/states.py``
+  (``values(...)`` as a bind parameter, ``sql_list(...)`` where a partial index must match).
+
+Each check reads every string literal of the source tree (adjacent literals joined as Python
+joins them, an f-string's holes as ``{}``), so SQL split over lines is read whole.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+from zapbus.connection.states import Status
+
+ROOT = Path(__file__).resolve().parent.parent
+# the code that runs in production (bench/ and tests/ seed rows of their own)
+SOURCES = ("services", "zapbus", "proto")
+# the simulated Baileys server has states of its own, which are not zapbus's
+OUTSIDE = ("services/baileys_sim/",)
+WRITER = "zapbus/connection/writer.py"
+
+# UPDATE connections [AS c] SET <assignments> [FROM | WHERE | RETURNING ...]: the SET list only
+_UPDATE = re.compile(
+    r"\bUPDATE\s+connections\b(?:\s+(?:AS\s+)?(?!SET\b)\w+)?\s+SET\b(?P<sets>.*?)"
+    r"(?:\bFROM\b|\bWHERE\b|\bRETURNING\b|$)",
+    re.IGNORECASE | re.DOTALL,
+)
+_SETS_STATUS = re.compile(r"(?:^|,)\s*(?:\w+\.)?status\s*=", re.IGNORECASE)
+_SQL = re.compile(r"\b(SELECT|UPDATE|INSERT\s+INTO|DELETE\s+FROM|WHERE)\b", re.IGNORECASE)
+# the tables whose status columns hold connection states
+_CONNECTION_TABLES = re.compile(r"\b(connections|connection_events)\b", re.IGNORECASE)
+_NAMES = "|".join(s.value for s in Status)
+_STATE_NAME = re.compile(f"'({_NAMES})'")
+_STATE_LIST = re.compile(f"'(?:{_NAMES})'\\s*,\\s*'(?:{_NAMES})'")
+_STATES = frozenset(s.value for s in Status)
+
+
+def _text(node: ast.expr) -> str | None:
+    """The string a literal expression makes (f-string holes as ``{}``), else None."""
+    match node:
+        case ast.Constant(value=str(value)):
+            return value
+        case ast.JoinedStr(values=parts):
+            return "".join(
+                p.value if isinstance(p, ast.Constant) and isinstance(p.value, str) else "{}"
+                for p in parts
+            )
+        case ast.BinOp(left=left, op=ast.Add(), right=right):
+            a, b = _text(left), _text(right)
+            return a + b if a is not None and b is not None else None
+    return None
+
+
+def _strings(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Each outermost string literal of a module, with its line."""
+    inner: set[int] = set()
+    for node in ast.walk(tree):
+        if id(node) in inner or not isinstance(node, ast.expr):
+            continue
+        text = _text(node)
+        if text is None:
+            continue
+        inner.update(id(n) for n in ast.walk(node) if n is not node)
+        yield node.lineno, text
+
+
+def _modules(root: Path) -> Iterator[tuple[str, ast.AST]]:
+    for top in SOURCES:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if not rel.startswith(OUTSIDE):
+                yield rel, ast.parse(path.read_text(), rel)
+
+
+def status_writers(root: Path = ROOT) -> dict[str, list[int]]:
+    """Module -> lines of SQL that set ``connections.status``."""
+    found: dict[str, list[int]] = {}
+    for rel, tree in _modules(root):
+        for line, text in _strings(tree):
+            if any(_SETS_STATUS.search(m["sets"]) for m in _UPDATE.finditer(text)):
+                found.setdefault(rel, []).append(line)
+    return found
+
+
+def spelled_states(root: Path = ROOT) -> list[str]:
+    """``module:line: 'state'`` for each state name in an SQL string on the connection
+    tables or in an SQL list of states, and ``module:line: (names)`` for each tuple, list or
+    set literal of two or more state names."""
+    found = []
+    for rel, tree in _modules(root):
+        for line, text in _strings(tree):
+            sql = _SQL.search(text) and _CONNECTION_TABLES.search(text)
+            if sql or _STATE_LIST.search(text):
+                found += [f"{rel}:{line}: '{m}'" for m in _STATE_NAME.findall(text)]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set) and len(node.elts) > 1:
+                names = [_text(e) for e in node.elts]
+                if all(n in _STATES for n in names):
+                    found.append(f"{rel}:{node.lineno}: ({', '.join(map(str, names))})")
+    return found
+
+
+def test_only_the_writer_sets_a_connections_status() -> None:
+    assert status_writers() == {WRITER: status_writers()[WRITER]}
+
+
+def test_no_sql_string_spells_a_state_name() -> None:
+    assert spelled_states() == []
+
+
+def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
+    """The scanner itself: it finds the shapes the old code had, and skips look-alikes."""
+    (tmp_path / "zapbus").mkdir()
+    (tmp_path / "zapbus" / "a.py").write_text(
+        "X = ('UPDATE connections SET generation = $2,'\n"
+        "     \" status = 'pending', qr = NULL WHERE id = $1\")\n"
+        "Y = f\"UPDATE connections AS c SET status = u.status FROM {'t'} WHERE c.id = u.id\"\n"
+        "Z = 'SELECT id FROM connections WHERE status IN (' + \"'pending', 'creating')\"\n"
+    )
+    (tmp_path / "zapbus" / "b.py").write_text(
+        "A = 'UPDATE connections SET status_reason = $2 WHERE status = $3'\n"
+        "B = 'UPDATE baileys_servers SET status = 1 WHERE name = $1'\n"
+        "C = \"UPDATE webhook_deliveries SET state = 'pending' WHERE id = $1\"\n"
+        "D = 'failed'\n"
+        "E = (\"('deleted', 'failed')\", ('qr_ready', 'pairing'), ('failed', 'stopped'))\n"
+    )
+    assert status_writers(tmp_path) == {"zapbus/a.py": [1, 3]}
+    assert spelled_states(tmp_path) == [
+        "zapbus/a.py:1: 'pending'",
+        "zapbus/a.py:4: 'pending'",
+        "zapbus/a.py:4: 'creating'",
+        "zapbus/b.py:5: 'deleted'",
+        "zapbus/b.py:5: 'failed'",
+        "zapbus/b.py:5: (qr_ready, pairing)",
+    ]
+
+
+# (room for the next boundary: which package may import which)
