@@ -144,14 +144,23 @@ def _kill_leftovers() -> None:
 
 def run(argv: list[str]) -> int:
     """``python -m bench``: the exit code (128 + the signal's number if one stopped it)."""
+    code: int | None = None
     try:
-        return asyncio.run(main(argv))
-    except asyncio.CancelledError:
-        if not _stopped_by:
-            raise
-        return 128 + _stopped_by[0]
+        try:
+            code = asyncio.run(main(argv))
+        except KeyboardInterrupt:
+            # Ctrl-C pressed again once the loop had closed: closing it put back Python's own
+            # SIGINT handler, which raises here (uncaught, the process would die by SIGINT)
+            _stopped_by.append(signal.SIGINT)
+        except asyncio.CancelledError:
+            if not _stopped_by:
+                raise
     finally:
+        # nothing cuts the last clean-up short, however often the signal comes
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
         _kill_leftovers()
+    return code if code is not None else 128 + _stopped_by[0]
 
 
 if __name__ == "__main__":

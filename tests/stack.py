@@ -89,6 +89,17 @@ class Stack:
         ) as r:
             return r.status, await r.json(content_type=None)
 
+    async def wait_released(self, connection_id: str, timeout: float = 60.0) -> None:
+        """Wait until no worker holds the row (``held_until`` cleared): a worker releases its
+        hold at its next beat after the work ended, so a test comparing the whole row before
+        and after something waits for this first."""
+
+        async def released() -> bool:
+            sql = "SELECT held_until IS NULL FROM connections WHERE id = $1"
+            return bool(await self.pool.fetchval(sql, uuid.UUID(connection_id)))
+
+        await wait_for(f"connection {connection_id} released by the worker", released, timeout)
+
     async def wait_status(self, connection_id: str, *statuses: str, timeout: float = 60.0) -> Any:
         async def probe() -> Any:
             status, body = await self.get(connection_id)

@@ -72,6 +72,7 @@ async def _duplicates_seen(stack: Stack) -> float:
 async def _replays_change_nothing(stack: Stack, connection: dict[str, Any]) -> None:
     """Re-send the session's webhooks in order and in reverse; the row must not move."""
     await _caught_up(stack)
+    await stack.wait_released(connection["id"])
     before = await _row(stack, connection["id"])
     history = len(await _history(stack, connection["id"]))
     duplicates = await _duplicates_seen(stack)

@@ -186,7 +186,9 @@ async def _logged_out_connection(stack: Stack) -> dict[str, Any]:
     created = await stack.create("fuzzed")
     await stack.wait_status(created["id"], "qr_ready")
     await stack.sim("POST", f"/_sim/sessions/{created['session_name']}/logout")
-    return dict(await stack.wait_status(created["id"], "logged_out"))
+    row = dict(await stack.wait_status(created["id"], "logged_out"))
+    await stack.wait_released(created["id"])  # the row is compared before and after
+    return row
 
 
 async def test_odd_webhooks_never_5xx_and_never_change_a_terminal_row(stack: Stack) -> None:

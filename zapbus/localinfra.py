@@ -21,6 +21,7 @@ import functools
 import json
 import os
 import pwd
+import random
 import shlex
 import shutil
 import signal
@@ -55,11 +56,38 @@ def _say(msg: str) -> None:
     print(f"[localinfra] {msg}", file=sys.stderr, flush=True)
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (32768 when it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that is free right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that is free right now, for a server to listen on.
+
+    It lies below the kernel's ephemeral range when there is room: a port the kernel handed
+    out for ``bind(0)`` can be taken as the local end of any outgoing connection before the
+    server binds it (seen as "address already in use" on a busy machine). Never the same port
+    twice in one process."""
+    low = _ephemeral_low()
+    if low > 12_000:
+        for _ in range(500):
+            port = random.randrange(10_000, low)
+            if port not in _handed_out and port_free(port):
+                _handed_out.add(port)
+                return port
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_free(port: int) -> bool:
