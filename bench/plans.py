@@ -83,11 +83,17 @@ async def load(conn: asyncpg.Connection, history: int) -> Sample:
         EVENTS_PER_CONNECTION,
     )
     await conn.execute("ANALYZE tenants; ANALYZE connections; ANALYZE connection_events")
-    tenant_id = await conn.fetchval("SELECT id FROM tenants ORDER BY name LIMIT 1")
+    # the tenant with the most connections (a small load leaves some tenants without any)
+    tenant_id, owned = await conn.fetchrow(
+        "SELECT tenant_id, count(*) FROM connections GROUP BY tenant_id"
+        " ORDER BY count(*) DESC, tenant_id LIMIT 1"
+    )
+    # a connection some way into the tenant's listing (page 2 at 50 a page, when it has one)
     row = await conn.fetchrow(
         "SELECT id, created_at FROM connections WHERE tenant_id = $1"
-        " ORDER BY created_at DESC, id DESC OFFSET 50 LIMIT 1",
+        " ORDER BY created_at DESC, id DESC OFFSET $2 LIMIT 1",
         tenant_id,
+        min(50, owned // 2),
     )
     batch = [r["id"] for r in await conn.fetch("SELECT id FROM connections LIMIT 200")]
     events = [

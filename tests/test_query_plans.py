@@ -28,3 +28,10 @@ async def test_listing_history_projector_and_retention_use_indexes(settings: Set
         # keyset pages read one page from the index: no sort of a tenant's connections
         assert not any("Sort" in node for node in plan.nodes), f"{plan.name}: {shown}"
         assert plan.ms < 50, f"{plan.name} took {plan.ms:.1f} ms: {shown}"
+
+
+async def test_the_plans_run_on_a_small_history_too(settings: Settings) -> None:
+    """``python -m bench.plans --history 2000`` crashed: it looked for a connection on page 2
+    of a tenant that had fewer than 50."""
+    plans = await with_schema(settings.database_url, 2_000, lambda _: None)
+    assert {p.name for p in plans} == set(WANTED)
