@@ -251,6 +251,14 @@ async def _create_once(deps: Deps, server: Server, cmd: CreateSession, attempt: 
                 ),
             )
         )
+        if created.already_existed and not await server.dialect.session_exists(cmd.session_name):
+            # "Exists", yet the server cannot show it: another request is still making it (an
+            # earlier attempt whose worker died mid-call, say), and that one may yet fail. Not
+            # created until the server shows it: try again later (the next try asks first).
+            raise RetryableError(
+                "the server says the session exists but does not show it yet"
+                " (a create still in progress there)"
+            )
         return created.already_existed
     except BaileysError:
         result = "error"
