@@ -1,0 +1,379 @@
+"""Benchmark 7, outgrowing one machine's defaults, each as a ratio measured in the same run:
+
+* **a 3-node cluster vs one node**: the create path (the gateway's capacity and its latency at
+  one fixed rate, publish-acks one at a time and 200 in flight) on one nats-server with R1
+  streams, then on three nats-servers routed into a cluster with R3 streams; all four servers
+  are started for this benchmark from the wheel, with the same settings (``sync_interval:
+  always``), so only the cluster differs;
+* **two of each service vs one**: on the run's NATS, the gateway's create capacity and webhook
+  ingest end to end (webhook service -> projector -> Postgres) with one copy of each, then with
+  a second gateway, webhook service (same port, ``ZAPBUS_REUSE_PORT``) and projector started
+  beside the first (events in two partitions both times, one projector per partition).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import nats
+
+from bench.cpu import InfraPids
+from bench.harness import (
+    SERVICE_PORTS,
+    Ctx,
+    LoadProcess,
+    Procs,
+    load_process,
+    namespace,
+    new_tenant,
+    processes,
+    service_env,
+)
+from bench.load import (
+    CreateTarget,
+    RowCount,
+    WebhookTarget,
+    closed_loop,
+    getpid,
+    open_loop,
+    summarize,
+)
+from bench.stats import Section, ms, num, ratio
+from bench.webhook import seed_connections
+from proto import headers
+from proto.commands import CreateSession, command_encoder
+from zapbus.bus import server_urls
+from zapbus.config import Settings
+from zapbus.localinfra import NatsCluster, NatsServer, free_port
+from zapbus.tokens import session_name, webhook_url
+
+IN_FLIGHT = 200  # publish-acks awaited at once (the relay and the webhook service batch so)
+PARTITIONS = 2  # events partitions in the scale-out runs: one per projector with two
+
+
+@dataclass(frozen=True)
+class Gateways:
+    """``POST /v1/connections`` spread round robin over several gateways."""
+
+    urls: tuple[str, ...]
+    api_key: str
+
+    def request(self, i: int) -> tuple[str, bytes, dict[str, str], str | None]:
+        url = self.urls[i % len(self.urls)]
+        return CreateTarget(url, self.api_key).request(i)
+
+
+async def _publish_acks(url: str, subject: str, n: int, in_flight: int) -> dict[str, Any]:
+    """``n`` create commands published by ``in_flight`` tasks, each awaiting its ack."""
+    nc = await nats.connect(server_urls(url), name="zapbus-bench-scale")
+    try:
+        js = nc.jetstream()
+        latencies: list[float] = []
+        todo = iter(range(n))
+
+        async def publisher() -> None:
+            for _ in todo:  # shared: n in all
+                cmd = CreateSession(
+                    command_id=uuid.uuid4(),
+                    connection_id=uuid.uuid4(),
+                    tenant_id=uuid.uuid4(),
+                    generation=1,
+                    session_name="zb_bench_g1",
+                    requested_at=datetime.now(UTC),
+                )
+                start = time.perf_counter()
+                await js.publish(
+                    subject,
+                    command_encoder.encode(cmd),
+                    timeout=10.0,
+                    headers={headers.MSG_ID: str(cmd.command_id)},
+                )
+                latencies.append(time.perf_counter() - start)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(publisher() for _ in range(in_flight)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await nc.close()
+    return {"rate": n / elapsed, "ack": summarize(latencies)}
+
+
+def publish_acks(url: str, subject: str, n: int, in_flight: int) -> dict[str, Any]:
+    return asyncio.run(_publish_acks(url, subject, n, in_flight))
+
+
+async def _count(settings: Settings, query: str) -> int:
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": settings.db_schema}
+    )
+    try:
+        return int(await conn.fetchval(query))
+    finally:
+        await conn.close()
+
+
+# ---- a 3-node cluster vs one node ------------------------------------------------------------
+
+
+async def _create_path(
+    ctx: Ctx, lp: LoadProcess, label: str, replicas: int, nats_pids: dict[str, int], rate: float
+) -> dict[str, Any]:
+    """The create path on this ``ctx``'s NATS, streams with ``replicas``; latency at ``rate``
+    (half the capacity measured here if 0)."""
+    s = ctx.scale
+    async with (
+        namespace(ctx, stream_replicas=replicas) as settings,
+        processes(ctx, f"scale-{label}") as procs,
+    ):
+        _, key = await new_tenant(settings)
+        gateway = procs.service(settings, "gateway", ZAPBUS_STREAM_REPLICAS=str(replicas))
+        await procs.wait_healthy()
+        target = CreateTarget(gateway + "/v1/connections", key)
+        cpu = ctx.meter({"gateway": procs.pid("gateway"), "load": await lp.run(getpid)} | nats_pids)
+        await lp.run(closed_loop, target, 8, s.warmup_s)  # warm up connections, caches
+        ctx.say(f"scale ({label}): gateway capacity, {s.clients} clients, {s.scale_s:.0f} s")
+        await ctx.quiet()
+        cpu.start()
+        cap = await lp.run(closed_loop, target, s.clients, s.scale_s)
+        cpu.stop()
+        cap_cpu = cpu.summary()
+        outbox = await _count(settings, "SELECT count(*) FROM outbox")
+        rate = rate or cap["rate"] / 2
+        ctx.say(f"  {cap['rate']:.0f}/s ({cap_cpu}); latency at {rate:.0f}/s")
+        await ctx.quiet()
+        lat = await lp.run(open_loop, target, rate, s.scale_s)
+        ctx.say(f"  p50 {ms(lat['http']['p50'])} p99 {ms(lat['http']['p99'])} ms; publish-acks")
+        subject = settings.names.command_subject("create")
+        seq = await lp.run(publish_acks, settings.nats_url, subject, s.sequential_publishes, 1)
+        await ctx.quiet()
+        cpu.start()
+        par = await lp.run(
+            publish_acks, settings.nats_url, subject, s.inflight_publishes, IN_FLIGHT
+        )
+        cpu.stop()
+        par_cpu = cpu.summary()
+        ctx.say(f"  {seq['rate']:.0f}/s one at a time, {par['rate']:.0f}/s {IN_FLIGHT} in flight")
+    return {
+        "cap": cap,
+        "cap_cpu": cap_cpu,
+        "outbox": outbox,
+        "lat": lat,
+        "rate": rate,
+        "seq": seq,
+        "par": par,
+        "par_cpu": par_cpu,
+    }
+
+
+async def _one_vs_cluster(ctx: Ctx, lp: LoadProcess) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    one = NatsServer(ctx.logs / "nats-scale-one")
+    await one.astart()
+    try:
+        assert one.proc is not None
+        sub = dataclasses.replace(ctx, nats_url=one.url, infra=_no_nats(ctx))
+        out["one"] = await _create_path(sub, lp, "one node", 1, {"nats": one.proc.pid}, 0.0)
+        ctx.quiet_budget_s = sub.quiet_budget_s
+    finally:
+        await one.astop()
+    cluster = NatsCluster(ctx.logs / "nats-scale-cluster")
+    ctx.say("scale: starting a 3-node cluster")
+    try:
+        await cluster.astart()
+        pids = {f"nats-{i}": n.proc.pid for i, n in enumerate(cluster.nodes, 1) if n.proc}
+        sub = dataclasses.replace(ctx, nats_url=cluster.url, infra=_no_nats(ctx))
+        rate = out["one"]["rate"]  # the same rate on both
+        out["cluster"] = await _create_path(sub, lp, "3-node cluster", 3, pids, rate)
+        ctx.quiet_budget_s = sub.quiet_budget_s
+    finally:
+        await cluster.astop()
+    return out
+
+
+def _no_nats(ctx: Ctx) -> InfraPids:
+    """The run's Postgres, but not its nats-server (the servers measured are named)."""
+    return InfraPids(None, ctx.infra.postmaster)
+
+
+# ---- two of each service vs one ----------------------------------------------------------
+
+
+def _copy(
+    procs: Procs, settings: Settings, name: str, n: int, port: int, env: dict[str, str]
+) -> str:
+    """Start copy ``n`` of service ``name`` (``webhook``, ``webhook_2``...); its base URL."""
+    tag = name if n == 1 else f"{name}_{n}"
+    extra = service_env(settings, **{SERVICE_PORTS[name]: str(port)}, **env)
+    return procs.add(tag, f"services.{name}", extra, port)
+
+
+async def _partitions_shared(settings: Settings, projectors: int, timeout: float = 60.0) -> None:
+    """Wait until ``projectors`` projectors each hold an equal share of the partitions."""
+    query = (
+        "SELECT count(*) FROM (SELECT owner FROM projector_leases WHERE expires_at > now()"
+        f" GROUP BY owner HAVING count(*) = {PARTITIONS // projectors}) AS holders"
+    )
+    deadline = time.monotonic() + timeout
+    while await _count(settings, query) != projectors:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{projectors} projectors did not share the partitions")
+        await asyncio.sleep(0.1)
+
+
+def _webhooks(settings: Settings, ids: list[uuid.UUID], base: str, tag: str) -> WebhookTarget:
+    urls = tuple(webhook_url(base, settings.webhook_secret, i, 1) for i in ids)
+    return WebhookTarget(urls, tuple(session_name(i, 1) for i in ids), tag)
+
+
+async def _copies(ctx: Ctx, lp: LoadProcess) -> dict[int, dict[str, Any]]:
+    s = ctx.scale
+    out: dict[int, dict[str, Any]] = {}
+    async with (
+        namespace(ctx, event_partitions=PARTITIONS, qr_max_refreshes=10**9) as settings,
+        processes(ctx, "scale-copies") as procs,
+    ):
+        tenant_id, key = await new_tenant(settings)
+        ids = await seed_connections(settings, tenant_id, s.webhook_connections, "awaiting_qr")
+        env = {
+            "ZAPBUS_EVENT_PARTITIONS": str(PARTITIONS),
+            "ZAPBUS_QR_MAX_REFRESHES": str(10**9),  # every QR applies
+            "ZAPBUS_REUSE_PORT": "true",  # the webhook copies share one port
+        }
+        webhook_port = free_port()
+        gateways: list[str] = []
+        rows = RowCount(
+            settings.database_url,
+            f'SELECT coalesce(max(seq), 0) FROM "{settings.db_schema}".connection_events',
+        )
+        load_pid = await lp.run(getpid)
+        for n in (1, 2):
+            gateways.append(_copy(procs, settings, "gateway", n, free_port(), env))
+            webhook = _copy(procs, settings, "webhook", n, webhook_port, env)
+            _copy(procs, settings, "projector", n, free_port(), env)
+            await procs.wait_healthy()
+            await _partitions_shared(settings, n)
+            creates = Gateways(tuple(g + "/v1/connections" for g in gateways), key)
+            cpu = ctx.meter({name: procs.pid(name) for name in procs.procs} | {"load": load_pid})
+            await lp.run(closed_loop, creates, 8, s.warmup_s)
+            await lp.run(closed_loop, _webhooks(settings, ids, webhook, f"w{n}-"), 8, s.warmup_s)
+            ctx.say(f"scale ({n} of each): create capacity, {s.clients} clients, {s.scale_s:.0f} s")
+            await ctx.quiet()
+            cpu.start()
+            cap = await lp.run(closed_loop, creates, s.clients, s.scale_s)
+            cpu.stop()
+            cap_cpu = cpu.summary()
+            ctx.say(f"  {cap['rate']:.0f}/s ({cap_cpu}); webhook ingest capacity")
+            await ctx.quiet()
+            target = _webhooks(settings, ids, webhook, f"c{n}-")
+            cpu.start()
+            ingest = await lp.run(closed_loop, target, s.clients, s.scale_s, None, rows)
+            cpu.stop()
+            ingest_cpu = cpu.summary()
+            ctx.say(f"  {ingest['commit_rate']:.0f} committed/s ({ingest_cpu})")
+            out[n] = {"cap": cap, "cap_cpu": cap_cpu, "ingest": ingest, "ingest_cpu": ingest_cpu}
+    return out
+
+
+async def run(ctx: Ctx) -> Section:
+    async with load_process() as lp:
+        cluster = await _one_vs_cluster(ctx, lp)
+        copies = await _copies(ctx, lp)
+    return _section(ctx, cluster["one"], cluster["cluster"], copies[1], copies[2])
+
+
+def _section(
+    ctx: Ctx,
+    one: dict[str, Any],
+    three: dict[str, Any],
+    single: dict[str, Any],
+    two: dict[str, Any],
+) -> Section:
+    s = ctx.scale
+    rate = one["rate"]
+    sec = Section(
+        "7. A 3-node cluster, and two of each service",
+        "Each pair measured in the same run, one after the other. Cluster: nats-servers from "
+        "the wheel started for this benchmark, all with `sync_interval: always`: one alone "
+        "(R1 streams), then three on loopback routed into a cluster (R3 streams, "
+        "`ZAPBUS_NATS_URL` listing the three). On each, with the same Postgres: the gateway "
+        f"(own process) at {s.clients} closed-loop clients for {s.scale_s:.0f} s (capacity), "
+        f"open loop at one fixed rate (half the one-node capacity) for {s.scale_s:.0f} s "
+        f"(latency), {s.sequential_publishes:,} publish-acks of a create command one at a "
+        f"time, and {s.inflight_publishes:,} with {IN_FLIGHT} in flight (the load generator). "
+        "Two of each: on the run's NATS, one gateway, webhook service and projector, then a "
+        "second of each started beside them (the webhook services share one port, "
+        f"`ZAPBUS_REUSE_PORT`; events in {PARTITIONS} partitions both times, one per projector "
+        f"with two): create capacity ({s.clients} clients, round robin over the gateways) and "
+        f"webhook ingest capacity as in section 3 ({s.clients} clients, "
+        f"{s.webhook_connections:,} connections, history rows committed in the window).",
+        ["measure", "one node / one of each", "cluster / two of each", "ratio"],
+    )
+
+    def row(label: str, a: float, b: float, fmt: str = "num") -> None:
+        cells: dict[str, Callable[[float], str]] = {
+            "num": num,
+            "ms": ms,
+            "ms2": lambda v: f"{v * 1000:.2f}",
+        }
+        cell = cells[fmt]
+        sec.row(label, cell(a), cell(b), f"{ratio(b, a):.2f}")
+
+    row("cluster: gateway capacity (creates/s)", one["cap"]["rate"], three["cap"]["rate"])
+    for q in ("p50", "p99"):
+        row(
+            f"cluster: gateway latency {q} at {rate:.0f}/s (ms)",
+            one["lat"]["http"][q],
+            three["lat"]["http"][q],
+            "ms",
+        )
+    for q in ("p50", "p99"):
+        row(
+            f"cluster: publish-ack {q}, one at a time (ms)",
+            one["seq"]["ack"][q],
+            three["seq"]["ack"][q],
+            "ms2",
+        )
+    row("cluster: publish-acks/s, one at a time", one["seq"]["rate"], three["seq"]["rate"])
+    row(
+        f"cluster: publish-ack p99, {IN_FLIGHT} in flight (ms)",
+        one["par"]["ack"]["p99"],
+        three["par"]["ack"]["p99"],
+        "ms",
+    )
+    row(f"cluster: publish-acks/s, {IN_FLIGHT} in flight", one["par"]["rate"], three["par"]["rate"])
+    row("two of each: create capacity (creates/s)", single["cap"]["rate"], two["cap"]["rate"])
+    row(
+        "two of each: webhook ingest, events/s committed",
+        single["ingest"]["commit_rate"],
+        two["ingest"]["commit_rate"],
+    )
+    row("two of each: webhook HTTP answers/s", single["ingest"]["rate"], two["ingest"]["rate"])
+    errors = {
+        "one node": one["cap"]["errors"] or one["lat"]["errors"],
+        "cluster": three["cap"]["errors"] or three["lat"]["errors"],
+        "one of each": single["cap"]["errors"] or single["ingest"]["errors"],
+        "two of each": two["cap"]["errors"] or two["ingest"]["errors"],
+    }
+    sec.notes += [
+        "CPU (100 % = one core; other = processes outside this benchmark): gateway capacity "
+        f"on one node: {one['cap_cpu']}; on the cluster: {three['cap_cpu']}; {IN_FLIGHT} "
+        f"publish-acks in flight on one node: {one['par_cpu']}; on the cluster: "
+        f"{three['par_cpu']}; create capacity, one of each: {single['cap_cpu']}; two of each: "
+        f"{two['cap_cpu']}; webhook ingest, one of each: {single['ingest_cpu']}; two of each: "
+        f"{two['ingest_cpu']}.",
+        f"Outbox rows not yet relayed right after the capacity window: one node {one['outbox']},"
+        f" cluster {three['outbox']}. Webhook ingest backlog drained "
+        f"{single['ingest']['drain_s']:.2f} s (one of each) and {two['ingest']['drain_s']:.2f} s "
+        "(two of each) after the window. Errors: "
+        + ", ".join(f"{k} {v or 'none'}" for k, v in errors.items())
+        + ".",
+    ]
+    return sec
