@@ -14,18 +14,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import nats
 
-from bench.cpu import InfraPids
+from bench.cpu import CpuMeter, InfraPids
 from bench.harness import (
     SERVICE_PORTS,
     Ctx,
@@ -123,84 +125,101 @@ async def _count(settings: Settings, query: str) -> int:
 # ---- a 3-node cluster vs one node ------------------------------------------------------------
 
 
-async def _create_path(
-    ctx: Ctx, lp: LoadProcess, label: str, replicas: int, nats_pids: dict[str, int], rate: float
-) -> dict[str, Any]:
-    """The create path on this ``ctx``'s NATS, streams with ``replicas``; latency at ``rate``
-    (half the capacity measured here if 0)."""
-    s = ctx.scale
-    async with (
-        namespace(ctx, stream_replicas=replicas) as settings,
-        processes(ctx, f"scale-{label}") as procs,
-    ):
-        _, key = await new_tenant(settings)
-        gateway = procs.service(settings, "gateway", ZAPBUS_STREAM_REPLICAS=str(replicas))
-        await procs.wait_healthy()
-        target = CreateTarget(gateway + "/v1/connections", key)
-        cpu = ctx.meter({"gateway": procs.pid("gateway"), "load": await lp.run(getpid)} | nats_pids)
-        await lp.run(closed_loop, target, 8, s.warmup_s)  # warm up connections, caches
-        ctx.say(f"scale ({label}): gateway capacity, {s.clients} clients, {s.scale_s:.0f} s")
-        await ctx.quiet()
-        cpu.start()
-        cap = await lp.run(closed_loop, target, s.clients, s.scale_s)
-        cpu.stop()
-        cap_cpu = cpu.summary()
-        outbox = await _count(settings, "SELECT count(*) FROM outbox")
-        rate = rate or cap["rate"] / 2
-        ctx.say(f"  {cap['rate']:.0f}/s ({cap_cpu}); latency at {rate:.0f}/s")
-        await ctx.quiet()
-        lat = await lp.run(open_loop, target, rate, s.scale_s)
-        ctx.say(f"  p50 {ms(lat['http']['p50'])} p99 {ms(lat['http']['p99'])} ms; publish-acks")
-        subject = settings.names.command_subject("create")
-        seq = await lp.run(publish_acks, settings.nats_url, subject, s.sequential_publishes, 1)
-        await ctx.quiet()
-        cpu.start()
-        par = await lp.run(
-            publish_acks, settings.nats_url, subject, s.inflight_publishes, IN_FLIGHT
-        )
-        cpu.stop()
-        par_cpu = cpu.summary()
-        ctx.say(f"  {seq['rate']:.0f}/s one at a time, {par['rate']:.0f}/s {IN_FLIGHT} in flight")
-    return {
-        "cap": cap,
-        "cap_cpu": cap_cpu,
-        "outbox": outbox,
-        "lat": lat,
-        "rate": rate,
-        "seq": seq,
-        "par": par,
-        "par_cpu": par_cpu,
-    }
+@dataclass
+class _Side:
+    """One NATS of the comparison, with its namespace and gateway."""
+
+    label: str
+    settings: Settings
+    target: CreateTarget
+    cpu: CpuMeter
+    out: dict[str, Any] = field(default_factory=dict)
+
+
+async def _side(
+    ctx: Ctx, stack: contextlib.AsyncExitStack, label: str, url: str, replicas: int, pids: Any
+) -> _Side:
+    """A namespace (streams with ``replicas``) and a gateway on the NATS at ``url``, stopped
+    and removed when ``stack`` closes."""
+    sub = dataclasses.replace(ctx, nats_url=url, infra=InfraPids(None, ctx.infra.postmaster))
+    settings = await stack.enter_async_context(namespace(sub, stream_replicas=replicas))
+    procs = await stack.enter_async_context(processes(sub, f"scale-{label.replace(' ', '-')}"))
+    _, key = await new_tenant(settings)
+    gateway = procs.service(settings, "gateway", ZAPBUS_STREAM_REPLICAS=str(replicas))
+    await procs.wait_healthy()
+    target = CreateTarget(gateway + "/v1/connections", key)
+    return _Side(label, settings, target, sub.meter({"gateway": procs.pid("gateway")} | pids))
+
+
+async def _drained(side: _Side, timeout: float) -> float:
+    """Seconds until the gateway's relay has published every command of its outbox (NaN if
+    it has not within ``timeout``)."""
+    t0 = time.monotonic()
+    while await _count(side.settings, "SELECT count(*) FROM outbox"):
+        if time.monotonic() - t0 > timeout:
+            return math.nan
+        await asyncio.sleep(0.05)
+    return time.monotonic() - t0
 
 
 async def _one_vs_cluster(ctx: Ctx, lp: LoadProcess) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
+    """The create path on one node and on the cluster, both up at once, measured in turn
+    (capacity on each, then latency on each...) so that load from outside falls on both."""
+    s = ctx.scale
     one = NatsServer(ctx.logs / "nats-scale-one")
-    await one.astart()
-    try:
-        assert one.proc is not None
-        sub = dataclasses.replace(ctx, nats_url=one.url, infra=_no_nats(ctx))
-        out["one"] = await _create_path(sub, lp, "one node", 1, {"nats": one.proc.pid}, 0.0)
-        ctx.quiet_budget_s = sub.quiet_budget_s
-    finally:
-        await one.astop()
     cluster = NatsCluster(ctx.logs / "nats-scale-cluster")
-    ctx.say("scale: starting a 3-node cluster")
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(one.astop)
+        await one.astart()
+        ctx.say("scale: starting a 3-node cluster")
+        stack.push_async_callback(cluster.astop)
         await cluster.astart()
-        pids = {f"nats-{i}": n.proc.pid for i, n in enumerate(cluster.nodes, 1) if n.proc}
-        sub = dataclasses.replace(ctx, nats_url=cluster.url, infra=_no_nats(ctx))
-        rate = out["one"]["rate"]  # the same rate on both
-        out["cluster"] = await _create_path(sub, lp, "3-node cluster", 3, pids, rate)
-        ctx.quiet_budget_s = sub.quiet_budget_s
-    finally:
-        await cluster.astop()
-    return out
-
-
-def _no_nats(ctx: Ctx) -> InfraPids:
-    """The run's Postgres, but not its nats-server (the servers measured are named)."""
-    return InfraPids(None, ctx.infra.postmaster)
+        load = {"load": await lp.run(getpid)}
+        assert one.proc is not None
+        nodes = {f"nats-{i}": n.proc.pid for i, n in enumerate(cluster.nodes, 1) if n.proc}
+        sides = [
+            await _side(ctx, stack, "one node", one.url, 1, load | {"nats": one.proc.pid}),
+            await _side(ctx, stack, "3-node cluster", cluster.url, 3, load | nodes),
+        ]
+        for side in sides:
+            await lp.run(closed_loop, side.target, 8, s.warmup_s)  # connections, caches
+            await _drained(side, 60.0)
+        for side in sides:
+            ctx.say(
+                f"scale ({side.label}): gateway capacity, {s.clients} clients, {s.scale_s:.0f} s"
+            )
+            await ctx.quiet()
+            side.cpu.start()
+            side.out["cap"] = await lp.run(closed_loop, side.target, s.clients, s.scale_s)
+            side.cpu.stop()
+            side.out["cap_cpu"] = side.cpu.summary()
+            side.out["outbox"] = await _count(side.settings, "SELECT count(*) FROM outbox")
+            side.out["drain_s"] = await _drained(side, 120.0)
+            ctx.say(
+                f"  {side.out['cap']['rate']:.0f}/s ({side.out['cap_cpu']}); outbox"
+                f" {side.out['outbox']} drained in {side.out['drain_s']:.1f} s"
+            )
+        rate = min(side.out["cap"]["rate"] for side in sides) / 2  # the same rate on both
+        for side in sides:
+            ctx.say(f"scale ({side.label}): gateway latency at {rate:.0f}/s, {s.scale_s:.0f} s")
+            await ctx.quiet()
+            lat = await lp.run(open_loop, side.target, rate, s.scale_s)
+            side.out.update(lat=lat, rate=rate, lat_drain_s=await _drained(side, 120.0))
+            ctx.say(f"  p50 {ms(lat['http']['p50'])} p99 {ms(lat['http']['p99'])} ms")
+        for side in sides:
+            subject = side.settings.names.command_subject("create")
+            url = side.settings.nats_url
+            await ctx.quiet()
+            seq = await lp.run(publish_acks, url, subject, s.sequential_publishes, 1)
+            side.cpu.start()
+            par = await lp.run(publish_acks, url, subject, s.inflight_publishes, IN_FLIGHT)
+            side.cpu.stop()
+            side.out.update(seq=seq, par=par, par_cpu=side.cpu.summary())
+            ctx.say(
+                f"scale ({side.label}): publish-acks {seq['rate']:.0f}/s one at a time,"
+                f" {par['rate']:.0f}/s {IN_FLIGHT} in flight"
+            )
+        return {"one": sides[0].out, "cluster": sides[1].out}
 
 
 # ---- two of each service vs one ----------------------------------------------------------
@@ -300,13 +319,16 @@ def _section(
     rate = one["rate"]
     sec = Section(
         "7. A 3-node cluster, and two of each service",
-        "Each pair measured in the same run, one after the other. Cluster: nats-servers from "
-        "the wheel started for this benchmark, all with `sync_interval: always`: one alone "
-        "(R1 streams), then three on loopback routed into a cluster (R3 streams, "
-        "`ZAPBUS_NATS_URL` listing the three). On each, with the same Postgres: the gateway "
-        f"(own process) at {s.clients} closed-loop clients for {s.scale_s:.0f} s (capacity), "
-        f"open loop at one fixed rate (half the one-node capacity) for {s.scale_s:.0f} s "
-        f"(latency), {s.sequential_publishes:,} publish-acks of a create command one at a "
+        "Each pair measured in the same run. Cluster: nats-servers from the wheel started for "
+        "this benchmark, all with `sync_interval: always`: one alone (R1 streams), and three "
+        "on loopback routed into a cluster (R3 streams, `ZAPBUS_NATS_URL` listing the three), "
+        "all up at once, each with a gateway of its own (own process, same Postgres), measured "
+        "in turn (capacity on one, capacity on the other, latency on one...): the gateway at "
+        f"{s.clients} closed-loop clients for {s.scale_s:.0f} s (capacity; then the time its "
+        "outbox relay takes to publish the commands still waiting, with no load), open loop at "
+        "one fixed rate (half the lower of the two capacities) for "
+        f"{s.scale_s:.0f} s (latency; the gateway answers after its commit, before the relay "
+        f"publishes), {s.sequential_publishes:,} publish-acks of a create command one at a "
         f"time, and {s.inflight_publishes:,} with {IN_FLIGHT} in flight (the load generator). "
         "Two of each: on the run's NATS, one gateway, webhook service and projector, then a "
         "second of each started beside them (the webhook services share one port, "
@@ -327,6 +349,12 @@ def _section(
         sec.row(label, cell(a), cell(b), f"{ratio(b, a):.2f}")
 
     row("cluster: gateway capacity (creates/s)", one["cap"]["rate"], three["cap"]["rate"])
+    row("cluster: commands in the outbox after the capacity window", one["outbox"], three["outbox"])
+    row(
+        "cluster: outbox relay, commands published/s while catching up",
+        ratio(one["outbox"], one["drain_s"]) if one["outbox"] else math.nan,
+        ratio(three["outbox"], three["drain_s"]) if three["outbox"] else math.nan,
+    )
     for q in ("p50", "p99"):
         row(
             f"cluster: gateway latency {q} at {rate:.0f}/s (ms)",
@@ -369,8 +397,9 @@ def _section(
         f"{three['par_cpu']}; create capacity, one of each: {single['cap_cpu']}; two of each: "
         f"{two['cap_cpu']}; webhook ingest, one of each: {single['ingest_cpu']}; two of each: "
         f"{two['ingest_cpu']}.",
-        f"Outbox rows not yet relayed right after the capacity window: one node {one['outbox']},"
-        f" cluster {three['outbox']}. Webhook ingest backlog drained "
+        f"Outbox drained {one['drain_s']:.1f} s (one node) and {three['drain_s']:.1f} s "
+        f"(cluster) after the capacity window, {one['lat_drain_s']:.1f} s and "
+        f"{three['lat_drain_s']:.1f} s after the latency window. Webhook ingest backlog drained "
         f"{single['ingest']['drain_s']:.2f} s (one of each) and {two['ingest']['drain_s']:.2f} s "
         "(two of each) after the window. Errors: "
         + ", ".join(f"{k} {v or 'none'}" for k, v in errors.items())
