@@ -8,7 +8,8 @@
 * **two of each service vs one**: on the run's NATS, the gateway's create capacity and webhook
   ingest end to end (webhook service -> projector -> Postgres) with one copy of each, then with
   a second gateway, webhook service (same port, ``ZAPBUS_REUSE_PORT``) and projector started
-  beside the first (events in two partitions both times, one projector per partition).
+  beside the first, then with one of each again (events in two partitions throughout, one
+  projector per partition with two).
 """
 
 from __future__ import annotations
@@ -252,9 +253,11 @@ def _webhooks(settings: Settings, ids: list[uuid.UUID], base: str, tag: str) -> 
     return WebhookTarget(urls, tuple(session_name(i, 1) for i in ids), tag)
 
 
-async def _copies(ctx: Ctx, lp: LoadProcess) -> dict[int, dict[str, Any]]:
+async def _copies(ctx: Ctx, lp: LoadProcess) -> list[dict[str, Any]]:
+    """One of each, two of each, one of each again (the second copies stopped): load from
+    outside that comes and goes shows as a difference between the first and the last."""
     s = ctx.scale
-    out: dict[int, dict[str, Any]] = {}
+    out: list[dict[str, Any]] = []
     async with (
         namespace(ctx, event_partitions=PARTITIONS, qr_max_refreshes=10**9) as settings,
         processes(ctx, "scale-copies") as procs,
@@ -273,16 +276,22 @@ async def _copies(ctx: Ctx, lp: LoadProcess) -> dict[int, dict[str, Any]]:
             f'SELECT coalesce(max(seq), 0) FROM "{settings.db_schema}".connection_events',
         )
         load_pid = await lp.run(getpid)
-        for n in (1, 2):
-            gateways.append(_copy(procs, settings, "gateway", n, free_port(), env))
-            webhook = _copy(procs, settings, "webhook", n, webhook_port, env)
-            _copy(procs, settings, "projector", n, free_port(), env)
+        webhook = ""
+        for step, n in enumerate((1, 2, 1)):
+            if step < 2:  # start copy n of each
+                gateways.append(_copy(procs, settings, "gateway", n, free_port(), env))
+                webhook = _copy(procs, settings, "webhook", n, webhook_port, env)
+                _copy(procs, settings, "projector", n, free_port(), env)
+            else:  # stop the second copies (the projector hands its partition back)
+                for name in ("gateway_2", "webhook_2", "projector_2"):
+                    await asyncio.to_thread(procs.procs.pop(name).stop)
+                gateways.pop()
             await procs.wait_healthy()
             await _partitions_shared(settings, n)
             creates = Gateways(tuple(g + "/v1/connections" for g in gateways), key)
             cpu = ctx.meter({name: procs.pid(name) for name in procs.procs} | {"load": load_pid})
             await lp.run(closed_loop, creates, 8, s.warmup_s)
-            await lp.run(closed_loop, _webhooks(settings, ids, webhook, f"w{n}-"), 8, s.warmup_s)
+            await lp.run(closed_loop, _webhooks(settings, ids, webhook, f"w{step}-"), 8, s.warmup_s)
             ctx.say(f"scale ({n} of each): create capacity, {s.clients} clients, {s.scale_s:.0f} s")
             await ctx.quiet()
             cpu.start()
@@ -291,13 +300,13 @@ async def _copies(ctx: Ctx, lp: LoadProcess) -> dict[int, dict[str, Any]]:
             cap_cpu = cpu.summary()
             ctx.say(f"  {cap['rate']:.0f}/s ({cap_cpu}); webhook ingest capacity")
             await ctx.quiet()
-            target = _webhooks(settings, ids, webhook, f"c{n}-")
+            target = _webhooks(settings, ids, webhook, f"c{step}-")
             cpu.start()
             ingest = await lp.run(closed_loop, target, s.clients, s.scale_s, None, rows)
             cpu.stop()
             ingest_cpu = cpu.summary()
             ctx.say(f"  {ingest['commit_rate']:.0f} committed/s ({ingest_cpu})")
-            out[n] = {"cap": cap, "cap_cpu": cap_cpu, "ingest": ingest, "ingest_cpu": ingest_cpu}
+            out.append({"cap": cap, "cap_cpu": cap_cpu, "ingest": ingest, "ingest_cpu": ingest_cpu})
     return out
 
 
@@ -305,15 +314,14 @@ async def run(ctx: Ctx) -> Section:
     async with load_process() as lp:
         cluster = await _one_vs_cluster(ctx, lp)
         copies = await _copies(ctx, lp)
-    return _section(ctx, cluster["one"], cluster["cluster"], copies[1], copies[2])
+    return _section(ctx, cluster["one"], cluster["cluster"], copies)
 
 
 def _section(
     ctx: Ctx,
     one: dict[str, Any],
     three: dict[str, Any],
-    single: dict[str, Any],
-    two: dict[str, Any],
+    copies: list[dict[str, Any]],
 ) -> Section:
     s = ctx.scale
     rate = one["rate"]
@@ -331,7 +339,8 @@ def _section(
         f"publishes), {s.sequential_publishes:,} publish-acks of a create command one at a "
         f"time, and {s.inflight_publishes:,} with {IN_FLIGHT} in flight (the load generator). "
         "Two of each: on the run's NATS, one gateway, webhook service and projector, then a "
-        "second of each started beside them (the webhook services share one port, "
+        "second of each started beside them, then those stopped again (one of each = the mean "
+        "of the runs before and after; the webhook services share one port, "
         f"`ZAPBUS_REUSE_PORT`; events in {PARTITIONS} partitions both times, one per projector "
         f"with two): create capacity ({s.clients} clients, round robin over the gateways) and "
         f"webhook ingest capacity as in section 3 ({s.clients} clients, "
@@ -377,30 +386,42 @@ def _section(
         "ms",
     )
     row(f"cluster: publish-acks/s, {IN_FLIGHT} in flight", one["par"]["rate"], three["par"]["rate"])
-    row("two of each: create capacity (creates/s)", single["cap"]["rate"], two["cap"]["rate"])
-    row(
-        "two of each: webhook ingest, events/s committed",
-        single["ingest"]["commit_rate"],
-        two["ingest"]["commit_rate"],
-    )
-    row("two of each: webhook HTTP answers/s", single["ingest"]["rate"], two["ingest"]["rate"])
+    before, two, after = copies
+
+    def copies_row(label: str, run: str, key: str) -> None:
+        # one of each: the mean of the runs before and after two of each
+        row(label, (before[run][key] + after[run][key]) / 2, two[run][key])
+
+    copies_row("two of each: create capacity (creates/s)", "cap", "rate")
+    copies_row("two of each: webhook ingest, events/s committed", "ingest", "commit_rate")
+    copies_row("two of each: webhook HTTP answers/s", "ingest", "rate")
     errors = {
         "one node": one["cap"]["errors"] or one["lat"]["errors"],
         "cluster": three["cap"]["errors"] or three["lat"]["errors"],
-        "one of each": single["cap"]["errors"] or single["ingest"]["errors"],
+        "one of each": {
+            k: v
+            for r in (before, after)
+            for p in ("cap", "ingest")
+            for k, v in r[p]["errors"].items()
+        },
         "two of each": two["cap"]["errors"] or two["ingest"]["errors"],
     }
     sec.notes += [
         "CPU (100 % = one core; other = processes outside this benchmark): gateway capacity "
         f"on one node: {one['cap_cpu']}; on the cluster: {three['cap_cpu']}; {IN_FLIGHT} "
         f"publish-acks in flight on one node: {one['par_cpu']}; on the cluster: "
-        f"{three['par_cpu']}; create capacity, one of each: {single['cap_cpu']}; two of each: "
-        f"{two['cap_cpu']}; webhook ingest, one of each: {single['ingest_cpu']}; two of each: "
-        f"{two['ingest_cpu']}.",
+        f"{three['par_cpu']}; create capacity, one of each (first): {before['cap_cpu']}; two "
+        f"of each: {two['cap_cpu']}; webhook ingest, one of each (first): "
+        f"{before['ingest_cpu']}; two of each: {two['ingest_cpu']}.",
+        "One of each, before and after two of each: create capacity "
+        f"{num(before['cap']['rate'])} and {num(after['cap']['rate'])} creates/s, webhook "
+        f"ingest {num(before['ingest']['commit_rate'])} and "
+        f"{num(after['ingest']['commit_rate'])} events/s committed.",
         f"Outbox drained {one['drain_s']:.1f} s (one node) and {three['drain_s']:.1f} s "
         f"(cluster) after the capacity window, {one['lat_drain_s']:.1f} s and "
         f"{three['lat_drain_s']:.1f} s after the latency window. Webhook ingest backlog drained "
-        f"{single['ingest']['drain_s']:.2f} s (one of each) and {two['ingest']['drain_s']:.2f} s "
+        f"{before['ingest']['drain_s']:.2f} s (one of each, first) and "
+        f"{two['ingest']['drain_s']:.2f} s "
         "(two of each) after the window. Errors: "
         + ", ".join(f"{k} {v or 'none'}" for k, v in errors.items())
         + ".",

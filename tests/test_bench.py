@@ -2,7 +2,7 @@
 its own against real NATS and Postgres as ``make bench`` runs it, and must end cleanly having
 printed its figures. A signal mid-run (Ctrl-C, SIGTERM) stops every process the run started.
 
-``python -m bench --quick`` takes ~40 s on a quiet 2-core machine; the deadlines are sized for
+``python -m bench --quick`` takes ~1 min on a quiet 2-core machine; the deadlines are sized for
 a loaded one."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _tables(section: str) -> list[list[str]]:
     return [[c.strip() for c in row] for row in rows if row[0].strip() not in ("measure", "target")]
 
 
-@pytest.mark.timeout(600)  # ~40 s alone; much longer beside other work on 2 cores
+@pytest.mark.timeout(600)  # ~1 min alone; much longer beside other work on 2 cores
 def test_every_benchmark_runs_quick_and_prints_its_figures(infra: Infra, workdir: Path) -> None:
     t0 = time.monotonic()
     r = _bench(
