@@ -29,6 +29,7 @@ import nats
 from bench.cpu import CpuMeter, InfraPids, wait_quiet
 from proto.names import Names
 from zapbus import bus, db, topology
+from zapbus.bus import server_urls
 from zapbus.config import Settings, load_settings
 from zapbus.localinfra import free_port
 from zapbus.procs import ServiceProcess
@@ -61,6 +62,8 @@ class Scale:
     webhook_connections: int = 5000
     sync_s: float = 10.0
     sequential_publishes: int = 1000
+    scale_s: float = 10.0  # each window of the cluster and scale-out benchmark
+    inflight_publishes: int = 5000  # its publish-acks with 200 in flight
     quiet_s: float = 90.0  # how long a run may wait in all for others' load to pass
 
     @classmethod
@@ -81,6 +84,8 @@ class Scale:
             webhook_connections=200,
             sync_s=1.0,
             sequential_publishes=100,
+            scale_s=1.0,
+            inflight_publishes=400,
             quiet_s=0.0,
         )
 
@@ -145,7 +150,8 @@ async def namespace(ctx: Ctx, **overrides: Any) -> AsyncIterator[Settings]:
         **overrides,
     )
     await db.migrate(settings.database_url, settings.db_schema)
-    nc = await nats.connect(settings.nats_url, name="zapbus-bench")
+    # every node of a cluster (ZAPBUS_NATS_URL lists them), as the services connect
+    nc = await nats.connect(server_urls(settings.nats_url), name="zapbus-bench")
     try:
         await topology.declare(nc.jetstream(), settings)  # as `zapbus migrate` does
         yield settings

@@ -87,11 +87,11 @@ def document(
         "shared 2-core VM are noisy; each figure that matters has a floor measured in the same "
         "run, and the ratio is the headline. Benchmarks print; `make test` asserts behaviour.",
         "",
-        "Run `make bench` (all of them, ~7 min, rewrites this file), `python -m bench --quick` "
-        "(~40 s smoke run of every step, prints only; `make test` runs it in "
+        "Run `make bench` (all of them, ~10 min, rewrites this file), `python -m bench --quick` "
+        "(~1 min smoke run of every step, prints only; `make test` runs it in "
         "`tests/test_bench.py`, so a benchmark that crashes fails the tests), `python -m bench "
-        "create sync` (a subset of create, burst, webhook, projector, sync: prints only; `--out "
-        "FILE` writes), `--profile` (py-spy each service under load; summaries in the log "
+        "create sync` (a subset of create, burst, webhook, projector, sync, scale: prints only; "
+        "`--out FILE` writes), `--profile` (py-spy each service under load; summaries in the log "
         "directory printed at the start). Ctrl-C stops every process the run started.",
         "",
         "| | |",

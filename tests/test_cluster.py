@@ -12,14 +12,19 @@ and a history without gaps.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import re
+import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import nats
+import pytest
 
 from services.baileys_sim.config import SimConfig
 from tests.faults import ProcessStack, process_stack
@@ -235,3 +240,38 @@ async def test_stream_leader_killed_mid_burst_loses_nothing(workdir: Path) -> No
             f" sim webhooks failed {stats['webhooks_failed']},"
             f" total {time.monotonic() - started:.1f} s"
         )
+
+
+def _processes_under(folder: Path) -> list[int]:
+    """Live processes whose command line names something in ``folder``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if str(folder).encode() in (entry / "cmdline").read_bytes() and state not in "ZX":
+                    found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+async def test_a_cluster_start_cancelled_midway_leaves_no_node_running(workdir: Path) -> None:
+    """Ctrl-C while a cluster starts (its ``astart`` cancelled, as ``python -m bench`` does):
+    by the time the cancellation is passed on, every node the start thread spawned, before or
+    after it, is stopped, even for a caller that has nothing to stop yet."""
+    loop = asyncio.get_running_loop()
+    threads = ThreadPoolExecutor(4)
+    loop.set_default_executor(threads)  # so that the start thread can be waited for below
+    cluster = NatsCluster(workdir / "nats")
+    try:
+        task = asyncio.create_task(cluster.astart())
+        await asyncio.sleep(0)  # the start thread is under way
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        threads.shutdown(wait=True)  # whatever it was starting has started (or not)
+        assert not _processes_under(cluster.workdir)
+    finally:
+        loop.set_default_executor(ThreadPoolExecutor())
+        for pid in _processes_under(cluster.workdir):  # leave nothing behind, whatever failed
+            os.kill(pid, signal.SIGKILL)

@@ -452,9 +452,22 @@ class NatsCluster:
             n.stop(kill=kill)
 
     async def astart(self, timeout: float = 60.0) -> None:
-        await asyncio.to_thread(self.start, timeout)
-        for n in self.nodes:
-            await n.wait_ready(timeout)
+        """``start()`` in a worker thread, then ``wait_ready()`` on every node. Cancelled (or
+        failing) on the way, it waits for the thread (which cannot be interrupted) and kills
+        every node it started before passing the cancellation on: a Ctrl-C mid-start leaves
+        no nats-server running, whoever the caller."""
+        starting = asyncio.ensure_future(asyncio.to_thread(self.start, timeout))
+        try:
+            await asyncio.shield(starting)
+            for n in self.nodes:
+                await n.wait_ready(timeout)
+        except BaseException:
+            try:
+                if not starting.done():
+                    await asyncio.wait({starting})
+            finally:
+                self.stop(kill=True)
+            raise
 
     async def astop(self, kill: bool = False) -> None:
         await asyncio.to_thread(self.stop, kill)
