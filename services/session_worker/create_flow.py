@@ -7,6 +7,7 @@ given up on one server of a pool is placed on another before the connection is f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -240,26 +241,17 @@ async def _create_once(deps: Deps, server: Server, cmd: CreateSession, attempt: 
             cmd.generation,
             server.name if len(deps.servers.servers) > 1 else None,
         )
-        created = await server.dialect.create_session(
-            CreateSessionRequest(
-                name=cmd.session_name,
-                webhook_url=url,
-                login="code" if cmd.login == "code" else "qr",
-                phone_number=cmd.phone_number,
-                webhook_secret=webhook_signing_key(
-                    deps.webhook_secret, cmd.connection_id, cmd.generation
-                ),
-            )
+        req = CreateSessionRequest(
+            name=cmd.session_name,
+            webhook_url=url,
+            login="code" if cmd.login == "code" else "qr",
+            phone_number=cmd.phone_number,
+            webhook_secret=webhook_signing_key(
+                deps.webhook_secret, cmd.connection_id, cmd.generation
+            ),
         )
-        if created.already_existed and not await server.dialect.session_exists(cmd.session_name):
-            # "Exists", yet the server cannot show it: another request is still making it (an
-            # earlier attempt whose worker died mid-call, say), and that one may yet fail. Not
-            # created until the server shows it: try again later (the next try asks first).
-            raise RetryableError(
-                "the server says the session exists but does not show it yet"
-                " (a create still in progress there)"
-            )
-        return created.already_existed
+        created = await server.dialect.create_session(req)
+        return created.already_existed and await _until_shown(server, req)
     except BaileysError:
         result = "error"
         raise
@@ -290,3 +282,25 @@ async def _queue_delete(deps: Deps, cmd: CreateSession, server: str | None) -> N
             exc,
             extra=fields(connection_id=str(cmd.connection_id)),
         )
+
+
+SHOW_POLL_SECONDS = 0.5
+
+
+async def _until_shown(server: Server, req: CreateSessionRequest) -> bool:
+    """A create answered "already exists": True once the server shows the session, False if a
+    repeated create made it after all. "Exists" for a session the server cannot show is another
+    request still making it (a dead worker's POST, say), which may yet fail: wait for it within
+    one call's budget, asking again, without spending an attempt; past that, a retry."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (server.dialect.timeout.total or 30.0)
+    while not await server.dialect.session_exists(req.name):
+        if loop.time() > deadline:
+            raise RetryableError(
+                "the server says the session exists but does not show it"
+                " (a create still in progress there)"
+            )
+        await asyncio.sleep(SHOW_POLL_SECONDS)
+        if not (await server.dialect.create_session(req)).already_existed:
+            return False  # the other request failed; this one made it
+    return True
