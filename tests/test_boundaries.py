@@ -3,7 +3,11 @@
 * one module writes a connection's status: ``zapbus/connection/writer.py`` holds the only
   ``UPDATE connections ... SET ... status =``;
 * no SQL string spells a state name: subsets come from ``zapbus/connection/states.py``
-  (``values(...)`` as a bind parameter, ``sql_list(...)`` where a partial index must match).
+  (``values(...)`` as a bind parameter, ``sql_list(...)`` where a partial index must match);
+* services never import each other: a module under ``services/X/`` imports no ``services.Y``
+  (``services/baileys_sim`` is a separate program, imported by tests and benchmarks only);
+  ``zapbus/`` and ``proto/`` import no ``services.*`` (what two services share lives below
+  them; a command a service owns runs as its own process, ``zapbus/oneshot.py``).
 
 Each check reads every string literal of the source tree (adjacent literals joined as Python
 joins them, an f-string's holes as ``{}``), so SQL split over lines is read whole.
@@ -141,4 +145,78 @@ def test_the_checks_see_what_they_look_for(tmp_path: Path) -> None:
     ]
 
 
-# (room for the next boundary: which package may import which)
+def _imported(tree: ast.AST) -> Iterator[tuple[int, str]]:
+    """Each module a module imports (at any depth: late imports count), with its line:
+    ``import a.b``, ``from a import b`` (as ``a.b`` too: ``b`` may be a module), and a
+    literal ``importlib.import_module("a.b")`` (an f-string's text before its first hole)."""
+    for node in ast.walk(tree):
+        match node:
+            case ast.Import(names=aliases):
+                yield from ((node.lineno, a.name) for a in aliases)
+            case ast.ImportFrom(module=str(module), level=0, names=aliases):
+                yield node.lineno, module
+                yield from ((node.lineno, f"{module}.{a.name}") for a in aliases)
+            case ast.Call(func=ast.Attribute(attr="import_module") | ast.Name(id="__import__")):
+                text = _text(node.args[0]) if node.args else None
+                if text is not None:
+                    yield node.lineno, text.split("{}")[0].rstrip(".")
+
+
+def _owner(rel: str) -> str:
+    """The package a source file belongs to: ``services.X`` for a service, else its top."""
+    parts = rel.split("/")
+    return ".".join(parts[:2]) if parts[0] == "services" and len(parts) > 2 else parts[0]
+
+
+def crossed_boundaries(root: Path = ROOT) -> list[str]:
+    """``module:line: imported`` for each import of a service from another package: a
+    service's module importing another service, or ``zapbus``/``proto`` importing any."""
+    found = []
+    for top in SOURCES:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            owner = _owner(rel)
+            for line, name in _imported(ast.parse(path.read_text(), rel)):
+                parts = name.split(".")
+                if parts[0] == "services" and len(parts) > 1 and ".".join(parts[:2]) != owner:
+                    found.append(f"{rel}:{line}: {name}")
+    return sorted(set(found))
+
+
+def test_no_service_imports_another_and_the_library_imports_none() -> None:
+    assert crossed_boundaries() == []
+
+
+def test_the_import_check_sees_every_way_in(tmp_path: Path) -> None:
+    """The import scanner: plain, from, late (in a function) and importlib imports of another
+    service are found; a service importing itself, ``zapbus`` or ``proto`` is not."""
+    files = {
+        "services/a/app.py": (
+            "from services.a.store import x\n"  # its own
+            "from zapbus import bus\n"
+            "import proto.names\n"
+            "from services.b.relay import Relay\n"  # 4
+            "def f():\n"
+            "    import services.baileys_sim.app\n"  # 6
+            "    from services import b\n"  # 7
+        ),
+        "services/b/app.py": (
+            "import importlib\n"
+            "importlib.import_module(f'services.a.{1}')\n"  # 2
+            "importlib.import_module('services.b.x')\n"
+        ),
+        "zapbus/tool.py": "def g():\n    from services.a.app import main\n",  # 2
+        "proto/m.py": '"services.a is only named here"\nimport zapbus.config\n',
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert crossed_boundaries(tmp_path) == [
+        "services/a/app.py:4: services.b.relay",
+        "services/a/app.py:4: services.b.relay.Relay",
+        "services/a/app.py:6: services.baileys_sim.app",
+        "services/a/app.py:7: services.b",
+        "services/b/app.py:2: services.a",
+        "zapbus/tool.py:2: services.a.app",
+        "zapbus/tool.py:2: services.a.app.main",
+    ]

@@ -208,6 +208,12 @@ async def test_a_database_without_tables_or_out_of_reach_is_said_plainly(
         out.stderr
     ), out.stderr
     assert "hush" not in out.stderr and "Traceback" not in out.stderr
+    # `zapbus reconcile` runs the session worker's command in a child process: same answers
+    out = run(gone, "reconcile", "--dry-run")
+    assert out.returncode == 1 and f"cannot use the database at postgresql://127.0.0.1:{port}" in (
+        out.stderr
+    ), out.stderr
+    assert "hush" not in out.stderr and "Traceback" not in out.stderr
     no_nats = msgspec.structs.replace(settings, nats_url=f"nats://127.0.0.1:{port}")
     out = run(no_nats, "dlq", "list")
     assert out.returncode == 1 and "cannot use NATS at" in out.stderr, out.stderr

@@ -36,13 +36,11 @@ from zapbus.consumer import DurableConsumer
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.supervisor import Stoppable
+from zapbus.topology import FANOUT_BATCH
 from zapbus.webhooks import event_types, wants
 
 log = logging.getLogger("zapbus.notifier")
 
-# Changes fetched at once (and the consumer's max_ack_pending, app.consumer_config); also the
-# most changes one pass reads from the stream to close a gap.
-FANOUT_BATCH = 256
 
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4c3e-9a37-0c1b0f2f5e11")
 _RETRY_DELAY_SECONDS = 2.0

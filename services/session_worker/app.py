@@ -6,7 +6,6 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from nats.js import api as js_api
 
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import Policy
@@ -25,6 +24,7 @@ from zapbus.consumer import DurableConsumer
 from zapbus.dialects import make_dialect
 from zapbus.httpkit import base_app, not_ready_key, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+from zapbus.topology import worker_config
 
 http_key = web.AppKey("http", aiohttp.ClientSession)
 consumer_key = web.AppKey("command_consumer", Runner)
@@ -34,20 +34,6 @@ holds_key = web.AppKey("holds", Runner)
 reconciler_key = web.AppKey("reconciler", Runner)
 manager_key = web.AppKey("pool_manager", Runner)
 fitness_key = web.AppKey("fitness", Runner)
-
-
-def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
-    names = settings.names
-    return js_api.ConsumerConfig(
-        durable_name=names.worker_consumer,
-        filter_subject=names.commands_subjects,
-        ack_policy=js_api.AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_seconds,
-        # We handle the last attempt ourselves (dead letter + term); this is a safety net for
-        # a worker that dies on every delivery of one message.
-        max_deliver=settings.create_max_attempts + 3,
-        max_ack_pending=settings.worker_concurrency,
-    )
 
 
 async def http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -115,9 +101,7 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         placement=placement_policy(settings),
         wait_slice_seconds=min(5.0, heartbeat),
     )
-    consumer = DurableConsumer(
-        app[js_key], settings.names.commands_stream, consumer_config(settings)
-    )
+    consumer = DurableConsumer(app[js_key], settings.names.commands_stream, worker_config(settings))
     return CommandConsumer(
         consumer,
         handler,

@@ -33,7 +33,7 @@ from proto.commands import CreateSession
 from proto.names import Names
 from services.session_worker import placement
 from services.session_worker.moves import move_connection
-from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
+from services.session_worker.placement import REFRESH_COUNTS, Policy, pool_views
 from services.session_worker.pool import Server, ServerPool
 from zapbus import db
 from zapbus.connection import states
@@ -41,6 +41,7 @@ from zapbus.connection.states import TERMINAL, Status
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
+from zapbus.servers import PLACED_COUNTS
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.pool")

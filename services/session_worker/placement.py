@@ -27,17 +27,10 @@ from zapbus.connection import states
 from zapbus.connection.machine import Forced
 from zapbus.connection.writer import KEEP_REASON, record, transition
 from zapbus.outbox import insert_outbox, queue_delete
-from zapbus.servers import ServerSpec
+from zapbus.servers import PLACED_COUNTS, ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
 WAITING_PREFIX = "waiting for a Baileys server: "
-# as the partial index connections_placed (a literal list, which the planner matches to the
-# index's predicate), so the count reads only that index
-PLACED_COUNTS = (
-    "SELECT server, count(*) AS n FROM connections"
-    f" WHERE server IS NOT NULL AND status NOT IN {states.sql_list(states.TERMINAL)}"
-    " GROUP BY server"
-)
 _SERVERS = (
     "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since, placed,"
     " placed_counted_at, create_failed_at FROM baileys_servers"

@@ -4,7 +4,8 @@ A request's connection row and its command are committed together; the relay the
 the command with ``Nats-Msg-Id`` = command id and deletes the outbox row once JetStream has
 acknowledged it. If NATS is down the rows wait; if the relay dies between publish and delete,
 the next run publishes again and JetStream's duplicate window drops the copy. Rows are claimed
-with ``FOR UPDATE SKIP LOCKED``, so several gateway replicas can relay side by side.
+with ``FOR UPDATE SKIP LOCKED``, so several gateway replicas can relay side by side. Gateways
+and projectors both run it (the projector queues commands too), so it lives below them.
 """
 
 from __future__ import annotations
