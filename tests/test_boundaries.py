@@ -7,7 +7,9 @@
 * services never import each other: a module under ``services/X/`` imports no ``services.Y``
   (``services/baileys_sim`` is a separate program, imported by tests and benchmarks only);
   ``zapbus/`` and ``proto/`` import no ``services.*`` (what two services share lives below
-  them; a command a service owns runs as its own process, ``zapbus/oneshot.py``).
+  them; a command a service owns runs as its own process, ``zapbus/oneshot.py``);
+* the operator's and developer's tools (``zapbus/tools/``) are imported by nothing else of
+  the source tree: the services and the runtime library run without them.
 
 Each check reads every string literal of the source tree (adjacent literals joined as Python
 joins them, an f-string's holes as ``{}``), so SQL split over lines is read whole.
@@ -28,6 +30,7 @@ SOURCES = ("services", "zapbus", "proto")
 # the simulated Baileys server has states of its own, which are not zapbus's
 OUTSIDE = ("services/baileys_sim/",)
 WRITER = "zapbus/connection/writer.py"
+TOOLS = "zapbus/tools/"
 
 # UPDATE connections [AS c] SET <assignments> [FROM | WHERE | RETURNING ...]: the SET list only
 _UPDATE = re.compile(
@@ -169,8 +172,9 @@ def _owner(rel: str) -> str:
 
 
 def crossed_boundaries(root: Path = ROOT) -> list[str]:
-    """``module:line: imported`` for each import of a service from another package: a
-    service's module importing another service, or ``zapbus``/``proto`` importing any."""
+    """``module:line: imported`` for each import across a boundary: a service's module
+    importing another service, ``zapbus``/``proto`` importing any, or anything outside
+    ``zapbus/tools/`` importing the tools."""
     found = []
     for top in SOURCES:
         for path in sorted((root / top).rglob("*.py")):
@@ -180,16 +184,19 @@ def crossed_boundaries(root: Path = ROOT) -> list[str]:
                 parts = name.split(".")
                 if parts[0] == "services" and len(parts) > 1 and ".".join(parts[:2]) != owner:
                     found.append(f"{rel}:{line}: {name}")
+                if parts[:2] == ["zapbus", "tools"] and not rel.startswith(TOOLS):
+                    found.append(f"{rel}:{line}: {name}")
     return sorted(set(found))
 
 
-def test_no_service_imports_another_and_the_library_imports_none() -> None:
+def test_no_service_imports_another_the_library_none_and_no_one_the_tools() -> None:
     assert crossed_boundaries() == []
 
 
 def test_the_import_check_sees_every_way_in(tmp_path: Path) -> None:
     """The import scanner: plain, from, late (in a function) and importlib imports of another
-    service are found; a service importing itself, ``zapbus`` or ``proto`` is not."""
+    service are found, and of the tools from outside them; a service importing itself,
+    ``zapbus`` or ``proto``, and the tools importing each other, are not."""
     files = {
         "services/a/app.py": (
             "from services.a.store import x\n"  # its own
@@ -206,6 +213,8 @@ def test_the_import_check_sees_every_way_in(tmp_path: Path) -> None:
             "importlib.import_module('services.b.x')\n"
         ),
         "zapbus/tool.py": "def g():\n    from services.a.app import main\n",  # 2
+        "zapbus/httpkit.py": "from zapbus.tools import procs\n",  # 1
+        "zapbus/tools/cli.py": "from zapbus.tools.procs import run\nimport zapbus.httpkit\n",
         "proto/m.py": '"services.a is only named here"\nimport zapbus.config\n',
     }
     for rel, text in files.items():
@@ -217,6 +226,8 @@ def test_the_import_check_sees_every_way_in(tmp_path: Path) -> None:
         "services/a/app.py:6: services.baileys_sim.app",
         "services/a/app.py:7: services.b",
         "services/b/app.py:2: services.a",
+        "zapbus/httpkit.py:1: zapbus.tools",
+        "zapbus/httpkit.py:1: zapbus.tools.procs",
         "zapbus/tool.py:2: services.a.app",
         "zapbus/tool.py:2: services.a.app.main",
     ]

@@ -26,8 +26,8 @@ from proto.commands import (
 )
 from zapbus import bus
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import Infra, free_port, write_state
 from zapbus.tenants import create_tenant, tenant_for_key
+from zapbus.tools.localinfra import Infra, free_port, write_state
 
 ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
 

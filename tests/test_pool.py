@@ -27,10 +27,11 @@ import pytest
 from services.session_worker.drift import parse_session_name
 from services.session_worker.placement import Policy, ServerView, choose, pool_views
 from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow, wait_for
-from zapbus import cli, db, servercli
+from zapbus import db
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import free_port
-from zapbus.procs import ServiceProcess
+from zapbus.tools import cli, servercli
+from zapbus.tools.localinfra import free_port
+from zapbus.tools.procs import ServiceProcess
 
 NAMES = ("a", "b", "c")
 LIVE = ("qr_ready",)

@@ -19,8 +19,8 @@ from services.baileys_sim.config import SimConfig
 from services.session_worker import reconcile_command
 from tests.stack import FAST_SIM, Stack, changes_when, serve, start_stack, versions_grow, wait_for
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
 from zapbus.tokens import webhook_url
+from zapbus.tools.localinfra import free_port
 
 FAST_RECONCILE: dict[str, Any] = {
     "reconcile_interval_seconds": 0.2,

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from zapbus import bus, db, dlq, oneshot, servercli, topology
+from zapbus import bus, db, dlq, oneshot, topology
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import read_state
 from zapbus.tenants import check_tenant_name, create_tenant, list_tenants, rotate_key
+from zapbus.tools import servercli
+from zapbus.tools.localinfra import read_state
 
 RECONCILE_COMMAND = "services.session_worker.reconcile_command"
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zapbus: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from zapbus.devrun import run_dev
+        from zapbus.tools.devrun import run_dev
 
         return asyncio.run(run_dev(Path(".zapbus").absolute()))
     env = _over_state(found, os.environ)
