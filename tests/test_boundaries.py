@@ -9,7 +9,13 @@
   ``zapbus/`` and ``proto/`` import no ``services.*`` (what two services share lives below
   them; a command a service owns runs as its own process, ``zapbus/oneshot.py``);
 * the operator's and developer's tools (``zapbus/tools/``) are imported by nothing else of
-  the source tree: the services and the runtime library run without them.
+  the source tree: the services and the runtime library run without them;
+* names say one thing: no class name is defined twice (one ``Lease``: ``zapbus/leases.py``;
+  the projector's is ``PartitionLease``), no class is a bare ``Policy``, ``Pool`` or
+  ``Manager`` (``DeliveryPolicy``, ``ReconcilePolicy``, ``PlacementPolicy``; ``ServerPool``
+  and ``ServerPoolManager``, apart from the asyncpg pool), and no module is a bare
+  ``pool.py`` or ``zapbus/webhooks.py`` (outbound endpoints are ``zapbus/endpoints.py``,
+  inbound webhooks ``services/webhook/``).
 
 Each check reads every string literal of the source tree (adjacent literals joined as Python
 joins them, an f-string's holes as ``{}``), so SQL split over lines is read whole.
@@ -230,4 +236,54 @@ def test_the_import_check_sees_every_way_in(tmp_path: Path) -> None:
         "zapbus/httpkit.py:1: zapbus.tools.procs",
         "zapbus/tool.py:2: services.a.app",
         "zapbus/tool.py:2: services.a.app.main",
+    ]
+
+
+# names that say nothing of what they name, as a class or as a module
+_VAGUE_CLASSES = frozenset({"Policy", "Pool", "Manager"})
+_VAGUE_MODULES = frozenset({"pool.py", "zapbus/webhooks.py"})
+
+
+def vague_names(root: Path = ROOT) -> list[str]:
+    """``module:line: class Name`` for each class named twice or vaguely, and ``module`` for
+    each module with a vague name."""
+    classes: dict[str, list[str]] = {}
+    found = []
+    for top in SOURCES:
+        for path in sorted((root / top).rglob("*.py")):
+            rel = path.relative_to(root).as_posix()
+            if {rel, path.name} & _VAGUE_MODULES:
+                found.append(rel)
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                if isinstance(node, ast.ClassDef):
+                    classes.setdefault(node.name, []).append(f"{rel}:{node.lineno}")
+    for name, where in sorted(classes.items()):
+        if len(where) > 1 or name in _VAGUE_CLASSES:
+            found += [f"{w}: class {name}" for w in where]
+    return found
+
+
+def test_names_say_one_thing() -> None:
+    assert vague_names() == []
+
+
+def test_the_name_check_sees_twins_and_vague_names(tmp_path: Path) -> None:
+    files = {
+        "zapbus/leases.py": "class Lease:\n    pass\n",
+        "services/a/partitions.py": "class Lease:\n    pass\nclass PartitionLease:\n    pass\n",
+        "services/b/placement.py": "class Policy:\n    pass\nclass PlacementPolicy:\n    pass\n",
+        "services/b/pool.py": "class ServerPool:\n    pass\n",
+        "services/b/server_pool.py": "",
+        "zapbus/webhooks.py": "",
+        "zapbus/endpoints.py": "",
+    }
+    for rel, text in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    assert vague_names(tmp_path) == [
+        "services/b/pool.py",
+        "zapbus/webhooks.py",
+        "services/a/partitions.py:1: class Lease",
+        "zapbus/leases.py:1: class Lease",
+        "services/b/placement.py:1: class Policy",
     ]

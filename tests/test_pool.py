@@ -25,7 +25,7 @@ import aiohttp
 import pytest
 
 from services.session_worker.drift import parse_session_name
-from services.session_worker.placement import Policy, ServerView, choose, pool_views
+from services.session_worker.placement import PlacementPolicy, ServerView, choose, pool_views
 from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow, wait_for
 from zapbus import db
 from zapbus.config import ConfigError, Settings, load_settings
@@ -542,12 +542,13 @@ async def test_pool_views_put_a_server_back_from_an_outage_on_probation(
             " ('c', 'u', false, 1, now(), NULL, true)"
         )
         now = await pool.fetchval("SELECT now()")
-        views = {v.name: v for v in await pool_views(pool, specs, Policy(), now)}
+        views = {v.name: v for v in await pool_views(pool, specs, PlacementPolicy(), now)}
         assert views["a"].probation and views["a"].up and views["a"].sessions == 7
         assert views["b"].up is None and not views["b"].probation  # stale: assumed up
         assert views["c"].drained and views["c"].up is False
         later = {
-            v.name: v for v in await pool_views(pool, specs, Policy(rejoin_after_seconds=4), now)
+            v.name: v
+            for v in await pool_views(pool, specs, PlacementPolicy(rejoin_after_seconds=4), now)
         }
         assert not later["a"].probation
     finally:

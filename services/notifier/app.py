@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from services.notifier.dispatcher import Dispatcher, Policy
+from services.notifier.dispatcher import DeliveryPolicy, Dispatcher
 from services.notifier.fanout import Fanout
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.sender import Sender
@@ -36,7 +36,7 @@ def build_dispatcher(app: web.Application) -> Dispatcher:
     return Dispatcher(
         app[pool_key],
         app[sender_key],
-        Policy(
+        DeliveryPolicy(
             retry_base_seconds=s.notify_retry_base_seconds,
             retry_max_seconds=s.notify_retry_max_seconds,
             retry_for_seconds=s.notify_retry_for_seconds,

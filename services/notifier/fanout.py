@@ -33,11 +33,11 @@ from proto import headers
 from proto.changes import ConnectionChanged, change_decoder
 from services.notifier.metrics import NotifierMetrics
 from zapbus.consumer import DurableConsumer
+from zapbus.endpoints import event_types, wants
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.supervisor import Stoppable
 from zapbus.topology import FANOUT_BATCH
-from zapbus.webhooks import event_types, wants
 
 log = logging.getLogger("zapbus.notifier")
 

@@ -7,7 +7,7 @@ from prometheus_client import Counter
 
 from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
-from services.projector.partitions import Lease, PartitionOwner
+from services.projector.partitions import PartitionLease, PartitionOwner
 from services.projector.retention import Retention, RetentionMetrics
 from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
@@ -39,7 +39,9 @@ relay_runner_key = web.AppKey("outbox_relay_runner", Runner)
 
 
 def projector_loop(
-    app: web.Application, lease: Lease | None = None, metrics: ProjectorMetrics | None = None
+    app: web.Application,
+    lease: PartitionLease | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> Projector:
     """The projector of one partition (of every event when ``lease`` is None)."""
     settings = app[settings_key]

@@ -8,17 +8,17 @@ import aiohttp
 from aiohttp import web
 
 from services.session_worker.consumer import CommandConsumer
-from services.session_worker.drift import Policy
+from services.session_worker.drift import ReconcilePolicy
 from services.session_worker.fence import Fence
 from services.session_worker.fitness import FitnessCheck, why_unfit
 from services.session_worker.handler import CommandHandler
 from services.session_worker.holds import Holds
-from services.session_worker.manager import PoolManager, PoolMetrics
+from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from services.session_worker.metrics import WorkerMetrics
-from services.session_worker.placement import Policy as PlacementPolicy
-from services.session_worker.pool import ServerPool
+from services.session_worker.placement import PlacementPolicy
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
+from services.session_worker.server_pool import ServerPool
 from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
 from zapbus.dialects import make_dialect
@@ -130,14 +130,14 @@ def build_reconciler(app: web.Application) -> Reconciler:
     )
 
 
-def build_manager(app: web.Application) -> PoolManager:
+def build_manager(app: web.Application) -> ServerPoolManager:
     settings = app[settings_key]
     servers = app[servers_key]
-    return PoolManager(
+    return ServerPoolManager(
         pool=app[pool_key],
         names=settings.names,
         servers=servers,
-        metrics=PoolMetrics(app[registry_key], list(servers.servers)),
+        metrics=ServerPoolMetrics(app[registry_key], list(servers.servers)),
         policy=placement_policy(settings),
         health_interval_seconds=settings.baileys_health_interval_seconds,
         failover_after_seconds=settings.baileys_failover_after_seconds,
@@ -146,8 +146,8 @@ def build_manager(app: web.Application) -> PoolManager:
     )
 
 
-def reconcile_policy(settings: Settings) -> Policy:
-    return Policy(
+def reconcile_policy(settings: Settings) -> ReconcilePolicy:
+    return ReconcilePolicy(
         grace_seconds=settings.reconcile_grace_seconds,
         max_recreates=settings.reconcile_max_recreates,
         delete_unknown=settings.reconcile_delete_unknown,

@@ -59,14 +59,14 @@ from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.placement import (
     Gone,
     Placed,
-    Policy,
     Waiting,
     place,
     place_elsewhere,
     server_of,
 )
-from services.session_worker.pool import Server, ServerPool
+from services.session_worker.placement import PlacementPolicy as Policy
 from services.session_worker.retry import RetryPolicy
+from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db, jsretry
 from zapbus.dialects.base import CreateSessionRequest
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, clean_reason

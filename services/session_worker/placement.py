@@ -65,7 +65,7 @@ class ServerView:
 
 
 @dataclass(frozen=True)
-class Policy:
+class PlacementPolicy:
     max_sessions: int = 0  # 0: no cap
     rejoin_after_seconds: float = 60.0
     # health older than this is not trusted (no pool manager probing): assumed up
@@ -120,7 +120,7 @@ def _rev(name: str) -> tuple[int, ...]:
 async def pool_views(
     conn: asyncpg.Connection | asyncpg.Pool,
     specs: tuple[ServerSpec, ...],
-    policy: Policy,
+    policy: PlacementPolicy,
     now: datetime,
 ) -> list[ServerView]:
     """The configured servers as placement sees them now.
@@ -193,7 +193,7 @@ class Gone:
 
 
 async def place(
-    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: Policy
+    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: PlacementPolicy
 ) -> Placed | Waiting | Gone:
     """The generation's server: read back if placed, else chosen and recorded now."""
     async with pool.acquire() as conn, conn.transaction():

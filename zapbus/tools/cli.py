@@ -101,11 +101,11 @@ async def _dlq_replay(settings: Settings, seq: int) -> int:
 
 
 async def _webhooks_failed(settings: Settings) -> int:
-    from zapbus import webhooks
+    from zapbus import endpoints
 
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     try:
-        rows = await webhooks.given_up(pool)
+        rows = await endpoints.given_up(pool)
     finally:
         await pool.close()
     for r in rows:
@@ -117,13 +117,13 @@ async def _webhooks_failed(settings: Settings) -> int:
 
 
 async def _webhooks_replay(settings: Settings, ids: list[str]) -> int:
-    from zapbus import webhooks
+    from zapbus import endpoints
 
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     status = 0
     try:
         for webhook_id in ids:
-            outcome = await webhooks.replay(pool, webhook_id)
+            outcome = await endpoints.replay(pool, webhook_id)
             print(f"{webhook_id}: {outcome}")
             status = status or (0 if outcome == "replayed" else 1)
     finally:
