@@ -206,3 +206,55 @@ async def test_5_a_timed_out_create_the_server_finished_is_deleted_after_a_delet
             return made and connection["session_name"] not in stats["live"]
 
         await wait_for("the orphan to be deleted", created_then_removed, timeout=20)
+
+
+async def test_an_exists_answer_for_a_session_the_server_cannot_show_is_not_a_create(
+    settings: Settings,
+) -> None:
+    """Found by the chaos test: a worker killed mid-create leaves its POST running on the
+    server; the redelivered create is told "already exists" and took that as done, and when the
+    dead worker's create then failed on the server, the row sat in awaiting_qr with no session
+    until the watchdog failed it. "Exists" counts only when the server shows the session."""
+    from aiohttp import web
+
+    posts: list[str] = []
+    live: set[str] = set()
+
+    async def create(request: web.Request) -> web.Response:
+        name = (await request.json())["name"]
+        posts.append(name)
+        if len(posts) == 1:  # another request is still making it (and will fail)
+            return web.json_response({"error": "session already exists"}, status=409)
+        live.add(name)
+        return web.json_response({"name": name}, status=201)
+
+    async def get(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name in live:
+            return web.json_response({"name": name, "status": "connecting"})
+        return web.json_response({"error": "session not found"}, status=404)
+
+    async def health(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "sessions": len(live)})
+
+    app = web.Application()
+    app.router.add_post("/sessions", create)
+    app.router.add_get("/sessions/{name}", get)
+    app.router.add_get("/health", health)
+    async with start_stack(settings, sim=None, **NO_RECONCILE) as stack:
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", stack.sim_port).start()
+        try:
+            connection = await stack.create("phantom")
+            async def made() -> bool:
+                return connection["session_name"] in live
+
+            await wait_for("the session to be made on the server", made, timeout=30)
+            row = await stack.wait_status(connection["id"], "awaiting_qr", "failed")
+            assert row["status"] == "awaiting_qr", row
+            history = await _history(stack, connection["id"])
+            retried = [h for h in history if h["event_type"] == "create.retrying"]
+            assert retried and "does not show it yet" in retried[0]["reason"], history
+        finally:
+            await runner.cleanup()

@@ -11,11 +11,14 @@ from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import ReconcilePolicy
 from services.session_worker.fence import Fence
 from services.session_worker.fitness import FitnessCheck, why_unfit
+from services.session_worker.flow import Deps
 from services.session_worker.handler import CommandHandler
 from services.session_worker.holds import Holds
 from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from services.session_worker.metrics import WorkerMetrics
+from services.session_worker.outcome import Settler
 from services.session_worker.placement import PlacementPolicy
+from services.session_worker.publish import Publisher
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
 from services.session_worker.server_pool import ServerPool
@@ -83,10 +86,14 @@ def build_consumer(app: web.Application) -> CommandConsumer:
     heartbeat = max(0.5, settings.ack_wait_seconds / 3)
     holds = Holds(app[pool_key], every_seconds=heartbeat, hold_seconds=heartbeat * 3)
     app[holds_key] = holds
-    handler = CommandHandler(
-        js=app[js_key],
+    publisher = Publisher(app[js_key], settings.names)
+    deps = Deps(
+        db=app[pool_key],
+        publish=publisher,
         names=settings.names,
         servers=app[servers_key],
+        placement=placement_policy(settings),
+        fence=Fence(app[pool_key]),
         retry=RetryPolicy(
             max_attempts=settings.create_max_attempts,
             base_seconds=settings.retry_base_seconds,
@@ -95,12 +102,9 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         metrics=metrics,
         webhook_base_url=settings.webhook_public_url,
         webhook_secret=settings.webhook_secret,
-        heartbeat_seconds=heartbeat,
-        fence=Fence(app[pool_key]),
-        holds=holds,
-        placement=placement_policy(settings),
-        wait_slice_seconds=min(5.0, heartbeat),
+        wait_slice=min(5.0, heartbeat),
     )
+    handler = CommandHandler(deps, Settler(publisher, metrics, heartbeat), holds)
     consumer = DurableConsumer(app[js_key], settings.names.commands_stream, worker_config(settings))
     return CommandConsumer(
         consumer,

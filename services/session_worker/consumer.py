@@ -2,8 +2,9 @@
 
 Capacity is ``concurrency`` (also the consumer's ``max_ack_pending``), because the work is
 waiting on the Baileys server, not on the CPU. On stop it fetches nothing more, lets in-flight
-commands finish within the grace period, and cancels the rest (a cancelled command ``nak()``s,
-so JetStream redelivers it at once to another worker). Beside the loop, a task keeps the
+commands finish within the grace period, and cancels the rest (a cancelled command is handed
+back, ``outcome.HandBack``: a copy that keeps its attempt count is queued at once for another
+worker). Beside the loop, a task keeps the
 consumer's pending / ack-pending gauges current.
 """
 
