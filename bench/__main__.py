@@ -27,7 +27,7 @@ from bench.cpu import child_pids, find_infra_pids
 from bench.harness import Ctx, Scale
 from bench.report import document, environment
 from bench.stats import Section
-from zapbus.localinfra import ensure_infra
+from zapbus.tools.localinfra import ensure_infra
 
 BENCHMARKS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "create": create.run,

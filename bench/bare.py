@@ -9,7 +9,7 @@ import os
 import msgspec
 from aiohttp import web
 
-from zapbus.procs import healthz
+from zapbus.httpkit import bare_healthz
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -20,7 +20,7 @@ async def receive(request: web.Request) -> web.Response:
 def create_app() -> web.Application:
     app = web.Application()
     app.router.add_post("/webhooks/baileys/{connection_id}/{generation}/{token}", receive)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", bare_healthz)
     return app
 
 

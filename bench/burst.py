@@ -17,7 +17,7 @@ from bench.harness import Ctx, load_process, namespace, new_tenant, processes
 from bench.load import CreateTarget, _post, getpid
 from bench.stats import Section, num, pct
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
+from zapbus.tools.localinfra import free_port
 
 
 async def _burst(

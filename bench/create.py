@@ -20,8 +20,8 @@ from bench.stats import Section, ms, num, ratio
 from proto import headers
 from proto.commands import CreateSession, command_encoder
 from zapbus import db
-from zapbus.localinfra import free_port
 from zapbus.tokens import session_name
+from zapbus.tools.localinfra import free_port
 
 GATEWAY_POOL_SIZE = 10  # zapbus.db.create_pool's default, which the gateway uses
 

@@ -2,9 +2,9 @@
 a load-generator process, and a little process accounting.
 
 Services run as ``python -m services.<name>`` with their configuration in the environment, as in
-production (``zapbus.procs.ServiceProcess``); their logs go to ``<log dir>/<namespace>-<name>.log``.
-The load generator runs in a separate (spawned) process, so it never shares an event loop with the
-code it measures.
+production (``zapbus.tools.procs.ServiceProcess``); their logs go to
+``<log dir>/<namespace>-<name>.log``. The load generator runs in a separate (spawned) process, so
+it never shares an event loop with the code it measures.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from proto.names import Names
 from zapbus import bus, db, topology
 from zapbus.bus import server_urls
 from zapbus.config import Settings, load_settings
-from zapbus.localinfra import free_port
-from zapbus.procs import ServiceProcess
 from zapbus.tenants import create_tenant
+from zapbus.tools.localinfra import free_port
+from zapbus.tools.procs import ServiceProcess
 
 T = TypeVar("T")
 

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from zapbus.procs import healthz
+from zapbus.httpkit import bare_healthz
 
 TIMEOUT = aiohttp.ClientTimeout(total=float(os.environ.get("BENCH_TIMEOUT", "8")))
 http_key = web.AppKey("http", aiohttp.ClientSession)
@@ -48,7 +48,7 @@ def create_app() -> web.Application:
     app = web.Application()
     app.cleanup_ctx.append(http_ctx)
     app.router.add_post("/v1/connections", create)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/healthz", bare_healthz)
     return app
 
 

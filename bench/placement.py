@@ -23,7 +23,7 @@ import asyncpg
 
 from proto.commands import CreateSession
 from services.session_worker import placement
-from services.session_worker.placement import REFRESH_COUNTS, Placed, Policy, place
+from services.session_worker.placement import REFRESH_COUNTS, Placed, PlacementPolicy, place
 from zapbus import db
 from zapbus.servers import ServerSpec
 
@@ -89,7 +89,7 @@ async def measure(
                 requested_at=datetime.now(UTC),
             )
             start = time.perf_counter()
-            placed = await place(pool, cmd, specs, Policy())
+            placed = await place(pool, cmd, specs, PlacementPolicy())
             times.append(time.perf_counter() - start)
             assert isinstance(placed, Placed), placed
 

@@ -23,8 +23,8 @@ from bench.webhook import seed_connections
 from proto import headers
 from proto.events import EVENT_SUBJECT_KIND, Event, QrUpdated, StatusReported, event_encoder
 from services.baileys_sim.sessions import make_qr
-from services.projector.app import consumer_config
 from zapbus.config import Settings
+from zapbus.topology import projector_config
 
 FLOOR_CONSUMER = "bench_floor"
 EVENTS_PER_CONNECTION = 5  # status connecting, 3 QR codes, status close 515 (pairing)
@@ -79,7 +79,7 @@ async def _publish(js: JetStreamContext, settings: Settings, events: list[Event]
 async def _fetch_ack(settings: Settings, total: int) -> float:
     nc = await nats.connect(settings.nats_url, name="zapbus-bench-floor")
     js = nc.jetstream()
-    cfg = consumer_config(settings)
+    cfg = projector_config(settings)
     cfg.durable_name = FLOOR_CONSUMER
     stream = settings.names.events_stream
     await js.add_consumer(stream, cfg)

@@ -11,7 +11,7 @@ from pathlib import Path
 import asyncpg
 
 from bench.stats import Section
-from zapbus.localinfra import nats_server_version
+from zapbus.tools.localinfra import nats_server_version
 
 
 def cpu_model() -> str:

@@ -25,7 +25,7 @@ from bench.load import CreateTarget, closed_loop, open_loop, summarize
 from bench.stats import Section, ms, num, ratio
 from proto import headers
 from proto.commands import CreateSession, command_encoder
-from zapbus.localinfra import NatsServer
+from zapbus.tools.localinfra import NatsServer
 
 
 async def _publish_acks(nats_url: str, subject: str, n: int) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from bench.harness import (
 from bench.load import Listen, RowCount, WebhookTarget, closed_loop, getpid, open_loop
 from bench.stats import Section, ms, num, ratio
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
 from zapbus.tokens import session_name, webhook_url
+from zapbus.tools.localinfra import free_port
 
 # Each row the projector commits announces the marker it carries (NOTIFY is sent at commit):
 # a QR code that was applied, or the reason of a status report (kept in the history row).

@@ -17,7 +17,7 @@ from proto import headers
 from proto.changes import change_decoder
 from proto.names import Names
 from services.notifier.fanout import webhook_id
-from zapbus.webhooks import event_types, wants
+from zapbus.endpoints import event_types, wants
 
 
 async def expected_webhook_ids(

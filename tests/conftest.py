@@ -23,7 +23,7 @@ from proto.names import Names
 from tests.stack import Stack, start_stack
 from zapbus import bus, db, topology
 from zapbus.config import Settings, load_settings
-from zapbus.localinfra import Infra, ensure_infra
+from zapbus.tools.localinfra import Infra, ensure_infra
 
 
 @pytest.fixture(scope="session")

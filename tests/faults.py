@@ -23,9 +23,9 @@ from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
 from zapbus import db, topology
 from zapbus.config import load_settings
-from zapbus.localinfra import NatsCluster, NatsServer, PostgresServer, free_port
-from zapbus.procs import ServiceProcess
 from zapbus.tenants import create_tenant
+from zapbus.tools.localinfra import NatsCluster, NatsServer, PostgresServer, free_port
+from zapbus.tools.procs import ServiceProcess
 
 PORT_VARS = {
     "gateway": "ZAPBUS_GATEWAY_PORT",

@@ -30,8 +30,8 @@ from services.session_worker.app import create_app as create_worker
 from services.webhook.app import create_app as create_webhook
 from zapbus import bus, db, topology
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
 from zapbus.tenants import create_tenant
+from zapbus.tools.localinfra import free_port
 
 T = TypeVar("T")
 

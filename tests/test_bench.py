@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from bench.__main__ import BENCHMARKS
-from zapbus.localinfra import Infra, free_port
+from zapbus.tools.localinfra import Infra, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MARK = "ZAPBUS_BENCH_TEST_RUN"  # every process a run starts inherits it

@@ -26,8 +26,8 @@ from proto.commands import (
 )
 from zapbus import bus
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import Infra, free_port, write_state
 from zapbus.tenants import create_tenant, tenant_for_key
+from zapbus.tools.localinfra import Infra, free_port, write_state
 
 ZAPBUS = str(Path(sys.executable).with_name("zapbus"))
 
@@ -204,6 +204,12 @@ async def test_a_database_without_tables_or_out_of_reach_is_said_plainly(
         settings, database_url=f"postgresql://postgres:hush@127.0.0.1:{port}/postgres"
     )
     out = run(gone, "tenant", "create", "x")
+    assert out.returncode == 1 and f"cannot use the database at postgresql://127.0.0.1:{port}" in (
+        out.stderr
+    ), out.stderr
+    assert "hush" not in out.stderr and "Traceback" not in out.stderr
+    # `zapbus reconcile` runs the session worker's command in a child process: same answers
+    out = run(gone, "reconcile", "--dry-run")
     assert out.returncode == 1 and f"cannot use the database at postgresql://127.0.0.1:{port}" in (
         out.stderr
     ), out.stderr

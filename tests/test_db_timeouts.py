@@ -25,8 +25,8 @@ from services.gateway.app import create_app as create_gateway
 from tests.stack import FAST_SIM, start_stack
 from zapbus import db
 from zapbus.config import Settings
-from zapbus.localinfra import PostgresServer
 from zapbus.tenants import create_tenant
+from zapbus.tools.localinfra import PostgresServer
 
 TIMEOUT = 1.0  # both timeouts, in the gateway under test
 SLACK = 3.0  # what an answer may take beyond the two timeouts

@@ -39,9 +39,9 @@ from zapbus.dialects.reports import (
     Unknown,
 )
 from zapbus.dialects.waha import WahaDialect
-from zapbus.localinfra import free_port
 from zapbus.signing import SignatureError
 from zapbus.tokens import session_name, webhook_signing_key, webhook_url
+from zapbus.tools.localinfra import free_port
 
 KEY = "hmac-key-of-this-generation"
 QR = "2@" + "A" * 100 + ",noise=,identity=,adv="

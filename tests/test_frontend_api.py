@@ -195,7 +195,7 @@ async def test_sse_works_across_gateway_replicas(stack: Stack) -> None:
     from aiohttp import web
 
     from services.gateway.app import create_app as create_gateway
-    from zapbus.localinfra import free_port
+    from zapbus.tools.localinfra import free_port
 
     port = free_port()
     runner = web.AppRunner(create_gateway(stack.settings))

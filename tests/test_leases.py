@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from services.session_worker.app import build_servers, placement_policy
-from services.session_worker.manager import PoolManager, PoolMetrics
+from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from tests.stack import wait_for
 from zapbus import db
 from zapbus.config import Settings
@@ -76,14 +76,14 @@ async def test_leases_are_per_schema(settings: Settings, pool: asyncpg.Pool) -> 
         await other.close()
 
 
-def _manager(s: Settings, http: aiohttp.ClientSession, pool: asyncpg.Pool) -> PoolManager:
+def _manager(s: Settings, http: aiohttp.ClientSession, pool: asyncpg.Pool) -> ServerPoolManager:
     """A pool manager whose lease Postgres ends after 1 s idle."""
     servers = build_servers(s, http, None)
-    return PoolManager(
+    return ServerPoolManager(
         pool=pool,
         names=s.names,
         servers=servers,
-        metrics=PoolMetrics(CollectorRegistry(), list(servers.servers)),
+        metrics=ServerPoolMetrics(CollectorRegistry(), list(servers.servers)),
         policy=placement_policy(s),
         health_interval_seconds=0.5,
         failover_after_seconds=60,

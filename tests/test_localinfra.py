@@ -22,8 +22,9 @@ import asyncpg
 import nats
 import pytest
 
-from zapbus import bus, localinfra
-from zapbus.localinfra import (
+from zapbus import bus
+from zapbus.tools import localinfra
+from zapbus.tools.localinfra import (
     Infra,
     InfraError,
     NatsServer,
@@ -384,7 +385,7 @@ def run_env(workdir: Path) -> Iterator[dict[str, str]]:
 
 
 def _cli(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "zapbus.cli", *args]
+    cmd = [sys.executable, "-m", "zapbus.tools.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
@@ -422,7 +423,7 @@ def test_zapbus_run_embeds_servers_from_the_wheels_with_no_system_server_on_path
     log = workdir / "run.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "zapbus.cli", "run"],
+            [sys.executable, "-m", "zapbus.tools.cli", "run"],
             cwd=workdir,
             env=run_env | {"ZAPBUS_EMBEDDED": "1"},
             stdout=out,

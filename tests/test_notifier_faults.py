@@ -23,7 +23,7 @@ from tests.faults import process_stack
 from tests.stack import serve, wait_for
 from zapbus import bus
 from zapbus.config import load_settings
-from zapbus.localinfra import free_port
+from zapbus.tools.localinfra import free_port
 
 ORDER = ["pending", "creating", "awaiting_qr", "qr_ready"]
 

@@ -21,7 +21,6 @@ from prometheus_client import CollectorRegistry
 from proto import headers
 from proto.commands import Command, CreateSession, command_encoder, dead_letter_decoder
 from services.session_worker.actions import Fail, Retry, action_for
-from services.session_worker.app import consumer_config
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import Ack, GiveUp, HandBack, Nak, Outcome, Settler, Term
 from services.session_worker.publish import Publisher
@@ -30,6 +29,7 @@ from tests.stack import wait_for
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
 from zapbus.dialects.errors import PermanentError, RetryableError
+from zapbus.topology import worker_config
 
 WORKER = Path(__file__).resolve().parent.parent / "services" / "session_worker"
 
@@ -45,7 +45,7 @@ class Bench:
         self.metrics = WorkerMetrics(CollectorRegistry())
         self.settler = Settler(publisher, self.metrics, heartbeat_seconds=0.2)
         self.consumer = DurableConsumer(
-            self.js, self.names.commands_stream, consumer_config(settings)
+            self.js, self.names.commands_stream, worker_config(settings)
         )
         self.cmd = CreateSession(
             command_id=uuid.uuid4(),

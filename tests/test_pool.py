@@ -25,12 +25,13 @@ import aiohttp
 import pytest
 
 from services.session_worker.drift import parse_session_name
-from services.session_worker.placement import Policy, ServerView, choose, pool_views
+from services.session_worker.placement import PlacementPolicy, ServerView, choose, pool_views
 from tests.stack import FAST_SIM, Stack, changes_when, start_stack, versions_grow, wait_for
-from zapbus import cli, db, servercli
+from zapbus import db
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import free_port
-from zapbus.procs import ServiceProcess
+from zapbus.tools import cli, servercli
+from zapbus.tools.localinfra import free_port
+from zapbus.tools.procs import ServiceProcess
 
 NAMES = ("a", "b", "c")
 LIVE = ("qr_ready",)
@@ -541,12 +542,13 @@ async def test_pool_views_put_a_server_back_from_an_outage_on_probation(
             " ('c', 'u', false, 1, now(), NULL, true)"
         )
         now = await pool.fetchval("SELECT now()")
-        views = {v.name: v for v in await pool_views(pool, specs, Policy(), now)}
+        views = {v.name: v for v in await pool_views(pool, specs, PlacementPolicy(), now)}
         assert views["a"].probation and views["a"].up and views["a"].sessions == 7
         assert views["b"].up is None and not views["b"].probation  # stale: assumed up
         assert views["c"].drained and views["c"].up is False
         later = {
-            v.name: v for v in await pool_views(pool, specs, Policy(rejoin_after_seconds=4), now)
+            v.name: v
+            for v in await pool_views(pool, specs, PlacementPolicy(rejoin_after_seconds=4), now)
         }
         assert not later["a"].probation
     finally:

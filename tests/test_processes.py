@@ -10,8 +10,8 @@ import pytest
 from aiohttp import web
 
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
-from zapbus.procs import ServiceProcess
+from zapbus.tools.localinfra import free_port
+from zapbus.tools.procs import ServiceProcess
 
 SERVICES = {
     "gateway": "GATEWAY_PORT",

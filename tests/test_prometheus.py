@@ -22,7 +22,7 @@ import yaml
 
 from tests.stack import Stack, wait_for
 from tests.test_observability import ALERTS_YML, PROMETHEUS_YML, dashboard_exprs
-from zapbus.localinfra import free_port
+from zapbus.tools.localinfra import free_port
 
 PROMETHEUS = shutil.which("prometheus") or "/usr/bin/prometheus"
 N_CREATES = 5

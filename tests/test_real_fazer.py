@@ -48,7 +48,7 @@ import pytest
 
 from tests.stack import Stack, start_stack, wait_for
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
+from zapbus.tools.localinfra import free_port
 
 MIRROR = Path("/work/.mirror/fazer-ai+baileys-api/repo")
 BUN_VERSION = "1.4.5"

@@ -16,11 +16,11 @@ from aiohttp import web
 
 from services.baileys_sim.app import create_app as create_sim
 from services.baileys_sim.config import SimConfig
+from services.session_worker import reconcile_command
 from tests.stack import FAST_SIM, Stack, changes_when, serve, start_stack, versions_grow, wait_for
-from zapbus import cli
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
 from zapbus.tokens import webhook_url
+from zapbus.tools.localinfra import free_port
 
 FAST_RECONCILE: dict[str, Any] = {
     "reconcile_interval_seconds": 0.2,
@@ -301,7 +301,7 @@ async def test_cli_dry_run_shows_the_drift_then_a_run_repairs_it(
         ) as r:
             assert r.status == 201
 
-        assert await cli._reconcile(stack.settings, dry_run=True) == 0
+        assert await reconcile_command.reconcile(stack.settings, dry_run=True) == 0
         out = capsys.readouterr().out
         lines = {line.split()[1]: line for line in out.splitlines()[1:-1]}
         assert lines[connection["session_name"]].split()[0] == "orphan"
@@ -310,6 +310,6 @@ async def test_cli_dry_run_shows_the_drift_then_a_run_repairs_it(
         assert "(dry run: nothing repaired)" in out
         assert connection["session_name"] in await _live(stack)
 
-        assert await cli._reconcile(stack.settings, dry_run=False) == 0
+        assert await reconcile_command.reconcile(stack.settings, dry_run=False) == 0
         await _gone(stack, connection["session_name"])
         assert stranger in await _live(stack)

@@ -28,9 +28,9 @@ from tests.stack import serve, wait_for
 from tests.test_frontend_api import sse_events
 from zapbus.config import Settings
 from zapbus.connection.machine import QrPolicy
-from zapbus.localinfra import free_port
 from zapbus.runtime import js_key, pool_key, settings_key
 from zapbus.tenants import create_tenant
+from zapbus.tools.localinfra import free_port
 
 Client = TestClient[Any, Any]
 WAIT = 10.0  # for any one expected event

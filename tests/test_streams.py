@@ -26,8 +26,8 @@ from tests.stack import serve, wait_for
 from tests.test_cli import run as run_cli
 from zapbus import bus, dlq, topology
 from zapbus.config import Settings, load_settings
-from zapbus.localinfra import free_port
 from zapbus.streamusage import StreamUsage
+from zapbus.tools.localinfra import free_port
 
 
 def test_replicas_come_from_the_setting() -> None:

@@ -1,5 +1,6 @@
 """Supervised loops: a crashing runner is logged and restarted; one that keeps crashing makes
-``/healthz`` fail, so the orchestrator restarts the process."""
+``/healthz`` fail, so the orchestrator restarts the process. The periodic loops' shape
+(``Stoppable``): a pause ends at a kick or a stop."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from zapbus import bus
 from zapbus.config import Settings, load_settings
 from zapbus.httpkit import base_app
 from zapbus.runtime import Runner, js_key, nats_key, pool_ctx, runner_ctx, settings_key
-from zapbus.supervisor import RestartPolicy
+from zapbus.supervisor import RestartPolicy, Stoppable
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -195,3 +196,21 @@ async def test_the_projector_is_restarted_after_a_nats_api_error(
 
     await wait_until(bound, "the restarted projector to bind its consumer")
     assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_pause_ends_at_a_kick_or_a_stop_and_no_kick_is_missed() -> None:
+    """A kick ends the running pause; one that came between pauses ends the next at once;
+    kicks during ``gather`` join the pass (the next pause waits); a stop ends every pause."""
+    loop = Stoppable()
+    async with asyncio.timeout(30):  # each pause below asks for an hour
+        asyncio.get_running_loop().call_soon(loop.kick)
+        assert await loop.pause(3600) is False and loop.kicked
+        loop.kick()  # no pause running: the next one ends at once
+        assert await loop.pause(3600) is False and loop.kicked
+        loop.kick()
+        await loop.gather(0)  # the kick joined a pass: the pause waits its time
+    assert await loop.pause(0.01) is False and not loop.kicked
+    async with asyncio.timeout(30):
+        asyncio.get_running_loop().call_soon(loop.stop)
+        assert await loop.pause(3600) is True and loop.stopping
+        assert await loop.pause(3600) is True  # stopped: no pause waits any more

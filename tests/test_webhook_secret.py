@@ -14,8 +14,8 @@ import pytest
 from services.session_worker.app import create_app as create_worker
 from services.webhook.app import create_app as create_webhook
 from zapbus.config import DEV_WEBHOOK_SECRET, ConfigError, Settings, load_settings
-from zapbus.localinfra import free_port
-from zapbus.procs import ServiceProcess
+from zapbus.tools.localinfra import free_port
+from zapbus.tools.procs import ServiceProcess
 
 USERS = {"webhook": "ZAPBUS_WEBHOOK_PORT", "session_worker": "ZAPBUS_WORKER_PORT"}
 

@@ -30,10 +30,10 @@ from tests.chains import expected_webhook_ids, first_seen
 from tests.stack import Stack, serve, start_stack, wait_for
 from zapbus import db
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
+from zapbus.endpoints import is_public
 from zapbus.runtime import js_key
 from zapbus.tenants import create_tenant
-from zapbus.webhooks import is_public
+from zapbus.tools.localinfra import free_port
 
 
 @dataclass

@@ -14,7 +14,7 @@ import msgspec
 from services.session_worker.app import create_app as create_worker
 from tests.stack import FAST_SIM, serve, start_stack, wait_for
 from zapbus.config import Settings
-from zapbus.localinfra import free_port
+from zapbus.tools.localinfra import free_port
 
 
 async def test_an_interrupted_create_keeps_its_attempt_count(settings: Settings) -> None:

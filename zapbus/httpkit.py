@@ -8,6 +8,7 @@ Every service (the consumers too) is an aiohttp app built by ``base_app``, so ea
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,6 @@ from prometheus_client import (
 
 from zapbus.config import ConfigError, Settings, load_settings
 from zapbus.logs import setup_logging
-from zapbus.procs import health_answer
 
 log = logging.getLogger("zapbus.http")
 
@@ -262,6 +262,18 @@ def _access_log(request: web.Request, route: str, status: int, elapsed: float) -
     if generation.isascii() and generation.isdigit():
         values["generation"] = int(generation)
     log.log(level, "%s %s %d", request.method, route, status, extra={"fields": values})
+
+
+def health_answer(**fields: object) -> dict[str, object]:
+    """The body of a healthy ``/healthz``: status ok, ``fields``, and this process's pid, by
+    which ``zapbus.tools.procs.ServiceProcess.wait_healthy`` tells its process's answer from
+    another's."""
+    return {"status": "ok", **fields, "pid": os.getpid()}
+
+
+async def bare_healthz(_: web.Request) -> web.Response:
+    """``GET /healthz`` of a plain aiohttp app (the benchmark's stand-ins)."""
+    return web.json_response(health_answer())
 
 
 async def healthz(request: web.Request) -> web.Response:

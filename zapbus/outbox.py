@@ -1,4 +1,4 @@
-"""Writing to the transactional outbox (relayed to JetStream by the gateway's relay).
+"""Writing to the transactional outbox (relayed to JetStream by ``zapbus/relay.py``).
 
 An outbox row is (msg_id, subject, payload, headers); ``msg_id`` becomes the JetStream
 ``Nats-Msg-Id``. The ``*_row`` functions build the values, so a caller can also insert them

@@ -34,24 +34,42 @@ class Runner(Protocol):
 
 
 class Stoppable:
-    """The stop half of a periodic ``Runner``: ``stop()`` ends its ``pause()`` at once."""
+    """The stop half of a periodic ``Runner``: ``stop()`` ends its ``pause()`` at once, and so
+    does ``kick()`` (there is work now: a kick that comes while no pause runs ends the next
+    one at once, so none is missed)."""
 
     def __init__(self) -> None:
         self._stopping = asyncio.Event()
+        self._woken = asyncio.Event()
+        self.kicked = False  # whether the last pause ended early (by a kick or a stop)
 
     def stop(self) -> None:
         self._stopping.set()
+        self._woken.set()
+
+    def kick(self) -> None:
+        """Work is waiting: end the current pause (or the next one) now."""
+        self._woken.set()
 
     @property
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
     async def pause(self, seconds: float) -> bool:
-        """Wait ``seconds``, or less if stopped meanwhile; True once stopped."""
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stopping.wait()
+        """Wait ``seconds``, or less if stopped or kicked meanwhile; True once stopped."""
+        if not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(seconds):
+                    await self._woken.wait()
+        self.kicked = self._woken.is_set()
+        self._woken.clear()
         return self._stopping.is_set()
+
+    async def gather(self, seconds: float) -> None:
+        """After a kick, wait ``seconds`` so the kicks that follow join this pass (they do
+        not end the next pause)."""
+        await asyncio.sleep(seconds)
+        self._woken.clear()
 
 
 class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):

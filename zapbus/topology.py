@@ -6,9 +6,10 @@ the streams exist and stop with a message naming ``zapbus migrate`` if one does 
 (``bus.require_streams``); they bind to their consumer as declared (``bus.ensure_consumer``,
 which creates it only if it is missing).
 
-Each consumer's configuration is defined next to the service that consumes it (it follows that
-service's settings: the worker's ``ack_wait``, attempts and concurrency, the projector's batch
-and partitions), so run ``zapbus migrate`` with the services' settings.
+Every consumer's configuration is defined here, below the services that bind to it (it follows
+that service's settings: the worker's ``ack_wait``, attempts and concurrency, the projector's
+batch and partitions), so run ``zapbus migrate`` with the services' settings. This module
+imports no service: services import it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,61 @@ from zapbus import bus, jsretry
 from zapbus.config import Settings
 
 log = logging.getLogger("zapbus.topology")
+
+# Short: a batch takes milliseconds (each statement is bounded by the database timeouts), and
+# a partition taken over from a dead projector waits this long before projecting.
+PROJECTOR_ACK_WAIT_SECONDS = 15.0
+
+# Changes the notifier's fan-out fetches at once (and its consumer's max_ack_pending); also
+# the most changes one pass reads from the stream to close a gap.
+FANOUT_BATCH = 256
+
+
+def worker_config(settings: Settings) -> js_api.ConsumerConfig:
+    """The session workers' shared work-queue consumer of SESSION_CMDS."""
+    names = settings.names
+    return js_api.ConsumerConfig(
+        durable_name=names.worker_consumer,
+        filter_subject=names.commands_subjects,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_seconds,
+        # We handle the last attempt ourselves (dead letter + term); this is a safety net for
+        # a worker that dies on every delivery of one message.
+        max_deliver=settings.create_max_attempts + 3,
+        max_ack_pending=settings.worker_concurrency,
+    )
+
+
+def projector_config(settings: Settings, partition: int = 0) -> js_api.ConsumerConfig:
+    """The projector's consumer of one partition of SESSION_EVENTS."""
+    names = settings.names
+    return js_api.ConsumerConfig(
+        durable_name=names.projector_consumer_of(partition),
+        filter_subject=names.partition_subjects(partition),
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_wait=PROJECTOR_ACK_WAIT_SECONDS,
+        max_deliver=-1,  # a database outage must not drop events: retry until it is back
+        max_ack_pending=max(1000, settings.projector_batch * 4),
+    )
+
+
+def notifier_config(settings: Settings) -> js_api.ConsumerConfig:
+    """The notifier's durable consumer of CONNECTION_CHANGES. New changes only from its
+    creation on: older ones predate the endpoints."""
+    names = settings.names
+    return js_api.ConsumerConfig(
+        durable_name=names.notifier_consumer,
+        filter_subject=names.changes_subjects,
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.NEW,
+        # a batch is one insert; what a fan-out died holding comes back after this, and is
+        # acked then (order does not wait for it: the fan-out's checkpoint in Postgres makes
+        # the next one read it from the stream first, see services/notifier/fanout.py)
+        ack_wait=10.0,
+        max_deliver=-1,  # a database outage must not drop a change
+        max_ack_pending=FANOUT_BATCH,
+    )
 
 
 def dead_letterer_config(settings: Settings) -> js_api.ConsumerConfig:
@@ -40,11 +96,6 @@ def dead_letterer_config(settings: Settings) -> js_api.ConsumerConfig:
 
 def consumer_configs(settings: Settings) -> list[tuple[str, js_api.ConsumerConfig]]:
     """(stream, config) of every durable consumer of the deployment."""
-    # The services' modules import the runtime, which imports this package: import late.
-    from services.notifier.app import consumer_config as notifier_config
-    from services.projector.app import consumer_config as projector_config
-    from services.session_worker.app import consumer_config as worker_config
-
     names = settings.names
     return [
         (names.commands_stream, worker_config(settings)),

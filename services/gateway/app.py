@@ -14,11 +14,11 @@ from services.gateway.handlers import add_routes
 from services.gateway.live import ChangeHub
 from services.gateway.openapi import openapi_handler
 from services.gateway.qr import QrRenderer
-from services.gateway.relay import OutboxMetrics, OutboxRelay
 from services.gateway.sse import StreamSlots
 from services.gateway.webhooks import add_webhook_routes
 from zapbus.config import Settings, require_client_token_secret
 from zapbus.httpkit import base_app, optional_checks_key, refuse_nul, registry_key
+from zapbus.relay import OutboxMetrics, OutboxRelay
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
 
 STATIC = Path(__file__).with_name("static")

@@ -4,8 +4,8 @@ from aiohttp import web
 
 from services.gateway.live import ChangeHub
 from services.gateway.qr import QrRenderer
-from services.gateway.relay import OutboxRelay
 from services.gateway.sse import StreamSlots
+from zapbus.relay import OutboxRelay
 
 relay_key = web.AppKey("outbox_relay", OutboxRelay)
 hub_key = web.AppKey("change_hub", ChangeHub)

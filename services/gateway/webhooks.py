@@ -24,9 +24,9 @@ from services.gateway.webhook_models import (
     WebhookEndpointWithSecret,
     create_webhook_decoder,
 )
+from zapbus.endpoints import NO_CONNECTION, TEST, UnsafeUrl, check_url, new_secret, replay
 from zapbus.httpkit import ProblemError, json_response
 from zapbus.runtime import pool_key, settings_key
-from zapbus.webhooks import NO_CONNECTION, TEST, UnsafeUrl, check_url, new_secret, replay
 
 ROTATION_OVERLAP = "24 hours"
 MAX_ENDPOINTS_PER_TENANT = 50

@@ -5,39 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from nats.js import api as js_api
 
-from services.notifier.dispatcher import Dispatcher, Policy
-from services.notifier.fanout import FANOUT_BATCH, Fanout
+from services.notifier.dispatcher import DeliveryPolicy, Dispatcher
+from services.notifier.fanout import Fanout
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.sender import Sender
 from zapbus.config import Settings
 from zapbus.consumer import DurableConsumer
 from zapbus.httpkit import base_app, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+from zapbus.topology import notifier_config
 
 metrics_key = web.AppKey("notifier_metrics", NotifierMetrics)
 sender_key = web.AppKey("sender", Sender)
 dispatcher_key = web.AppKey("dispatcher", Runner)
 fanout_key = web.AppKey("fanout", Runner)
-
-
-def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
-    """The notifier's durable consumer of CONNECTION_CHANGES (declared by zapbus migrate).
-    New changes only from its creation on: older ones predate the endpoints."""
-    names = settings.names
-    return js_api.ConsumerConfig(
-        durable_name=names.notifier_consumer,
-        filter_subject=names.changes_subjects,
-        ack_policy=js_api.AckPolicy.EXPLICIT,
-        deliver_policy=js_api.DeliverPolicy.NEW,
-        # a batch is one insert; what a fan-out died holding comes back after this, and is
-        # acked then (order does not wait for it: the fan-out's checkpoint in Postgres makes
-        # the next one read it from the stream first, see fanout.py)
-        ack_wait=10.0,
-        max_deliver=-1,  # a database outage must not drop a change
-        max_ack_pending=FANOUT_BATCH,
-    )
 
 
 async def sender_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -54,7 +36,7 @@ def build_dispatcher(app: web.Application) -> Dispatcher:
     return Dispatcher(
         app[pool_key],
         app[sender_key],
-        Policy(
+        DeliveryPolicy(
             retry_base_seconds=s.notify_retry_base_seconds,
             retry_max_seconds=s.notify_retry_max_seconds,
             retry_for_seconds=s.notify_retry_for_seconds,
@@ -71,7 +53,7 @@ def build_fanout(app: web.Application) -> Fanout:
     dispatcher = app[dispatcher_key]
     assert isinstance(dispatcher, Dispatcher)
     return Fanout(
-        DurableConsumer(app[js_key], settings.names.changes_stream, consumer_config(settings)),
+        DurableConsumer(app[js_key], settings.names.changes_stream, notifier_config(settings)),
         app[pool_key],
         app[metrics_key],
         on_queued=dispatcher.kick,

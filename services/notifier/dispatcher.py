@@ -9,7 +9,6 @@ nothing: its claim runs out and the delivery is sent again, with the same ``webh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -22,6 +21,7 @@ import msgspec
 from services.notifier.metrics import NotifierMetrics
 from services.notifier.sender import Attempt, Sender
 from zapbus.logs import fields
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.notifier")
 
@@ -61,7 +61,7 @@ class Claimed(msgspec.Struct, frozen=True, kw_only=True):
     secrets: list[str]
 
 
-class Policy(msgspec.Struct, frozen=True, kw_only=True):
+class DeliveryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     retry_base_seconds: float
     retry_max_seconds: float
     retry_for_seconds: float
@@ -77,38 +77,30 @@ class Policy(msgspec.Struct, frozen=True, kw_only=True):
         return float(base * random.uniform(0.8, 1.2))
 
 
-class Dispatcher:
+class Dispatcher(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
         sender: Sender,
-        policy: Policy,
+        policy: DeliveryPolicy,
         metrics: NotifierMetrics,
         concurrency: int = 64,
     ) -> None:
+        super().__init__()
         self.pool = pool
         self.sender = sender
         self.policy = policy
         self.metrics = metrics
         self.concurrency = concurrency
         self._inflight: dict[int, asyncio.Task[None]] = {}
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._backlog_at = 0.0
 
-    def kick(self) -> None:
-        """New deliveries were queued: look now rather than at the next poll."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+    # kick(): new deliveries were queued: look now rather than at the next poll (Stoppable)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            while not self._stopping:
-                self._wake.clear()
+            while not self.stopping:
                 try:
                     await self.dispatch_once()
                     if loop.time() - self._backlog_at >= _BACKLOG_EVERY_SECONDS:
@@ -116,9 +108,8 @@ class Dispatcher:
                         await self._report_backlog()
                 except (asyncpg.PostgresError, OSError, asyncpg.InterfaceError) as exc:
                     log.warning("dispatch pass failed: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(_POLL_SECONDS):
-                        await self._wake.wait()
+                # a kick during the pass (a delivery done, new ones queued) ends it at once
+                await self.pause(_POLL_SECONDS)
         finally:
             # in-flight attempts finish (within the HTTP timeout) so none is sent twice
             if self._inflight:
@@ -151,7 +142,7 @@ class Dispatcher:
 
     def _done(self, delivery_id: int, _: asyncio.Task[None]) -> None:
         self._inflight.pop(delivery_id, None)
-        self._wake.set()  # its connection's next delivery may go now
+        self.kick()  # its connection's next delivery may go now
 
     async def _deliver(self, d: Claimed) -> None:
         result = await self.sender.send(d.url, d.secrets, d.webhook_id, d.payload)

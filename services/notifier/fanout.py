@@ -33,16 +33,14 @@ from proto import headers
 from proto.changes import ConnectionChanged, change_decoder
 from services.notifier.metrics import NotifierMetrics
 from zapbus.consumer import DurableConsumer
+from zapbus.endpoints import event_types, wants
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.supervisor import Stoppable
-from zapbus.webhooks import event_types, wants
+from zapbus.topology import FANOUT_BATCH
 
 log = logging.getLogger("zapbus.notifier")
 
-# Changes fetched at once (and the consumer's max_ack_pending, app.consumer_config); also the
-# most changes one pass reads from the stream to close a gap.
-FANOUT_BATCH = 256
 
 _ID_NAMESPACE = uuid.UUID("6f1d3c52-8a4e-4c3e-9a37-0c1b0f2f5e11")
 _RETRY_DELAY_SECONDS = 2.0

@@ -19,7 +19,7 @@ from aiohttp.abc import ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from standardwebhooks import Webhook
 
-from zapbus.webhooks import UnsafeAddress, UnsafeUrl, check_address, parse_url
+from zapbus.endpoints import UnsafeAddress, UnsafeUrl, check_address, parse_url
 
 MAX_RESPONSE_BYTES = 4096
 RETRYABLE_STATUS = frozenset({408, 429})

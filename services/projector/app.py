@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from aiohttp import web
-from nats.js import api as js_api
 from prometheus_client import Counter
 
-from services.gateway.relay import OutboxMetrics, OutboxRelay
 from services.projector.consumer import Projector
 from services.projector.metrics import ProjectorMetrics
-from services.projector.partitions import Lease, PartitionOwner
+from services.projector.partitions import PartitionLease, PartitionOwner
 from services.projector.retention import Retention, RetentionMetrics
 from services.projector.watchdog import Watchdog, WatchdogMetrics
 from zapbus.config import Settings
@@ -17,6 +15,7 @@ from zapbus.connection.machine import QrPolicy
 from zapbus.consumer import DurableConsumer
 from zapbus.dlq import MaxDeliveries
 from zapbus.httpkit import base_app, registry_key
+from zapbus.relay import OutboxMetrics, OutboxRelay
 from zapbus.runtime import (
     Runner,
     js_key,
@@ -28,7 +27,7 @@ from zapbus.runtime import (
     settings_key,
 )
 from zapbus.streamusage import StreamUsage
-from zapbus.topology import dead_letterer_config
+from zapbus.topology import PROJECTOR_ACK_WAIT_SECONDS, dead_letterer_config, projector_config
 
 projector_key = web.AppKey("projector", Runner)
 watchdog_key = web.AppKey("watchdog", Runner)
@@ -39,33 +38,17 @@ relay_key = web.AppKey("outbox_relay", OutboxRelay)
 relay_runner_key = web.AppKey("outbox_relay_runner", Runner)
 
 
-# Short: a batch takes milliseconds (each statement is bounded by the database timeouts), and
-# a partition taken over from a dead projector waits this long before projecting.
-PROJECTOR_ACK_WAIT_SECONDS = 15.0
-
-
-def consumer_config(settings: Settings, partition: int = 0) -> js_api.ConsumerConfig:
-    names = settings.names
-    return js_api.ConsumerConfig(
-        durable_name=names.projector_consumer_of(partition),
-        filter_subject=names.partition_subjects(partition),
-        ack_policy=js_api.AckPolicy.EXPLICIT,
-        deliver_policy=js_api.DeliverPolicy.ALL,
-        ack_wait=PROJECTOR_ACK_WAIT_SECONDS,
-        max_deliver=-1,  # a database outage must not drop events: retry until it is back
-        max_ack_pending=max(1000, settings.projector_batch * 4),
-    )
-
-
 def projector_loop(
-    app: web.Application, lease: Lease | None = None, metrics: ProjectorMetrics | None = None
+    app: web.Application,
+    lease: PartitionLease | None = None,
+    metrics: ProjectorMetrics | None = None,
 ) -> Projector:
     """The projector of one partition (of every event when ``lease`` is None)."""
     settings = app[settings_key]
     partition = lease.partition if lease is not None else 0
     return Projector(
         consumer=DurableConsumer(
-            app[js_key], settings.names.events_stream, consumer_config(settings, partition)
+            app[js_key], settings.names.events_stream, projector_config(settings, partition)
         ),
         pool=app[pool_key],
         nc=app[nats_key],

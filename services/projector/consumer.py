@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 from proto.events import Event, event_decoder, event_type
 from proto.names import Names
 from services.projector.metrics import ProjectorMetrics
-from services.projector.partitions import Lease, LeaseLost
+from services.projector.partitions import PartitionLease, PartitionLost
 from services.projector.store import Applied, project
 from zapbus.connection.machine import QrPolicy
 from zapbus.consumer import DurableConsumer
@@ -49,7 +49,7 @@ class Projector:
         policy: QrPolicy,
         batch: int = 256,
         fetch_timeout: float = 1.0,
-        lease: Lease | None = None,
+        lease: PartitionLease | None = None,
         on_committed: Callable[[], None] | None = None,
     ) -> None:
         self.consumer = consumer
@@ -129,7 +129,7 @@ class Projector:
             return True
         try:
             results = await self._project(events)
-        except LeaseLost:
+        except PartitionLost:
             log.warning("partition lease lost; handing the batch back and stopping")
             self._stopping.set()
             for msg in good:
@@ -151,14 +151,14 @@ class Projector:
     async def _project(self, events: list[Event]) -> list[Applied]:
         async with self.pool.acquire() as conn, conn.transaction():
             if self.lease is not None and not await self.lease.held(conn):
-                raise LeaseLost
+                raise PartitionLost
             return await project(conn, events, self.policy, self.names)
 
     async def _one_by_one(self, msgs: list[Msg], events: list[Event], start: float) -> bool:
         for i, (msg, event) in enumerate(zip(msgs, events, strict=True)):
             try:
                 results = await self._project([event])
-            except LeaseLost:
+            except PartitionLost:
                 self._stopping.set()
                 for rest in msgs[i:]:
                     await rest.nak()

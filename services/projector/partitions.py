@@ -8,7 +8,7 @@ Ownership is a lease in Postgres (``projector_leases``), renewed every ``renew_s
 valid for ``lease_seconds``:
 
 * every batch transaction first reads its partition's lease ``FOR SHARE`` and projects only
-  if this projector still holds it (``Lease.held``);
+  if this projector still holds it (``PartitionLease.held``);
 * a projector takes a partition only once its lease has expired (or was released), with an
   ``UPDATE`` that waits for a batch in flight; so even a projector that lost its lease without
   noticing (a long pause) can no longer commit once another holds it;
@@ -38,11 +38,11 @@ log = logging.getLogger("zapbus.projector")
 _RELEASED = uuid.UUID(int=0)  # the owner of a lease handed back on purpose
 
 
-class LeaseLost(Exception):
+class PartitionLost(Exception):
     """This projector no longer holds the partition: stop projecting it."""
 
 
-class Lease:
+class PartitionLease:
     """One partition's lease as seen by its holder."""
 
     def __init__(self, partition: int, owner: uuid.UUID) -> None:
@@ -69,7 +69,7 @@ class PartitionOwner(Stoppable):
         self,
         pool: asyncpg.Pool,
         partitions: int,
-        build: Callable[[Lease], Runner],
+        build: Callable[[PartitionLease], Runner],
         renew_seconds: float = 2.0,
         lease_seconds: float = 10.0,
         takeover_delay_seconds: float = 0.0,
@@ -171,7 +171,7 @@ class PartitionOwner(Stoppable):
                 )
             if previous is not None:
                 died = previous["owner"] not in (self.member, _RELEASED)
-                runner = self.build(Lease(partition, self.member))
+                runner = self.build(PartitionLease(partition, self.member))
                 task = asyncio.create_task(
                     self._start(runner, self.takeover_delay if died else 0.0),
                     name=f"zapbus-projector-p{partition}",

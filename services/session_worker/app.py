@@ -6,28 +6,28 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
-from nats.js import api as js_api
 
 from services.session_worker.consumer import CommandConsumer
-from services.session_worker.drift import Policy
+from services.session_worker.drift import ReconcilePolicy
 from services.session_worker.fence import Fence
 from services.session_worker.fitness import FitnessCheck, why_unfit
 from services.session_worker.flow import Deps
 from services.session_worker.handler import CommandHandler
 from services.session_worker.holds import Holds
-from services.session_worker.manager import PoolManager, PoolMetrics
+from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import Settler
-from services.session_worker.placement import Policy as PlacementPolicy
-from services.session_worker.pool import ServerPool
+from services.session_worker.placement import PlacementPolicy
 from services.session_worker.publish import Publisher
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
+from services.session_worker.server_pool import ServerPool
 from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
 from zapbus.dialects import make_dialect
 from zapbus.httpkit import base_app, not_ready_key, registry_key
 from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+from zapbus.topology import worker_config
 
 http_key = web.AppKey("http", aiohttp.ClientSession)
 consumer_key = web.AppKey("command_consumer", Runner)
@@ -37,20 +37,6 @@ holds_key = web.AppKey("holds", Runner)
 reconciler_key = web.AppKey("reconciler", Runner)
 manager_key = web.AppKey("pool_manager", Runner)
 fitness_key = web.AppKey("fitness", Runner)
-
-
-def consumer_config(settings: Settings) -> js_api.ConsumerConfig:
-    names = settings.names
-    return js_api.ConsumerConfig(
-        durable_name=names.worker_consumer,
-        filter_subject=names.commands_subjects,
-        ack_policy=js_api.AckPolicy.EXPLICIT,
-        ack_wait=settings.ack_wait_seconds,
-        # We handle the last attempt ourselves (dead letter + term); this is a safety net for
-        # a worker that dies on every delivery of one message.
-        max_deliver=settings.create_max_attempts + 3,
-        max_ack_pending=settings.worker_concurrency,
-    )
 
 
 async def http_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -119,9 +105,7 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         wait_slice=min(5.0, heartbeat),
     )
     handler = CommandHandler(deps, Settler(publisher, metrics, heartbeat), holds)
-    consumer = DurableConsumer(
-        app[js_key], settings.names.commands_stream, consumer_config(settings)
-    )
+    consumer = DurableConsumer(app[js_key], settings.names.commands_stream, worker_config(settings))
     return CommandConsumer(
         consumer,
         handler,
@@ -150,14 +134,14 @@ def build_reconciler(app: web.Application) -> Reconciler:
     )
 
 
-def build_manager(app: web.Application) -> PoolManager:
+def build_manager(app: web.Application) -> ServerPoolManager:
     settings = app[settings_key]
     servers = app[servers_key]
-    return PoolManager(
+    return ServerPoolManager(
         pool=app[pool_key],
         names=settings.names,
         servers=servers,
-        metrics=PoolMetrics(app[registry_key], list(servers.servers)),
+        metrics=ServerPoolMetrics(app[registry_key], list(servers.servers)),
         policy=placement_policy(settings),
         health_interval_seconds=settings.baileys_health_interval_seconds,
         failover_after_seconds=settings.baileys_failover_after_seconds,
@@ -166,8 +150,8 @@ def build_manager(app: web.Application) -> PoolManager:
     )
 
 
-def reconcile_policy(settings: Settings) -> Policy:
-    return Policy(
+def reconcile_policy(settings: Settings) -> ReconcilePolicy:
+    return ReconcilePolicy(
         grace_seconds=settings.reconcile_grace_seconds,
         max_recreates=settings.reconcile_max_recreates,
         delete_unknown=settings.reconcile_delete_unknown,

@@ -28,7 +28,7 @@ from services.session_worker.flow import (
 from services.session_worker.outcome import Ack, Nak, Outcome, Term
 from services.session_worker.placement import Gone, Placed, Waiting, place, place_elsewhere
 from services.session_worker.placement import server_of as placed_server
-from services.session_worker.pool import Server
+from services.session_worker.server_pool import Server
 from zapbus import db
 from zapbus.dialects.base import CreateSessionRequest
 from zapbus.dialects.errors import BaileysError, PermanentError, RetryableError, clean_reason

@@ -17,7 +17,7 @@ from proto.events import SessionDeleted
 from services.session_worker.fence import Verdict
 from services.session_worker.flow import Deps, Run, retry_or_give_up, servers_of, wait_for
 from services.session_worker.outcome import Ack, Outcome
-from services.session_worker.pool import Server
+from services.session_worker.server_pool import Server
 from zapbus import db
 from zapbus.dialects.errors import BaileysError
 from zapbus.dialects.removal import delete_or_gone

@@ -85,7 +85,7 @@ class DriftItem(msgspec.Struct, frozen=True, kw_only=True):
     server: str | None = None  # the Baileys server it was seen on (or missing from)
 
 
-class Policy(msgspec.Struct, frozen=True, kw_only=True):
+class ReconcilePolicy(msgspec.Struct, frozen=True, kw_only=True):
     grace_seconds: float = 30.0
     max_recreates: int = 3
     delete_unknown: bool = False
@@ -120,7 +120,7 @@ def compute(
     observed: Observed,
     deleting: dict[str, datetime],
     now: datetime,
-    policy: Policy,
+    policy: ReconcilePolicy,
     server: str | None = None,
     default_server: str | None = None,
 ) -> Drift:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 
-from services.session_worker.pool import ServerPool
+from services.session_worker.server_pool import ServerPool
 from zapbus.dialects.errors import BaileysError
 from zapbus.supervisor import Stoppable
 

@@ -23,10 +23,10 @@ from services.session_worker.actions import Fail, Retry, action_for
 from services.session_worker.fence import Fence
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import GiveUp, Nak
-from services.session_worker.placement import Policy, server_of
-from services.session_worker.pool import Server, ServerPool
+from services.session_worker.placement import PlacementPolicy, server_of
 from services.session_worker.publish import Publisher
 from services.session_worker.retry import RetryPolicy
+from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db
 from zapbus.dialects.errors import BaileysError, RetryableError
 
@@ -39,7 +39,7 @@ class Deps:
     publish: Publisher
     names: Names
     servers: ServerPool
-    placement: Policy
+    placement: PlacementPolicy
     fence: Fence
     retry: RetryPolicy
     metrics: WorkerMetrics

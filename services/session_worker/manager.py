@@ -33,14 +33,15 @@ from proto.commands import CreateSession
 from proto.names import Names
 from services.session_worker import placement
 from services.session_worker.moves import move_connection
-from services.session_worker.placement import PLACED_COUNTS, REFRESH_COUNTS, Policy, pool_views
-from services.session_worker.pool import Server, ServerPool
+from services.session_worker.placement import REFRESH_COUNTS, PlacementPolicy, pool_views
+from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db
 from zapbus.connection import states
 from zapbus.connection.states import TERMINAL, Status
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
+from zapbus.servers import PLACED_COUNTS
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.pool")
@@ -52,7 +53,7 @@ _REQUEUE_AFTER_SECONDS = 15.0
 _PLACED = f"status NOT IN {states.sql_list(TERMINAL)}"
 
 
-class PoolMetrics:
+class ServerPoolMetrics:
     def __init__(self, registry: CollectorRegistry, names: list[str]) -> None:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, ["server"], registry=registry)
@@ -105,14 +106,14 @@ class _Health:
     first_failure: datetime | None = None
 
 
-class PoolManager(Stoppable):
+class ServerPoolManager(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
         names: Names,
         servers: ServerPool,
-        metrics: PoolMetrics,
-        policy: Policy,
+        metrics: ServerPoolMetrics,
+        policy: PlacementPolicy,
         health_interval_seconds: float,
         failover_after_seconds: float,
         failover_per_second: float,

@@ -27,17 +27,10 @@ from zapbus.connection import states
 from zapbus.connection.machine import Forced
 from zapbus.connection.writer import KEEP_REASON, record, transition
 from zapbus.outbox import insert_outbox, queue_delete
-from zapbus.servers import ServerSpec
+from zapbus.servers import PLACED_COUNTS, ServerSpec
 
 LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
 WAITING_PREFIX = "waiting for a Baileys server: "
-# as the partial index connections_placed (a literal list, which the planner matches to the
-# index's predicate), so the count reads only that index
-PLACED_COUNTS = (
-    "SELECT server, count(*) AS n FROM connections"
-    f" WHERE server IS NOT NULL AND status NOT IN {states.sql_list(states.TERMINAL)}"
-    " GROUP BY server"
-)
 _SERVERS = (
     "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since, placed,"
     " placed_counted_at, create_failed_at FROM baileys_servers"
@@ -72,7 +65,7 @@ class ServerView:
 
 
 @dataclass(frozen=True)
-class Policy:
+class PlacementPolicy:
     max_sessions: int = 0  # 0: no cap
     rejoin_after_seconds: float = 60.0
     # health older than this is not trusted (no pool manager probing): assumed up
@@ -127,7 +120,7 @@ def _rev(name: str) -> tuple[int, ...]:
 async def pool_views(
     conn: asyncpg.Connection | asyncpg.Pool,
     specs: tuple[ServerSpec, ...],
-    policy: Policy,
+    policy: PlacementPolicy,
     now: datetime,
 ) -> list[ServerView]:
     """The configured servers as placement sees them now.
@@ -200,7 +193,7 @@ class Gone:
 
 
 async def place(
-    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: Policy
+    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: PlacementPolicy
 ) -> Placed | Waiting | Gone:
     """The generation's server: read back if placed, else chosen and recorded now."""
     async with pool.acquire() as conn, conn.transaction():

@@ -41,12 +41,12 @@ from services.session_worker.drift import (
     Drift,
     DriftItem,
     Observed,
-    Policy,
+    ReconcilePolicy,
     RowView,
     compute,
     parse_session_name,
 )
-from services.session_worker.pool import Server, ServerPool
+from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db, jsretry
 from zapbus.connection import states
 from zapbus.connection.machine import Forced
@@ -124,7 +124,7 @@ class Reconciler(Stoppable):
         servers: ServerPool,
         metrics: ReconcileMetrics,
         interval_seconds: float,
-        policy: Policy,
+        policy: ReconcilePolicy,
         leader_timeout_seconds: float = DEFAULT_TIMEOUT_SECONDS,
     ) -> None:
         self.pool = pool

@@ -18,10 +18,10 @@ import msgspec
 
 from zapbus import db, topology
 from zapbus.config import Settings, load_settings
-from zapbus.localinfra import clear_state, ensure_infra, write_state
-from zapbus.procs import ServiceProcess
 from zapbus.tenants import ensure_tenant
 from zapbus.tokens import new_api_key
+from zapbus.tools.localinfra import clear_state, ensure_infra, write_state
+from zapbus.tools.procs import ServiceProcess
 
 
 def _services(settings: Settings, env: dict[str, str], sim_url: str) -> list[ServiceProcess]:

@@ -4,13 +4,13 @@ A request's connection row and its command are committed together; the relay the
 the command with ``Nats-Msg-Id`` = command id and deletes the outbox row once JetStream has
 acknowledged it. If NATS is down the rows wait; if the relay dies between publish and delete,
 the next run publishes again and JetStream's duplicate window drops the copy. Rows are claimed
-with ``FOR UPDATE SKIP LOCKED``, so several gateway replicas can relay side by side.
+with ``FOR UPDATE SKIP LOCKED``, so several gateway replicas can relay side by side. Gateways
+and projectors both run it (the projector queues commands too), so it lives below them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from proto import headers
 from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.logs import fields
+from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.outbox")
 
@@ -59,7 +60,7 @@ class OutboxMetrics:
         )
 
 
-class OutboxRelay:
+class OutboxRelay(Stoppable):
     def __init__(
         self,
         pool: asyncpg.Pool,
@@ -67,33 +68,23 @@ class OutboxRelay:
         metrics: OutboxMetrics,
         poll_seconds: float = 1.0,
     ) -> None:
+        super().__init__()
         self.pool = pool
         self.js = js
         self.metrics = metrics
         self.poll_seconds = poll_seconds
-        self._wake = asyncio.Event()
-        self._stopping = False
         self._counted_at = 0.0
 
-    def kick(self) -> None:
-        """A command was committed: relay now rather than at the next poll."""
-        self._wake.set()
-
-    def stop(self) -> None:
-        self._stopping = True
-        self._wake.set()
+    # kick(): a command was committed: relay now rather than at the next poll (Stoppable)
 
     async def run(self) -> None:
         failures = 0
-        while not self._stopping:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.poll_seconds * (2 ** min(failures, 4))):
-                    await self._wake.wait()
-            if self._wake.is_set():
+        while not self.stopping:
+            await self.pause(self.poll_seconds * (2 ** min(failures, 4)))
+            if self.kicked:
                 # Let the requests arriving in the next moment join this pass: one pass per
                 # few ms instead of one per request keeps the gateway's loop for HTTP.
-                await asyncio.sleep(_GATHER_SECONDS)
-            self._wake.clear()
+                await self.gather(_GATHER_SECONDS)
             try:
                 await self.relay_all()
                 failures = 0

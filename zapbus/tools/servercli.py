@@ -14,10 +14,9 @@ from datetime import UTC, datetime
 
 import asyncpg
 
-from services.session_worker.placement import PLACED_COUNTS
 from zapbus import db
 from zapbus.config import Settings
-from zapbus.servers import public_url
+from zapbus.servers import PLACED_COUNTS, public_url
 
 
 def _health(row: asyncpg.Record | None, now: datetime, rejoin: float, stale: float) -> str:

@@ -2,8 +2,8 @@
 
 Each service is ``python -m services.<name>`` with its configuration in the environment, as in
 production. ``wait_healthy`` polls its ``/healthz`` with a deadline and takes only an answer
-that carries the process's pid: ``health_answer`` is that answer, for every app started so
-(zapbus's services, and the benchmark's stand-ins, which ``healthz`` serves).
+that carries the process's pid: ``zapbus.httpkit.health_answer`` is that answer, for every app
+started so (zapbus's services, and the benchmark's stand-ins, which ``bare_healthz`` serves).
 """
 
 from __future__ import annotations
@@ -18,18 +18,6 @@ from pathlib import Path
 from typing import IO
 
 import aiohttp
-from aiohttp import web
-
-
-def health_answer(**fields: object) -> dict[str, object]:
-    """The body of a healthy ``/healthz``: status ok, ``fields``, and this process's pid, by
-    which ``ServiceProcess.wait_healthy`` tells its process's answer from another's."""
-    return {"status": "ok", **fields, "pid": os.getpid()}
-
-
-async def healthz(_: web.Request) -> web.Response:
-    """``GET /healthz`` of a plain aiohttp app run as a ``ServiceProcess``."""
-    return web.json_response(health_answer())
 
 
 class ServiceProcess:

@@ -9,17 +9,13 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-import asyncpg
-import nats.errors
-
-from zapbus import bus, db, dlq, servercli, topology
+from zapbus import bus, db, dlq, oneshot, topology
 from zapbus.config import ConfigError, Settings, load_settings
-from zapbus.localinfra import read_state
-from zapbus.servers import public_url
 from zapbus.tenants import check_tenant_name, create_tenant, list_tenants, rotate_key
+from zapbus.tools import servercli
+from zapbus.tools.localinfra import read_state
 
-# a command gives up on an unreachable NATS after these reconnects (a few seconds)
-CLI_NATS_ATTEMPTS = 3
+RECONCILE_COMMAND = "services.session_worker.reconcile_command"
 
 
 async def _migrate(settings: Settings) -> None:
@@ -66,7 +62,7 @@ async def _key_rotate(settings: Settings, name: str) -> int:
 
 
 async def _dlq_list(settings: Settings) -> int:
-    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
+    nc = await bus.connect(settings.nats_url, "zapbus-cli", oneshot.NATS_ATTEMPTS)
     try:
         await bus.require_streams(nc.jetstream(), settings.names)
         letters = await dlq.list_letters(nc.jetstream(), settings.names)
@@ -89,7 +85,7 @@ async def _dlq_list(settings: Settings) -> int:
 
 
 async def _dlq_replay(settings: Settings, seq: int) -> int:
-    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
+    nc = await bus.connect(settings.nats_url, "zapbus-cli", oneshot.NATS_ATTEMPTS)
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     try:
         letter = await dlq.replay(nc.jetstream(), pool, settings.names, seq)
@@ -105,11 +101,11 @@ async def _dlq_replay(settings: Settings, seq: int) -> int:
 
 
 async def _webhooks_failed(settings: Settings) -> int:
-    from zapbus import webhooks
+    from zapbus import endpoints
 
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     try:
-        rows = await webhooks.given_up(pool)
+        rows = await endpoints.given_up(pool)
     finally:
         await pool.close()
     for r in rows:
@@ -121,68 +117,18 @@ async def _webhooks_failed(settings: Settings) -> int:
 
 
 async def _webhooks_replay(settings: Settings, ids: list[str]) -> int:
-    from zapbus import webhooks
+    from zapbus import endpoints
 
     pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=1)
     status = 0
     try:
         for webhook_id in ids:
-            outcome = await webhooks.replay(pool, webhook_id)
+            outcome = await endpoints.replay(pool, webhook_id)
             print(f"{webhook_id}: {outcome}")
             status = status or (0 if outcome == "replayed" else 1)
     finally:
         await pool.close()
     return status
-
-
-async def _reconcile(settings: Settings, dry_run: bool) -> int:
-    import aiohttp
-    from prometheus_client import CollectorRegistry
-
-    from services.session_worker.app import build_servers, reconcile_policy
-    from services.session_worker.reconciler import ReconcileMetrics, Reconciler
-
-    nc = await bus.connect(settings.nats_url, "zapbus-cli", CLI_NATS_ATTEMPTS)
-    pool = await db.create_pool(settings.database_url, settings.db_schema, max_size=4)
-    try:
-        async with aiohttp.ClientSession() as http:
-            reconciler = Reconciler(
-                pool=pool,
-                js=nc.jetstream(),
-                names=settings.names,
-                servers=build_servers(settings, http, None),
-                metrics=ReconcileMetrics(CollectorRegistry()),
-                interval_seconds=settings.reconcile_interval_seconds,
-                policy=reconcile_policy(settings),
-                leader_timeout_seconds=settings.leader_timeout_seconds,
-            )
-            drift = await reconciler.sweep(dry_run=dry_run, wait_for_lock=30.0)
-    finally:
-        await pool.close()
-        await nc.close()
-    if drift is None:
-        print("no sweep: no Baileys server answered, or another sweep held the lock")
-        return 1
-    rows = [
-        (
-            i.kind,
-            i.session_name,
-            str(i.connection_id or "-"),
-            str(i.generation or "-"),
-            i.row_status or "-",
-            i.server or "-",
-            i.server_state or "-",
-            ("would " if dry_run else "") + i.action if i.ripe else i.action,
-        )
-        for i in drift.items
-    ]
-    # ON: the Baileys server it was seen on; SERVER: the state that server reports
-    header = ("KIND", "SESSION", "CONNECTION", "GEN", "ROW", "ON", "SERVER", "ACTION")
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    for r in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
-    print(f"{len(rows)} drift item(s){' (dry run: nothing repaired)' if dry_run else ''}")
-    return 0
 
 
 # settings that go together: one named in the shell replaces the state file's whole group
@@ -270,37 +216,22 @@ def main(argv: list[str] | None = None) -> int:
         "name"
     )
     args = parser.parse_args(argv)
+    # the servers a `make run` in this folder uses, unless ZAPBUS_* variables say otherwise
+    found = {} if args.command == "run" else read_state(Path(".zapbus"))
     try:
-        # the servers a `make run` in this folder uses, unless ZAPBUS_* variables say otherwise
-        found = {} if args.command == "run" else read_state(Path(".zapbus"))
         settings = load_settings(_over_state(found, os.environ))
     except ConfigError as exc:
         print(f"zapbus: {exc}", file=sys.stderr)
         return 2
     if args.command == "run":
-        from zapbus.devrun import run_dev
+        from zapbus.tools.devrun import run_dev
 
         return asyncio.run(run_dev(Path(".zapbus").absolute()))
-    try:
-        return _dispatch(args, settings)
-    except asyncpg.UndefinedTableError:
-        print(
-            f"zapbus: the database at {public_url(settings.database_url)} has no zapbus tables"
-            f" in schema {settings.db_schema!r}: run `zapbus migrate` first",
-            file=sys.stderr,
-        )
-        return 2
-    except nats.errors.Error as exc:
-        where = ", ".join(public_url(u) for u in bus.server_urls(settings.nats_url))
-        print(f"zapbus: cannot use NATS at {where}: {exc}", file=sys.stderr)
-        return 1
-    except db.UNAVAILABLE as exc:
-        where = public_url(settings.database_url)
-        print(f"zapbus: cannot use the database at {where}: {exc}", file=sys.stderr)
-        return 1
+    env = _over_state(found, os.environ)
+    return oneshot.guarded(settings, lambda: _dispatch(args, settings, env))
 
 
-def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+def _dispatch(args: argparse.Namespace, settings: Settings, env: Mapping[str, str]) -> int:
     match args.command, getattr(args, "action", None):
         case "migrate", _:
             asyncio.run(_migrate(settings))
@@ -319,7 +250,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         case "webhooks", "replay":
             return asyncio.run(_webhooks_replay(settings, args.webhook_id))
         case "reconcile", _:
-            return asyncio.run(_reconcile(settings, args.dry_run))
+            # the session worker's sweep, run by its own command: zapbus imports no service
+            dry_run = ["--dry-run"] if args.dry_run else []
+            return oneshot.run_module(RECONCILE_COMMAND, dry_run, env)
         case "server", "list":
             return asyncio.run(servercli.server_list(settings, args.json))
         case "server", "drain":

