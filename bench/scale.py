@@ -55,7 +55,7 @@ from proto import headers
 from proto.commands import CreateSession, command_encoder
 from zapbus.bus import server_urls
 from zapbus.config import Settings
-from zapbus.localinfra import NatsCluster, NatsServer, free_port
+from zapbus.tools.localinfra import NatsCluster, NatsServer, free_port
 from zapbus.tokens import session_name, webhook_url
 
 IN_FLIGHT = 200  # publish-acks awaited at once (the relay and the webhook service batch so)
