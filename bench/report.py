@@ -83,6 +83,10 @@ def document(
     parts = [
         "# Benchmarks",
         "",
+        "## Targets",
+        "",
+        summary(sections),
+        "",
         f"Written by `{command}` (bench/, issue 7) in {took_s / 60:.1f} min. Absolute figures on a "
         "shared 2-core VM are noisy; each figure that matters has a floor measured in the same "
         "run, and the ratio is the headline. Benchmarks print; `make test` asserts behaviour.",
@@ -101,10 +105,6 @@ def document(
         "## Setup",
         "",
         setup,
-        "",
-        "## Targets",
-        "",
-        summary(sections),
         "",
         *(sec.markdown() for sec in sections),
         findings(),

@@ -55,8 +55,8 @@ from proto import headers
 from proto.commands import CreateSession, command_encoder
 from zapbus.bus import server_urls
 from zapbus.config import Settings
-from zapbus.tools.localinfra import NatsCluster, NatsServer, free_port
 from zapbus.tokens import session_name, webhook_url
+from zapbus.tools.localinfra import NatsCluster, NatsServer, free_port
 
 IN_FLIGHT = 200  # publish-acks awaited at once (the relay and the webhook service batch so)
 PARTITIONS = 2  # events partitions in the scale-out runs: one per projector with two

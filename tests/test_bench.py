@@ -199,3 +199,17 @@ def test_a_signal_mid_run_stops_every_process_the_run_started(how: str, workdir:
             proc.wait()
         for line in _marked(mark):  # leave nothing behind, whatever failed
             os.kill(int(line.split()[0]), signal.SIGKILL)
+
+
+def test_the_document_opens_with_the_targets_table() -> None:
+    """docs/benchmarks.md leads with what was promised and what was met (issue 21 #6)."""
+    from bench.report import document
+    from bench.stats import Section, Target
+
+    sec = Section(title="burst", setup="", header=["a"], targets=[Target("<= 2x", "1.5x", True)])
+    doc = document([("date", "today")], [sec], "the setup", "make bench", 60.0)
+    lines = doc.splitlines()
+    assert lines[0] == "# Benchmarks"
+    first_heading = next(line for line in lines[1:] if line.startswith("## "))
+    assert first_heading == "## Targets", doc
+    assert doc.index("| burst | <= 2x | 1.5x | yes |") < doc.index("## Setup")
