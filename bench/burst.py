@@ -117,7 +117,9 @@ async def _one(ctx: Ctx, cap: int) -> dict[str, Any]:
     ideal = math.ceil(s.burst_n / cap) * s.burst_delay_s
     async with (
         load_process() as lp,
-        namespace(ctx) as settings,
+        # declared as `zapbus migrate` would with the worker's settings: the worker consumer's
+        # max_ack_pending is the cap (declared with the default 100, a cap of 1,000 ran as 100)
+        namespace(ctx, worker_concurrency=cap, baileys_max_concurrent_creates=cap) as settings,
         processes(ctx, f"burst{cap}") as procs,
     ):
         _, key = await new_tenant(settings)

@@ -8,9 +8,13 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from prometheus_client import CollectorRegistry
 
+from services.session_worker.consumer import CommandConsumer
+from services.session_worker.metrics import WorkerMetrics
 from zapbus import bus
 from zapbus.consumer import DurableConsumer
 from zapbus.tools.localinfra import Infra
@@ -51,3 +55,74 @@ async def test_idle_fetches_log_no_warning(
         assert await fetch == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == []
+
+
+class _BlockingHandler:
+    """Stands in for the worker's CommandHandler: each command waits until released."""
+
+    def __init__(self) -> None:
+        self.metrics = WorkerMetrics(CollectorRegistry())
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def prime(self, msgs: list[Msg]) -> None:
+        pass
+
+    async def handle(self, msg: Msg) -> None:
+        self.started += 1
+        await self.release.wait()
+        await msg.ack()
+
+
+async def test_worker_takes_no_more_than_the_declared_max_ack_pending(
+    infra: Infra, namespace: str
+) -> None:
+    """A worker configured for more concurrency than its consumer is declared with (a cap of
+    1,000 on a consumer migrated with the default 100) takes the declared ``max_ack_pending``
+    as its capacity: once that many commands run it waits for one to finish, and keeps no
+    pull request waiting at the server (before, it kept asking for the difference)."""
+    nc = await bus.connect(infra.nats_url, "zapbus-test-consumer")
+    js: JetStreamContext = nc.jetstream()
+    stream = f"{namespace}_CAP".upper()
+    subject = f"{namespace}.cap"
+    await js.add_stream(name=stream, subjects=[subject])
+    declared = js_api.ConsumerConfig(
+        durable_name="worker", ack_policy=js_api.AckPolicy.EXPLICIT, max_ack_pending=3
+    )
+    await js.add_consumer(stream, declared)
+    for i in range(10):
+        await js.publish(subject, str(i).encode())
+    handler = _BlockingHandler()
+    wanted = js_api.ConsumerConfig(
+        durable_name="worker", ack_policy=js_api.AckPolicy.EXPLICIT, max_ack_pending=10
+    )
+    worker = CommandConsumer(
+        DurableConsumer(js, stream, wanted),
+        handler,  # type: ignore[arg-type]
+        concurrency=10,
+        grace_seconds=5.0,
+        fetch_timeout=0.2,
+    )
+    loop = asyncio.create_task(worker.run())
+    try:
+        deadline = time.monotonic() + 30
+        while handler.started < 3:
+            assert time.monotonic() < deadline, f"{handler.started} of 3 commands started"
+            await asyncio.sleep(0.02)
+        # a few fetch timeouts' worth of time: a worker asking for more would by now
+        for _ in range(5):
+            info = await js.consumer_info(stream, "worker")
+            assert worker.concurrency == 3
+            assert worker.in_flight == 3
+            assert info.num_waiting == 0, "a pull request waits for messages it cannot get"
+            await asyncio.sleep(0.2)
+        handler.release.set()
+        while handler.started < 10:
+            assert time.monotonic() < deadline, f"{handler.started} of 10 commands started"
+            await asyncio.sleep(0.02)
+    finally:
+        handler.release.set()
+        worker.stop()
+        await asyncio.wait_for(loop, 30)
+        await js.delete_stream(stream)
+        await nc.close()

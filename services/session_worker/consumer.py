@@ -1,11 +1,14 @@
 """The session worker's loop: fetch commands while there is capacity, one task per command.
 
 Capacity is ``concurrency`` (also the consumer's ``max_ack_pending``), because the work is
-waiting on the Baileys server, not on the CPU. On stop it fetches nothing more, lets in-flight
-commands finish within the grace period, and cancels the rest (a cancelled command is handed
-back, ``outcome.HandBack``: a copy that keeps its attempt count is queued at once for another
-worker). Beside the loop, a task keeps the
-consumer's pending / ack-pending gauges current.
+waiting on the Baileys server, not on the CPU. The consumer is used as declared (``zapbus
+migrate``): when its ``max_ack_pending`` is lower than ``concurrency``, that is the capacity, so
+the loop never keeps pull requests waiting that the server cannot fill (they cost a round trip
+each and a request timeout, and starved the fetch of the messages freed meanwhile). On stop it
+fetches nothing more, lets in-flight commands finish within the grace period, and cancels the
+rest (a cancelled command is handed back, ``outcome.HandBack``: a copy that keeps its attempt
+count is queued at once for another worker). Beside the loop, a task keeps the consumer's
+pending / ack-pending gauges current.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class CommandConsumer:
     async def run(self) -> None:
         metrics = self.handler.metrics
         await self.consumer.open()
+        self.concurrency = await self._declared_cap()
         reporter = asyncio.create_task(self.consumer.report_pending(metrics.consumer))
         try:
             while not self._stopping.is_set():
@@ -68,6 +72,26 @@ class CommandConsumer:
                 await reporter
             await self._drain()
             await self.consumer.close()
+
+    async def _declared_cap(self) -> int:
+        """``concurrency``, lowered to the declared consumer's ``max_ack_pending``."""
+        try:
+            declared = await self.consumer.max_ack_pending()
+        except Exception as exc:  # cannot tell: keep ours (the server still bounds it)
+            log.warning("could not read the consumer's max_ack_pending: %r", exc)
+            return self.concurrency
+        if declared is not None and 0 < declared < self.concurrency:
+            log.warning(
+                "consumer %s is declared with max_ack_pending %d, below the worker's"
+                " concurrency %d: taking at most %d commands at once (run `zapbus migrate`"
+                " with this worker's settings to raise it)",
+                self.consumer.name,
+                declared,
+                self.concurrency,
+                declared,
+            )
+            return declared
+        return self.concurrency
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -24,13 +24,21 @@ from zapbus import db
 
 log = logging.getLogger("zapbus.session_worker")
 
-_RENEW = (
-    "UPDATE connections SET held_until = now() + make_interval(secs => $2)"
-    " WHERE id = ANY($1::uuid[])"
-)
-_RELEASE = (
-    "UPDATE connections SET held_until = NULL WHERE id = ANY($1::uuid[]) AND held_until IS NOT NULL"
-)
+# Rows are locked in id order, as the projector's batch locks them (projector/store.py): a
+# plain UPDATE ... WHERE id = ANY(...) locks in the order of its scan (a bitmap heap scan goes
+# by physical position), and a renew crossing a projector batch in the other order deadlocked
+# (seen in the 1,000-session burst: one of the two transactions aborted, the batch redelivered).
+_RENEW = """
+UPDATE connections c SET held_until = now() + make_interval(secs => $2)
+FROM (SELECT id FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) l
+WHERE c.id = l.id
+"""
+_RELEASE = """
+UPDATE connections c SET held_until = NULL
+FROM (SELECT id FROM connections WHERE id = ANY($1::uuid[]) AND held_until IS NOT NULL
+      ORDER BY id FOR UPDATE) l
+WHERE c.id = l.id
+"""
 
 
 class Holds:
