@@ -122,12 +122,14 @@ async def pool_views(
     specs: tuple[ServerSpec, ...],
     policy: PlacementPolicy,
     now: datetime,
+    count: bool = True,
 ) -> list[ServerView]:
     """The configured servers as placement sees them now.
 
     zapbus's placements per server: the pool manager's recent count plus the placements made
     since (ends since then are not subtracted: the load is over-counted for a moment, never
-    under); counted in full when there is no recent count."""
+    under); counted in full when there is no recent count. ``count`` False: left at 0 (one
+    server with no cap: nothing to compare, so placement skips the count)."""
     seen = {r["name"]: r for r in await conn.fetch(_SERVERS)}
     counted: list[datetime] = [
         seen[s.name]["placed_counted_at"]
@@ -135,7 +137,10 @@ async def pool_views(
         if s.name in seen and seen[s.name]["placed_counted_at"] is not None
     ]
     recent = now - timedelta(seconds=policy.stale_after_seconds)
-    if len(counted) == len(specs) and all(at > recent for at in counted):
+    placed: dict[str, int]
+    if not count:
+        placed = {}
+    elif len(counted) == len(specs) and all(at > recent for at in counted):
         since = {r["server"]: r["n"] for r in await conn.fetch(_SINCE, min(counted))}
         placed = {s.name: (seen[s.name]["placed"] or 0) + since.get(s.name, 0) for s in specs}
     else:
@@ -192,31 +197,65 @@ class Gone:
     """The row is no longer this generation's (nothing to place)."""
 
 
+# The row locked with what placement reads of it, in one round trip. The placement read here
+# uses the statement's snapshot: one a copy made while this waited for the row lock is not
+# seen, and the INSERT below finds it instead (ON CONFLICT), so it is still read back.
+_CLAIM = """
+SELECT c.generation, c.status, c.placement_wait_since, c.placement_excluded, now() AS now,
+    (SELECT server FROM placements p WHERE p.connection_id = c.id AND p.generation = $2)
+    AS placed
+FROM connections c WHERE c.id = $1 FOR UPDATE
+"""
+# The placement, the row's server and the history row, in one statement: nothing is written
+# to the row or history when the placement existed already (a copy placed it).
+_RECORD = """
+WITH placed AS (
+    INSERT INTO placements (connection_id, generation, server) VALUES ($1, $2, $3)
+    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING server
+), moved AS (
+    UPDATE connections SET server = $3, placement_wait_since = NULL,
+        placement_requeued_at = NULL,
+        status_reason = CASE WHEN status_reason LIKE $4 THEN NULL ELSE status_reason END,
+        version = version + 1
+    WHERE id = $1 AND EXISTS (SELECT FROM placed)
+), told AS (
+    INSERT INTO connection_events (event_id, connection_id, generation, event_type,
+        from_status, to_status, applied, reason, command_id, occurred_at, server)
+    SELECT $5, $1, $2, 'placement.assigned', $6, $6, false, $7, $8, now(), $3
+    WHERE EXISTS (SELECT FROM placed)
+)
+SELECT EXISTS (SELECT FROM placed)
+"""
+
+
 async def place(
     pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: PlacementPolicy
 ) -> Placed | Waiting | Gone:
-    """The generation's server: read back if placed, else chosen and recorded now."""
+    """The generation's server: read back if placed, else chosen and recorded now.
+
+    A new placement costs five round trips (BEGIN, the row locked with its placement, the
+    servers' view, one statement recording it, COMMIT); it cost eleven, which the
+    1,000-session burst paid a thousand times over in the worker and in Postgres."""
+    # the choice depends on the others' placements: one at a time (one server with no cap
+    # has nothing to count, and a burst need not queue on the lock)
+    compare = len(specs) > 1 or policy.max_sessions > 0
     async with pool.acquire() as conn, conn.transaction():
-        found = await server_of(conn, cmd.connection_id, cmd.generation)
-        if found is not None:
-            return Placed(found, new=False)
-        if len(specs) > 1 or policy.max_sessions > 0:
-            # the choice depends on the others' placements: one at a time (one server with
-            # no cap has nothing to count, and a burst need not queue on the lock)
+        if compare:
+            found = await server_of(conn, cmd.connection_id, cmd.generation)
+            if found is not None:
+                return Placed(found, new=False)  # before queueing on the lock
             await conn.execute("SELECT pg_advisory_xact_lock($1)", LOCK_ID)
-        row = await conn.fetchrow(
-            "SELECT generation, status, placement_wait_since, placement_excluded"
-            " FROM connections WHERE id = $1 FOR UPDATE",
-            cmd.connection_id,
-        )
+        row = await conn.fetchrow(_CLAIM, cmd.connection_id, cmd.generation)
         if row is None or row["generation"] != cmd.generation:
             return Gone()
-        found = await server_of(conn, cmd.connection_id, cmd.generation)
-        if found is not None:
-            return Placed(found, new=False)  # placed by a copy while we waited for the lock
-        now = await conn.fetchval("SELECT now()")
+        if row["placed"] is not None:
+            return Placed(str(row["placed"]), new=False)
         excluded = set(row["placement_excluded"] or ())
-        views = [v for v in await pool_views(conn, specs, policy, now) if v.name not in excluded]
+        views = [
+            v
+            for v in await pool_views(conn, specs, policy, row["now"], count=compare)
+            if v.name not in excluded
+        ]
         name, why = choose(views, policy.max_sessions, tuple(excluded))
         if name is None:
             reason = WAITING_PREFIX + why
@@ -230,22 +269,21 @@ async def place(
             if row["placement_wait_since"] is None:
                 await _history(conn, cmd, "placement.waiting", row["status"], None, reason)
             return Waiting(reason)
-        await conn.execute(
-            "INSERT INTO placements (connection_id, generation, server) VALUES ($1, $2, $3)",
+        new = await conn.fetchval(
+            _RECORD,
             cmd.connection_id,
             cmd.generation,
             name,
-        )
-        await conn.execute(
-            "UPDATE connections SET server = $2, placement_wait_since = NULL,"
-            " placement_requeued_at = NULL,"
-            " status_reason = CASE WHEN status_reason LIKE $3 THEN NULL ELSE status_reason END,"
-            " version = version + 1 WHERE id = $1",
-            cmd.connection_id,
-            name,
             WAITING_PREFIX + "%",
+            uuid.uuid4(),
+            row["status"],
+            f"placed on {name}",
+            cmd.command_id,
         )
-        await _history(conn, cmd, "placement.assigned", row["status"], name, f"placed on {name}")
+        if not new:  # placed by a copy while we waited for the row
+            found = await server_of(conn, cmd.connection_id, cmd.generation)
+            assert found is not None
+            return Placed(found, new=False)
         return Placed(name, new=True)
 
 
