@@ -98,12 +98,13 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
         await wait_for(f"{cid} connected", lambda: in_status("connected"), timeout=20)
 
         def about_connection(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
-            """Lines about the connection; a projector batch line counts by its events."""
+            """Lines about the connection; a batch line (the projector's events, a relay's
+            commands) counts by its items."""
             found = [line for line in lines if line.get("connection_id") == cid]
             for line in lines:
-                for event in line.get("events", ()):
-                    if event["connection_id"] == cid:
-                        found.append({**event, "service": line["service"]})
+                for item in [*line.get("events", ()), *line.get("commands", ())]:
+                    if item["connection_id"] == cid:
+                        found.append({**item, "service": line["service"], "msg": line["msg"]})
             return found
 
         async def traced() -> dict[str, list[dict[str, Any]]] | None:
@@ -133,7 +134,7 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
     relayed = [
         line
         for line in about["gateway"] + about["projector"]
-        if line.get("msg") == "command relayed"
+        if line.get("msg") == "commands relayed"
     ]
     assert command_id in {line["command_id"] for line in relayed}, relayed
     handled_webhooks = [line for line in about["webhook"] if "event" in line]
@@ -142,7 +143,7 @@ async def test_one_grep_follows_a_connection_and_no_secret_is_logged(workdir: Pa
     assert access and all(line["status"] == 202 for line in access)
     assert all("{token}" in line["route"] for line in access)  # the template, never the token
     assert all(line["generation"] == generation for line in about["webhook"])
-    projected = [line for line in about["projector"] if line.get("msg") != "command relayed"]
+    projected = [line for line in about["projector"] if line.get("msg") != "commands relayed"]
     assert all(line["generation"] == generation for line in projected)
     from_worker = [line for line in projected if line["event"].startswith("create.")]
     assert from_worker and all(line["command_id"] == command_id for line in from_worker)

@@ -79,6 +79,16 @@ def parse_version(version: str) -> tuple[int, int, int] | None:
     return major, minor, patch
 
 
+ATOMIC_SINCE = (2, 12, 0)  # atomic batch publishes (ADR-50)
+
+
+def supports_atomic(js: JetStreamContext) -> bool:
+    """Whether the server behind ``js`` has atomic batch publishes (nats-server 2.12+)."""
+    nc: NATS = js._nc
+    parsed = parse_version(server_version(nc))
+    return parsed is not None and parsed >= ATOMIC_SINCE
+
+
 def server_version(nc: NATS) -> str:
     """The version the connected server announced in its INFO (nats-py keeps it there)."""
     return str(getattr(nc, "_server_info", {}).get("version", ""))
@@ -151,6 +161,7 @@ def _stream(
     retention: js_api.RetentionPolicy,
     limits: StreamLimits,
     replicas: int,
+    atomic: bool,
 ) -> js_api.StreamConfig:
     return js_api.StreamConfig(
         name=name,
@@ -163,36 +174,41 @@ def _stream(
         max_age=limits.max_age,
         discard=limits.discard,
         duplicate_window=DUPLICATE_WINDOW_SECONDS,
+        # atomic batch publishes (zapbus/batchpub.py); left out where the server has none
+        allow_atomic=True if atomic else None,
     )
 
 
-def stream_configs(names: Names, replicas: int = 1) -> list[js_api.StreamConfig]:
-    """Every zapbus stream, ``replicas`` copies each (ZAPBUS_STREAM_REPLICAS)."""
+def stream_configs(
+    names: Names, replicas: int = 1, atomic: bool = False
+) -> list[js_api.StreamConfig]:
+    """Every zapbus stream, ``replicas`` copies each (ZAPBUS_STREAM_REPLICAS); ``atomic``:
+    allowing atomic batch publishes (nats-server 2.12+)."""
     work, limits = js_api.RetentionPolicy.WORK_QUEUE, js_api.RetentionPolicy.LIMITS
+    r, a = replicas, atomic
     return [
-        _stream(names.commands_stream, [names.commands_subjects], work, COMMANDS_LIMITS, replicas),
-        _stream(names.events_stream, [names.events_subjects], limits, EVENTS_LIMITS, replicas),
-        _stream(
-            names.dead_letter_stream, [names.dead_letter_subject], limits, DLQ_LIMITS, replicas
-        ),
+        _stream(names.commands_stream, [names.commands_subjects], work, COMMANDS_LIMITS, r, a),
+        _stream(names.events_stream, [names.events_subjects], limits, EVENTS_LIMITS, r, a),
+        _stream(names.dead_letter_stream, [names.dead_letter_subject], limits, DLQ_LIMITS, r, a),
         # how far back an SSE client can resume: CHANGES_LIMITS.max_age
-        _stream(names.changes_stream, [names.changes_subjects], limits, CHANGES_LIMITS, replicas),
+        _stream(names.changes_stream, [names.changes_subjects], limits, CHANGES_LIMITS, r, a),
         _stream(
-            names.advisories_stream,
-            [names.max_deliveries_subject],
-            work,
-            ADVISORIES_LIMITS,
-            replicas,
+            names.advisories_stream, [names.max_deliveries_subject], work, ADVISORIES_LIMITS, r, a
         ),
     ]
 
 
-async def ensure_streams(js: JetStreamContext, names: Names, replicas: int = 1) -> None:
-    """Create the zapbus streams, or bring an existing one's config up to date.
+async def ensure_streams(
+    js: JetStreamContext, names: Names, replicas: int = 1, atomic: bool | None = None
+) -> None:
+    """Create the zapbus streams, or bring an existing one's config up to date (``atomic``
+    None: allowing atomic batch publishes where the server has them).
 
     Only ``zapbus migrate`` (zapbus/topology.py) and test set-ups call this: services check
     that the streams exist (``require_streams``) and never rewrite them."""
-    for config in stream_configs(names, replicas):
+    if atomic is None:
+        atomic = supports_atomic(js)
+    for config in stream_configs(names, replicas, atomic):
         await jsretry.retrying(partial(_add_or_update, js, config), f"declare {config.name}")
 
 

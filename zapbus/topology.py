@@ -112,9 +112,10 @@ async def declare(js: JetStreamContext, settings: Settings) -> list[str]:
     """Create or update every stream (with ZAPBUS_STREAM_REPLICAS replicas) and consumer;
     return one line per stream and consumer for the operator."""
     await bus.ensure_streams(js, settings.names, settings.stream_replicas)
+    atomic = bus.supports_atomic(js)
     done = [
-        f"stream {c.name} (R{settings.stream_replicas})"
-        for c in bus.stream_configs(settings.names, settings.stream_replicas)
+        f"stream {c.name} (R{settings.stream_replicas}{', atomic' if atomic else ''})"
+        for c in bus.stream_configs(settings.names, settings.stream_replicas, atomic)
     ]
     for stream, config in consumer_configs(settings):
         # creates it, or updates an existing one; retried across a leader election
