@@ -17,10 +17,9 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import nats.errors
-from nats.js import JetStreamContext
 from nats.js import api as js_api
 from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
 
@@ -82,8 +81,21 @@ async def retrying(
         return result
 
 
+class Publisher(Protocol):
+    """What ``publish`` needs: a JetStreamContext, or a batchpub.GroupCommit."""
+
+    async def publish(
+        self,
+        subject: str,
+        payload: bytes,
+        *,
+        timeout: float | None = ...,
+        headers: dict[str, str] | None = ...,
+    ) -> js_api.PubAck: ...
+
+
 async def publish(
-    js: JetStreamContext,
+    js: Publisher,
     subject: str,
     payload: bytes,
     headers: dict[str, str],

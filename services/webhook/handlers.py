@@ -22,7 +22,7 @@ from proto.events import (
     WebhookIgnored,
     event_encoder,
 )
-from services.webhook.app_keys import dialect_key, server_dialects_key
+from services.webhook.app_keys import dialect_key, publisher_key, server_dialects_key
 from services.webhook.metrics import metrics_key
 from zapbus import jsretry, signing
 from zapbus.dialects.errors import BaileysError
@@ -39,7 +39,7 @@ from zapbus.dialects.reports import (
 )
 from zapbus.httpkit import ProblemError, json_response, log_fields_key
 from zapbus.logs import fields
-from zapbus.runtime import js_key, settings_key
+from zapbus.runtime import settings_key
 from zapbus.tokens import session_name, verify_webhook_token, webhook_signing_key
 
 log = logging.getLogger("zapbus.webhook")
@@ -147,7 +147,7 @@ async def receive(request: web.Request) -> web.Response:
         try:
             async with asyncio.timeout(PUBLISH_DEADLINE_SECONDS):
                 ack = await jsretry.publish(
-                    request.app[js_key],
+                    request.app[publisher_key],
                     settings.names.event_subject(EVENT_SUBJECT_KIND[type(event)], connection_id),
                     event_encoder.encode(event),
                     headers=hdrs,
