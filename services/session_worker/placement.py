@@ -228,17 +228,73 @@ SELECT EXISTS (SELECT FROM placed)
 """
 
 
+# One server with no cap: nothing to choose between, so the whole placement is one statement
+# (no transaction of several round trips): the row locked, placed on the server unless it is
+# drained or (freshly probed) down or excluded for this generation, as ``choose`` would
+# decide. NULL ``placed`` otherwise: ``place`` then tells why the slow way.
+_PLACE_ON_THE_ONLY_SERVER = """
+WITH c AS (
+    SELECT generation, status, placement_excluded FROM connections WHERE id = $1 FOR UPDATE
+), usable AS (
+    SELECT c.status FROM c
+    WHERE c.generation = $2 AND NOT ($3 = ANY(coalesce(c.placement_excluded, '{}')))
+    AND NOT EXISTS (
+        SELECT FROM baileys_servers b WHERE b.name = $3
+        AND (b.drained OR (b.up IS FALSE AND b.checked_at > now() - make_interval(secs => $4)))
+    )
+), placed AS (
+    INSERT INTO placements (connection_id, generation, server) SELECT $1, $2, $3 FROM usable
+    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING server
+), moved AS (
+    UPDATE connections SET server = $3, placement_wait_since = NULL,
+        placement_requeued_at = NULL,
+        status_reason = CASE WHEN status_reason LIKE $5 THEN NULL ELSE status_reason END,
+        version = version + 1
+    WHERE id = $1 AND EXISTS (SELECT FROM placed)
+), told AS (
+    INSERT INTO connection_events (event_id, connection_id, generation, event_type,
+        from_status, to_status, applied, reason, command_id, occurred_at, server)
+    SELECT $6, $1, $2, 'placement.assigned', usable.status, usable.status, false, $7, $8,
+        now(), $3
+    FROM usable WHERE EXISTS (SELECT FROM placed)
+)
+SELECT (SELECT server FROM placed) AS placed, (SELECT generation FROM c) AS generation
+"""
+
+
 async def place(
     pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: PlacementPolicy
 ) -> Placed | Waiting | Gone:
     """The generation's server: read back if placed, else chosen and recorded now.
 
-    A new placement costs five round trips (BEGIN, the row locked with its placement, the
-    servers' view, one statement recording it, COMMIT); it cost eleven, which the
-    1,000-session burst paid a thousand times over in the worker and in Postgres."""
+    A new placement on the only server (no cap) is one statement; among several servers, or
+    with a cap, five round trips (BEGIN, the row locked with its placement, the servers'
+    view, one statement recording it, COMMIT). It cost eleven, which the 1,000-session burst
+    paid a thousand times over in the worker and in Postgres."""
     # the choice depends on the others' placements: one at a time (one server with no cap
     # has nothing to count, and a burst need not queue on the lock)
     compare = len(specs) > 1 or policy.max_sessions > 0
+    if not compare and specs:
+        (only,) = specs
+        row = await pool.fetchrow(
+            _PLACE_ON_THE_ONLY_SERVER,
+            cmd.connection_id,
+            cmd.generation,
+            only.name,
+            policy.stale_after_seconds,
+            WAITING_PREFIX + "%",
+            uuid.uuid4(),
+            f"placed on {only.name}",
+            cmd.command_id,
+        )
+        if row is None or row["generation"] != cmd.generation:
+            return Gone()
+        if row["placed"] is not None:
+            return Placed(str(row["placed"]), new=True)
+        found = await server_of(pool, cmd.connection_id, cmd.generation)
+        if found is not None:
+            return Placed(found, new=False)
+        # not placeable now (drained, down, excluded): the slow way records why it waits
     async with pool.acquire() as conn, conn.transaction():
         if compare:
             found = await server_of(conn, cmd.connection_id, cmd.generation)
