@@ -238,3 +238,49 @@ async def test_a_command_that_exhausts_max_deliver_becomes_a_dead_letter(
     finally:
         await runner.cleanup()
         await nc.close()
+
+
+async def test_migrate_recreates_a_projector_consumer_with_explicit_acks_after_its_ack_floor(
+    settings: Settings,
+) -> None:
+    """The projector's consumer went from explicit acks to AckPolicy.ALL, which the server
+    cannot update: `zapbus migrate` re-creates it, starting after its ack floor, so the events
+    acked are not replayed and the ones delivered but not acked come again."""
+    names = settings.names
+    nc = await bus.connect(settings.nats_url, "test-streams")
+    try:
+        js = nc.jetstream()
+        wanted = dict(topology.consumer_configs(settings))[names.events_stream]
+        assert wanted.ack_policy == js_api.AckPolicy.ALL
+        durable = wanted.durable_name
+        assert durable
+        old = dataclasses.replace(wanted, ack_policy=js_api.AckPolicy.EXPLICIT)
+        await js.delete_consumer(names.events_stream, durable)
+        await js.add_consumer(names.events_stream, old)
+        cid = uuid.uuid4()
+        for i in range(6):
+            await js.publish(names.event_subject("status", cid), f"e{i}".encode())
+        psub = await js.pull_subscribe_bind(durable, stream=names.events_stream)
+        first = await psub.fetch(4, timeout=5)
+        for msg in first[:3]:  # e0-e2 projected; e3 delivered, not acked
+            await msg.ack_sync()
+        await psub.unsubscribe()
+
+        assert "re-created from sequence 4" in await topology.declare_consumer(
+            js, names.events_stream, wanted
+        )
+        info = await js.consumer_info(names.events_stream, durable)
+        assert info.config.ack_policy == js_api.AckPolicy.ALL
+        psub = await js.pull_subscribe_bind(durable, stream=names.events_stream)
+        again = await psub.fetch(10, timeout=5)
+        assert [m.data for m in again] == [b"e3", b"e4", b"e5"]
+        await again[-1].ack_sync()  # one ack for the three
+        info = await js.consumer_info(names.events_stream, durable)
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        await psub.unsubscribe()
+        # declared again: updated in place, its start kept
+        assert await topology.declare_consumer(js, names.events_stream, wanted) == ""
+        info = await js.consumer_info(names.events_stream, durable)
+        assert info.config.opt_start_seq == 4
+    finally:
+        await nc.close()

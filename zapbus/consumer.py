@@ -141,10 +141,14 @@ class DurableConsumer:
         info = await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)
         return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
+    async def declared(self) -> js_api.ConsumerConfig:
+        """The consumer's configuration as declared on the server (``zapbus migrate``)."""
+        info = await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)
+        return info.config
+
     async def max_ack_pending(self) -> int | None:
         """The consumer's ``max_ack_pending`` as declared on the server (None: unlimited)."""
-        info = await jsretry.retrying(self._info, f"consumer_info {self.name}", deadline=10.0)
-        value = info.config.max_ack_pending
+        value = (await self.declared()).max_ack_pending
         return int(value) if value is not None and value > 0 else None
 
     async def _info(self) -> js_api.ConsumerInfo:

@@ -14,11 +14,13 @@ imports no service: services import it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from functools import partial
 
 from nats.js import JetStreamContext
 from nats.js import api as js_api
+from nats.js.errors import NotFoundError
 
 from zapbus import bus, jsretry
 from zapbus.config import Settings
@@ -55,7 +57,10 @@ def projector_config(settings: Settings, partition: int = 0) -> js_api.ConsumerC
     return js_api.ConsumerConfig(
         durable_name=names.projector_consumer_of(partition),
         filter_subject=names.partition_subjects(partition),
-        ack_policy=js_api.AckPolicy.EXPLICIT,
+        # one ack per batch (its last event) acknowledges the batch: a projector takes events
+        # in order and commits a batch whole (a consumer declared with explicit acks is
+        # re-created after its ack floor: declare_consumer)
+        ack_policy=js_api.AckPolicy.ALL,
         deliver_policy=js_api.DeliverPolicy.ALL,
         ack_wait=PROJECTOR_ACK_WAIT_SECONDS,
         max_deliver=-1,  # a database outage must not drop events: retry until it is back
@@ -118,13 +123,61 @@ async def declare(js: JetStreamContext, settings: Settings) -> list[str]:
         for c in bus.stream_configs(settings.names, settings.stream_replicas, atomic)
     ]
     for stream, config in consumer_configs(settings):
-        # creates it, or updates an existing one; retried across a leader election
-        await jsretry.retrying(
-            partial(js.add_consumer, stream, config), f"add_consumer {config.durable_name}"
-        )
-        done.append(f"consumer {config.durable_name} on {stream}")
+        note = await declare_consumer(js, stream, config)
+        done.append(f"consumer {config.durable_name} on {stream}{note}")
     log.info("declared %s", ", ".join(done))
     return done
+
+
+async def declare_consumer(js: JetStreamContext, stream: str, config: js_api.ConsumerConfig) -> str:
+    """Create the consumer, or update it in place (retried across a leader election).
+
+    Its start (deliver policy, start sequence) is kept as it was: the server refuses to change
+    it. So is its ack policy, unless ``config`` changes it (the projector's went from explicit
+    to all, one ack per batch): the server cannot update that either, so the consumer is
+    deleted and created again, starting right after its ack floor. Events delivered and not
+    yet acknowledged are delivered again (the projector skips the ones it stored); the ones
+    acknowledged are not replayed. Returns a note for the operator ("" when nothing special).
+    """
+    durable = config.durable_name
+    assert durable
+    try:
+        info = await jsretry.retrying(
+            partial(js.consumer_info, stream, durable), f"consumer_info {durable}"
+        )
+    except NotFoundError:
+        info = None
+    note = ""
+    if info is not None and info.config.ack_policy == config.ack_policy:
+        config = dataclasses.replace(
+            config,
+            deliver_policy=info.config.deliver_policy,
+            opt_start_seq=info.config.opt_start_seq,
+            opt_start_time=info.config.opt_start_time,
+        )
+    elif info is not None:
+        start = (info.ack_floor.stream_seq if info.ack_floor else 0) + 1
+        log.warning(
+            "consumer %s on %s: ack policy %s -> %s cannot be updated; re-creating it from"
+            " stream sequence %d (after its ack floor)",
+            durable,
+            stream,
+            info.config.ack_policy,
+            config.ack_policy,
+            start,
+        )
+        await jsretry.retrying(
+            partial(js.delete_consumer, stream, durable), f"delete_consumer {durable}"
+        )
+        config = dataclasses.replace(
+            config,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start,
+            opt_start_time=None,
+        )
+        note = f" (re-created from sequence {start}: ack policy changed)"
+    await jsretry.retrying(partial(js.add_consumer, stream, config), f"add_consumer {durable}")
+    return note
 
 
 async def declare_with(settings: Settings) -> list[str]:

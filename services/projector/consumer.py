@@ -1,5 +1,9 @@
 """The projector's loop: fetch a batch of events, fold it into Postgres in one transaction, ack.
 
+The consumer is declared with ``AckPolicy.ALL``: acking a batch's last event acknowledges the
+whole batch (one ack instead of one per event). On a consumer still declared with explicit
+acks (not migrated yet) every event is acked, as before.
+
 Beside the loop, a task keeps the consumer's pending / ack-pending gauges current.
 """
 
@@ -17,6 +21,7 @@ import asyncpg
 import msgspec
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.js import api as js_api
 
 from proto.events import Event, event_decoder, event_type
 from proto.names import Names
@@ -64,6 +69,7 @@ class Projector:
         self.lease = lease
         self.on_committed = on_committed
         self._stopping = asyncio.Event()
+        self._ack_all = False  # as declared: one ack per batch
 
     def stop(self) -> None:
         """Finish the batch in hand, then return from ``run``."""
@@ -71,6 +77,7 @@ class Projector:
 
     async def run(self) -> None:
         await self.consumer.open()
+        self._ack_all = await self._acks_all()
         reporter = asyncio.create_task(self.consumer.report_pending(self.metrics.consumer))
         # The next batch is fetched while this one is projected (max_ack_pending covers two).
         ahead = asyncio.ensure_future(self.consumer.fetch(self.batch, self.fetch_timeout))
@@ -106,6 +113,14 @@ class Projector:
             with contextlib.suppress(asyncio.CancelledError):
                 await reporter
             await self.consumer.close()
+
+    async def _acks_all(self) -> bool:
+        try:
+            declared = await self.consumer.declared()
+        except Exception as exc:  # acking each event is right under either policy
+            log.warning("could not read the consumer's ack policy: %r", exc)
+            return False
+        return declared.ack_policy == js_api.AckPolicy.ALL
 
     async def handle_batch(self, msgs: list[Msg]) -> bool:
         """Project one batch; False when it was handed back for redelivery."""
@@ -186,8 +201,11 @@ class Projector:
         return True
 
     async def _finish(self, good: list[Msg], results: list[Applied], start: float) -> None:
-        for msg in good:
-            await msg.ack()
+        if self._ack_all:
+            await good[-1].ack()  # and every event delivered before it
+        else:
+            for msg in good:
+                await msg.ack()
         if self.on_committed is not None:
             self.on_committed()  # their change snapshots wait in the outbox: relay them now
         now = datetime.now(UTC)
