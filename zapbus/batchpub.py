@@ -151,13 +151,17 @@ class BatchPublisher:
 
 
 class GroupCommit:
-    """Concurrent ``publish`` calls go out together, as one batch per round."""
+    """Concurrent ``publish`` calls go out together: up to ``max_in_flight`` batches at a
+    time, each taking whatever queued meanwhile (at most ``max_batch``)."""
 
-    def __init__(self, publisher: BatchPublisher, max_batch: int = MAX_ATOMIC) -> None:
+    def __init__(
+        self, publisher: BatchPublisher, max_batch: int = MAX_ATOMIC, max_in_flight: int = 4
+    ) -> None:
         self.publisher = publisher
         self.max_batch = max_batch
+        self.max_in_flight = max_in_flight
         self._queue: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []
-        self._flusher: asyncio.Task[None] | None = None
+        self._flushers: set[asyncio.Task[None]] = set()
 
     async def publish(
         self,
@@ -170,35 +174,40 @@ class GroupCommit:
         ``timeout`` bounds the wait (the batch may still be stored: retry with its id)."""
         future: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
         self._queue.append((Outgoing(subject, payload, headers or {}), future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._flush())
+        self._start_flush()
         if timeout is None:
             return await future
         async with asyncio.timeout(timeout):
             return await asyncio.shield(future)
 
+    def _start_flush(self) -> None:
+        # started as a task: the publishes of this turn of the event loop join its batch
+        if self._queue and len(self._flushers) < self.max_in_flight:
+            task = asyncio.create_task(self._flush())
+            self._flushers.add(task)
+            task.add_done_callback(self._flushed)
+
+    def _flushed(self, task: asyncio.Task[None]) -> None:
+        self._flushers.discard(task)
+        self._start_flush()
+
     async def _flush(self) -> None:
-        batch: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []
+        batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+        if not batch:
+            return
         try:
-            while self._queue:
-                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                try:
-                    results = await self.publisher.publish([m for m, _ in batch])
-                except Exception as exc:
-                    results = [exc] * len(batch)
-                for (_, future), result in zip(batch, results, strict=True):
-                    if future.done():  # its caller gave up waiting
-                        continue
-                    if isinstance(result, BaseException):
-                        future.set_exception(result)
-                    else:
-                        future.set_result(result)
-                batch = []
+            results = await self.publisher.publish([m for m, _ in batch])
+        except Exception as exc:
+            results = [exc] * len(batch)
         except BaseException as exc:  # cancelled at shutdown: nobody waits forever
-            for _, future in [*batch, *self._queue]:
+            for _, future in batch:
                 if not future.done():
                     future.set_exception(nats.errors.Error(f"publish abandoned: {exc!r}"))
-            self._queue = []
             raise
-        finally:
-            self._flusher = None
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():  # its caller gave up waiting
+                continue
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
