@@ -167,3 +167,26 @@ async def test_migrate_allows_atomic_publishes_where_the_server_has_them(
             assert not any(allowed.values()), allowed
     finally:
         await nc.close()
+
+
+async def test_group_commit_batches_each_stream_apart(atomic_bus: Bus, namespace: str) -> None:
+    """An atomic batch holds one stream's messages: the worker publishes events, commands and
+    dead letters through one GroupCommit, which splits each round by stream."""
+    other = f"{namespace}_OTHER".upper()
+    await atomic_bus.js.add_stream(
+        js_api.StreamConfig(name=other, subjects=[f"{namespace}.other"], allow_atomic=True)
+    )
+    try:
+        publisher = CountingPublisher(atomic_bus.js)
+        group = GroupCommit(publisher, stream_of=lambda subject: subject.rsplit(".", 1)[1])
+        subjects = [atomic_bus.subject, f"{namespace}.other"] * 20
+        acks = await asyncio.gather(
+            *(
+                group.publish(s, str(i).encode(), 5.0, {"Nats-Msg-Id": f"o{i}"})
+                for i, s in enumerate(subjects)
+            )
+        )
+        assert [a.stream for a in acks] == [atomic_bus.stream, other] * 20
+        assert publisher.one_by_one == 0 and publisher.atomic_batches == 2
+    finally:
+        await atomic_bus.js.delete_stream(other)

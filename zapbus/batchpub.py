@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -155,9 +155,16 @@ class GroupCommit:
     time, each taking whatever queued meanwhile (at most ``max_batch``)."""
 
     def __init__(
-        self, publisher: BatchPublisher, max_batch: int = MAX_ATOMIC, max_in_flight: int = 4
+        self,
+        publisher: BatchPublisher,
+        max_batch: int = MAX_ATOMIC,
+        max_in_flight: int = 4,
+        stream_of: Callable[[str], str] | None = None,
     ) -> None:
+        """``stream_of``: a subject's stream, when the callers publish to several (an atomic
+        batch holds one stream's messages); None: one stream."""
         self.publisher = publisher
+        self.stream_of = stream_of
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self._queue: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []
@@ -196,9 +203,7 @@ class GroupCommit:
         if not batch:
             return
         try:
-            results = await self.publisher.publish([m for m, _ in batch])
-        except Exception as exc:
-            results = [exc] * len(batch)
+            results = await self._publish([m for m, _ in batch])
         except BaseException as exc:  # cancelled at shutdown: nobody waits forever
             for _, future in batch:
                 if not future.done():
@@ -211,3 +216,25 @@ class GroupCommit:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+
+    async def _publish(self, msgs: list[Outgoing]) -> list[Result]:
+        """One result per message: each stream's messages as a batch of their own."""
+        if self.stream_of is None:
+            return await self._guarded(msgs)
+        streams: dict[str, list[int]] = {}
+        for i, msg in enumerate(msgs):
+            streams.setdefault(self.stream_of(msg.subject), []).append(i)
+        results: list[Result] = [nats.errors.Error("not published")] * len(msgs)
+        answers = await asyncio.gather(
+            *(self._guarded([msgs[i] for i in where]) for where in streams.values())
+        )
+        for where, answer in zip(streams.values(), answers, strict=True):
+            for i, result in zip(where, answer, strict=True):
+                results[i] = result
+        return results
+
+    async def _guarded(self, msgs: list[Outgoing]) -> list[Result]:
+        try:
+            return await self.publisher.publish(msgs)
+        except Exception as exc:
+            return [exc] * len(msgs)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from aiohttp import web
 
+from proto.names import Names
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import ReconcilePolicy
 from services.session_worker.fence import Fence
@@ -22,6 +23,7 @@ from services.session_worker.publish import Publisher
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
 from services.session_worker.server_pool import ServerPool
+from zapbus.batchpub import BatchPublisher, GroupCommit
 from zapbus.config import Settings, require_own_secrets
 from zapbus.consumer import DurableConsumer
 from zapbus.dialects import make_dialect
@@ -80,13 +82,29 @@ async def servers_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[servers_key].close()
 
 
+def stream_of(names: Names) -> Callable[[str], str]:
+    """The stream of a subject the worker publishes to (events, commands, dead letters)."""
+    prefixes = [
+        (names.events_subjects.removesuffix(">"), names.events_stream),
+        (names.commands_subjects.removesuffix(">"), names.commands_stream),
+    ]
+
+    def of(subject: str) -> str:
+        return next((stream for p, stream in prefixes if subject.startswith(p)), subject)
+
+    return of
+
+
 def build_consumer(app: web.Application) -> CommandConsumer:
     settings = app[settings_key]
     metrics = app[metrics_key]
     heartbeat = max(0.5, settings.ack_wait_seconds / 3)
     holds = Holds(app[pool_key], every_seconds=heartbeat, hold_seconds=heartbeat * 3)
     app[holds_key] = holds
-    publisher = Publisher(app[js_key], settings.names)
+    # group commit: the events of concurrent commands share an atomic batch (one fsync with
+    # sync_interval: always, instead of one per event: ~2,000 in a 1,000-session burst)
+    group = GroupCommit(BatchPublisher(app[js_key]), stream_of=stream_of(settings.names))
+    publisher = Publisher(group, settings.names)
     deps = Deps(
         db=app[pool_key],
         publish=publisher,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from proto import headers
 from proto.commands import Command, DeadLetter, command_encoder, dead_letter_encoder
@@ -18,7 +17,8 @@ log = logging.getLogger("zapbus.session_worker")
 
 
 class Publisher:
-    def __init__(self, js: JetStreamContext, names: Names) -> None:
+    def __init__(self, js: jsretry.Publisher, names: Names) -> None:
+        """``js``: a batchpub.GroupCommit in the service (a JetStreamContext does too)."""
         self.js = js
         self.names = names
 
