@@ -25,6 +25,7 @@ from bench.load import CreateTarget, closed_loop, open_loop, summarize
 from bench.stats import Section, ms, num, ratio
 from proto import headers
 from proto.commands import CreateSession, command_encoder
+from zapbus.batchpub import BatchPublisher, Outgoing
 from zapbus.tools.localinfra import NatsServer
 
 
@@ -61,6 +62,47 @@ def publish_acks(nats_url: str, subject: str, n: int) -> dict[str, Any]:
     return asyncio.run(_publish_acks(nats_url, subject, n))
 
 
+BATCH = 200
+
+
+async def _batched(nats_url: str, subject: str, n: int) -> dict[str, float]:
+    """Messages/s publishing ``n`` create commands in rounds of ``BATCH``: pipelined (every
+    ack of a round awaited together) and as atomic batches (one commit per round), both
+    through zapbus/batchpub.py as the outbox relay uses it."""
+    nc = await nats.connect(nats_url, name="zapbus-bench-sync")
+    rates: dict[str, float] = {}
+    try:
+        js = nc.jetstream()
+        for mode, atomic in (("pipelined", False), ("atomic", True)):
+            publisher = BatchPublisher(js, atomic=atomic)
+            t0 = time.perf_counter()
+            for _ in range(0, n, BATCH):
+                msgs = []
+                for _ in range(BATCH):
+                    cmd = CreateSession(
+                        command_id=uuid.uuid4(),
+                        connection_id=uuid.uuid4(),
+                        tenant_id=uuid.uuid4(),
+                        generation=1,
+                        session_name="zb_bench_g1",
+                        requested_at=datetime.now(UTC),
+                    )
+                    hdrs = {headers.MSG_ID: str(cmd.command_id)}
+                    msgs.append(Outgoing(subject, command_encoder.encode(cmd), hdrs))
+                results = await publisher.publish(msgs)
+                failed = [r for r in results if isinstance(r, BaseException)]
+                if failed:
+                    raise RuntimeError(f"{len(failed)} {mode} publishes failed: {failed[0]!r}")
+            rates[mode] = n / (time.perf_counter() - t0)
+    finally:
+        await nc.close()
+    return rates
+
+
+def batched(nats_url: str, subject: str, n: int) -> dict[str, float]:
+    return asyncio.run(_batched(nats_url, subject, n))
+
+
 async def _measure(ctx: Ctx, lp: LoadProcess, label: str, rate: float | None) -> dict[str, Any]:
     """The create path on this ``ctx``'s NATS; latency at ``rate`` (half the capacity if None)."""
     scale = ctx.scale
@@ -87,7 +129,12 @@ async def _measure(ctx: Ctx, lp: LoadProcess, label: str, rate: float | None) ->
         floor = await lp.run(floor_closed, spec, scale.clients, duration)
         pubs = await lp.run(publish_acks, settings.nats_url, subject, scale.sequential_publishes)
         ctx.say(f"  floor {floor['rate']:.0f}/s; publish-ack p50 {ms(pubs['ack']['p50'])} ms")
-    return {"cap": cap, "lat": lat, "rate": rate, "floor": floor, "pubs": pubs}
+        batches = await lp.run(batched, settings.nats_url, subject, 10 * scale.sequential_publishes)
+        ctx.say(
+            f"  rounds of {BATCH}: pipelined {batches['pipelined']:.0f}/s,"
+            f" atomic {batches['atomic']:.0f}/s"
+        )
+    return {"cap": cap, "lat": lat, "rate": rate, "floor": floor, "pubs": pubs, "batches": batches}
 
 
 async def run(ctx: Ctx) -> Section:
@@ -121,7 +168,8 @@ def _section(ctx: Ctx, a: dict[str, Any], d: dict[str, Any]) -> Section:
         f"loop at one fixed rate (half the capacity measured on `always`) for {duration:.0f} s "
         "(latency), the floor of benchmark 1 (row insert + publish-ack, same clients), and "
         f"{ctx.scale.sequential_publishes:,} sequential publish-acks of a create command "
-        "(one client).",
+        f"(one client), then {10 * ctx.scale.sequential_publishes:,} in rounds of {BATCH}: "
+        "pipelined and as atomic batches (`zapbus/batchpub.py`).",
         ["measure", "sync_interval: always", "default (2 min)", "always / default"],
     )
     sec.row(
@@ -155,6 +203,12 @@ def _section(ctx: Ctx, a: dict[str, Any], d: dict[str, Any]) -> Section:
         num(d["pubs"]["rate"]),
         f"{ratio(a['pubs']['rate'], d['pubs']['rate']):.2f}",
     )
+    for mode, how in (
+        ("pipelined", "pipelined, acks awaited together"),
+        ("atomic", "atomic batches (one commit each)"),
+    ):
+        x, y = a["batches"][mode], d["batches"][mode]
+        sec.row(f"publishes/s in rounds of {BATCH}, {how}", num(x), num(y), f"{ratio(x, y):.2f}")
     errors = {
         k: v["lat"]["errors"] or v["cap"]["errors"] for k, v in (("always", a), ("default", d))
     }
