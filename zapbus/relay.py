@@ -31,7 +31,7 @@ from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.outbox")
 
-_BATCH = 200
+_BATCH = 500  # atomic batches take up to 1,000: one commit for a projector batch's changes
 _GATHER_SECONDS = 0.003
 _COUNT_EVERY_SECONDS = 1.0
 _PUBLISH_TIMEOUT_SECONDS = 3.0
