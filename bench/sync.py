@@ -25,7 +25,7 @@ from bench.load import CreateTarget, closed_loop, open_loop, summarize
 from bench.stats import Section, ms, num, ratio
 from proto import headers
 from proto.commands import CreateSession, command_encoder
-from zapbus.batchpub import BatchPublisher, Outgoing
+from zapbus.batchpub import BatchItem, BatchPublisher
 from zapbus.tools.localinfra import NatsServer
 
 
@@ -88,7 +88,7 @@ async def _batched(nats_url: str, subject: str, n: int) -> dict[str, float]:
                         requested_at=datetime.now(UTC),
                     )
                     hdrs = {headers.MSG_ID: str(cmd.command_id)}
-                    msgs.append(Outgoing(subject, command_encoder.encode(cmd), hdrs))
+                    msgs.append(BatchItem(subject, command_encoder.encode(cmd), hdrs))
                 results = await publisher.publish(msgs)
                 failed = [r for r in results if isinstance(r, BaseException)]
                 if failed:

@@ -13,7 +13,7 @@ from nats.js import JetStreamContext
 from nats.js import api as js_api
 
 from zapbus import bus
-from zapbus.batchpub import BatchPublisher, GroupCommit, Outgoing, Result
+from zapbus.batchpub import BatchItem, BatchPublisher, GroupCommit, Result
 from zapbus.config import Settings
 from zapbus.tools.localinfra import Infra
 
@@ -75,17 +75,17 @@ class CountingPublisher(BatchPublisher):
     atomic_batches = 0
     one_by_one = 0
 
-    async def _atomic(self, chunk: Sequence[Outgoing]) -> list[Result]:
+    async def _atomic(self, chunk: Sequence[BatchItem]) -> list[Result]:
         self.atomic_batches += 1
         return await super()._atomic(chunk)
 
-    async def _each(self, chunk: Sequence[Outgoing]) -> list[Result]:
+    async def _each(self, chunk: Sequence[BatchItem]) -> list[Result]:
         self.one_by_one += 1
         return await super()._each(chunk)
 
 
-def _msgs(b: Bus, ids: list[str]) -> list[Outgoing]:
-    return [Outgoing(b.subject, i.encode(), {"Nats-Msg-Id": i}) for i in ids]
+def _msgs(b: Bus, ids: list[str]) -> list[BatchItem]:
+    return [BatchItem(b.subject, i.encode(), {"Nats-Msg-Id": i}) for i in ids]
 
 
 async def test_a_batch_is_stored_with_one_commit_and_answers_each_message(

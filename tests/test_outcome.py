@@ -23,7 +23,7 @@ from proto.commands import Command, CreateSession, command_encoder, dead_letter_
 from services.session_worker.actions import Fail, Retry, action_for
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import Ack, GiveUp, HandBack, Nak, Outcome, Settler, Term
-from services.session_worker.publish import Publisher
+from services.session_worker.publish import FlowPublisher
 from services.session_worker.retry import RetryPolicy
 from tests.stack import wait_for
 from zapbus.config import Settings
@@ -37,7 +37,7 @@ WORKER = Path(__file__).resolve().parent.parent / "services" / "session_worker"
 class Bench:
     """A real command on the worker's own consumer, and a Settler to settle it."""
 
-    def __init__(self, settings: Settings, nc: Client, publisher: Publisher) -> None:
+    def __init__(self, settings: Settings, nc: Client, publisher: FlowPublisher) -> None:
         self.settings = settings
         self.names = settings.names
         self.js: JetStreamContext = nc.jetstream()
@@ -98,7 +98,7 @@ async def nc(settings: Settings) -> AsyncIterator[Client]:
 
 @pytest.fixture
 async def bench(settings: Settings, nc: Client) -> AsyncIterator[Bench]:
-    b = Bench(settings, nc, Publisher(nc.jetstream(), settings.names))
+    b = Bench(settings, nc, FlowPublisher(nc.jetstream(), settings.names))
     await b.consumer.open()
     yield b
     await b.consumer.close()
@@ -175,7 +175,7 @@ async def test_hand_back_queues_a_copy_that_keeps_the_attempts_spent(bench: Benc
     assert copy.data == first.data
 
 
-class _Unreachable(Publisher):
+class _Unreachable(FlowPublisher):
     async def copy(self, msg: Msg, cmd: Command, attempts_used: int) -> None:
         raise ConnectionError("JetStream unreachable")
 

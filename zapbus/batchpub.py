@@ -52,7 +52,7 @@ BATCH_COMMIT = "Nats-Batch-Commit"
 MSG_ID = "Nats-Msg-Id"
 
 
-class Outgoing(NamedTuple):
+class BatchItem(NamedTuple):
     subject: str
     payload: bytes
     headers: Mapping[str, str]
@@ -89,7 +89,7 @@ class BatchPublisher:
         self.atomic = supports_atomic(js) if atomic is None else atomic
         self.timeout = timeout
 
-    async def publish(self, msgs: Sequence[Outgoing]) -> list[Result]:
+    async def publish(self, msgs: Sequence[BatchItem]) -> list[Result]:
         """One result per message, in order: its PubAck, or the exception it failed with."""
         results: list[Result] = []
         for start in range(0, len(msgs), MAX_ATOMIC):
@@ -100,7 +100,7 @@ class BatchPublisher:
                 results.extend(await self._each(chunk))
         return results
 
-    async def _atomic_or_each(self, chunk: Sequence[Outgoing]) -> list[Result]:
+    async def _atomic_or_each(self, chunk: Sequence[BatchItem]) -> list[Result]:
         try:
             return await self._atomic(chunk)
         except APIError as exc:
@@ -117,7 +117,7 @@ class BatchPublisher:
         except nats.errors.Error as exc:
             return [exc] * len(chunk)
 
-    async def _atomic(self, chunk: Sequence[Outgoing]) -> list[Result]:
+    async def _atomic(self, chunk: Sequence[BatchItem]) -> list[Result]:
         batch = uuid.uuid4().hex
         last = len(chunk)
         for seq, msg in enumerate(chunk[:-1], 1):
@@ -140,7 +140,7 @@ class BatchPublisher:
         first = reply.seq - last + 1
         return [js_api.PubAck(stream=reply.stream, seq=first + i) for i in range(last)]
 
-    async def _each(self, chunk: Sequence[Outgoing]) -> list[Result]:
+    async def _each(self, chunk: Sequence[BatchItem]) -> list[Result]:
         return await asyncio.gather(
             *(
                 self.js.publish(m.subject, m.payload, timeout=self.timeout, headers=dict(m.headers))
@@ -167,7 +167,7 @@ class GroupCommit:
         self.stream_of = stream_of
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
-        self._queue: list[tuple[Outgoing, asyncio.Future[js_api.PubAck]]] = []
+        self._queue: list[tuple[BatchItem, asyncio.Future[js_api.PubAck]]] = []
         self._flushers: set[asyncio.Task[None]] = set()
 
     async def publish(
@@ -180,7 +180,7 @@ class GroupCommit:
         """Like ``JetStreamContext.publish``: the PubAck once the message is stored. A
         ``timeout`` bounds the wait (the batch may still be stored: retry with its id)."""
         future: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
-        self._queue.append((Outgoing(subject, payload, headers or {}), future))
+        self._queue.append((BatchItem(subject, payload, headers or {}), future))
         self._start_flush()
         if timeout is None:
             return await future
@@ -217,7 +217,7 @@ class GroupCommit:
             else:
                 future.set_result(result)
 
-    async def _publish(self, msgs: list[Outgoing]) -> list[Result]:
+    async def _publish(self, msgs: list[BatchItem]) -> list[Result]:
         """One result per message: each stream's messages as a batch of their own."""
         if self.stream_of is None:
             return await self._guarded(msgs)
@@ -233,7 +233,7 @@ class GroupCommit:
                 results[i] = result
         return results
 
-    async def _guarded(self, msgs: list[Outgoing]) -> list[Result]:
+    async def _guarded(self, msgs: list[BatchItem]) -> list[Result]:
         try:
             return await self.publisher.publish(msgs)
         except Exception as exc:

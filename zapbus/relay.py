@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto import headers
-from zapbus.batchpub import BatchPublisher, Outgoing
+from zapbus.batchpub import BatchItem, BatchPublisher
 from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.logs import fields
 from zapbus.supervisor import Stoppable
@@ -148,7 +148,7 @@ class OutboxRelay(Stoppable):
         for row in rows:
             hdrs: dict[str, str] = msgspec.json.decode(row["headers"])
             hdrs[headers.MSG_ID] = row["msg_id"]
-            outgoing.append(Outgoing(row["subject"], bytes(row["payload"]), hdrs))
+            outgoing.append(BatchItem(row["subject"], bytes(row["payload"]), hdrs))
         results = await self.publisher.publish(outgoing)
         now = datetime.now(UTC)
         relayed: list[dict[str, object]] = []

@@ -19,7 +19,7 @@ from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import Settler
 from services.session_worker.placement import PlacementPolicy
-from services.session_worker.publish import Publisher
+from services.session_worker.publish import FlowPublisher
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
 from services.session_worker.server_pool import ServerPool
@@ -104,7 +104,7 @@ def build_consumer(app: web.Application) -> CommandConsumer:
     # group commit: the events of concurrent commands share an atomic batch (one fsync with
     # sync_interval: always, instead of one per event: ~2,000 in a 1,000-session burst)
     group = GroupCommit(BatchPublisher(app[js_key]), stream_of=stream_of(settings.names))
-    publisher = Publisher(group, settings.names)
+    publisher = FlowPublisher(group, settings.names)
     deps = Deps(
         db=app[pool_key],
         publish=publisher,

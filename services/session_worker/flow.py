@@ -24,7 +24,7 @@ from services.session_worker.fence import Fence
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import GiveUp, Nak
 from services.session_worker.placement import PlacementPolicy, server_of
-from services.session_worker.publish import Publisher
+from services.session_worker.publish import FlowPublisher
 from services.session_worker.retry import RetryPolicy
 from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db
@@ -36,7 +36,7 @@ class Deps:
     """What the flows use, injected (``app.py`` builds it; tests can pass their own)."""
 
     db: asyncpg.Pool | None  # None: no database (a single server, nothing recorded)
-    publish: Publisher
+    publish: FlowPublisher
     names: Names
     servers: ServerPool
     placement: PlacementPolicy

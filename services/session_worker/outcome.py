@@ -29,7 +29,7 @@ from nats.aio.msg import Msg
 
 from proto.commands import Command, DeadLetter
 from services.session_worker.metrics import WorkerMetrics
-from services.session_worker.publish import Publisher
+from services.session_worker.publish import FlowPublisher
 
 log = logging.getLogger("zapbus.session_worker")
 
@@ -77,7 +77,7 @@ Outcome = Ack | Nak | Term | GiveUp | HandBack
 class Settler:
     """Turns an outcome into JetStream calls: the one place that settles a message."""
 
-    def __init__(self, publish: Publisher, metrics: WorkerMetrics, heartbeat_seconds: float):
+    def __init__(self, publish: FlowPublisher, metrics: WorkerMetrics, heartbeat_seconds: float):
         self.publish = publish
         self.metrics = metrics
         self.heartbeat_seconds = heartbeat_seconds

@@ -16,7 +16,7 @@ from zapbus import jsretry
 log = logging.getLogger("zapbus.session_worker")
 
 
-class Publisher:
+class FlowPublisher:
     def __init__(self, js: jsretry.Publisher, names: Names) -> None:
         """``js``: a batchpub.GroupCommit in the service (a JetStreamContext does too)."""
         self.js = js
