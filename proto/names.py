@@ -130,6 +130,24 @@ class Names(msgspec.Struct, frozen=True, kw_only=True):
         """The notifier's durable consumer of the changes stream (webhooks to tenants)."""
         return "notifier"
 
+    def stream_of(self, subject: str) -> str | None:
+        """The zapbus stream that stores ``subject``; None for a subject of no stream. An
+        atomic batch holds one stream's messages, so a publisher of several splits by this."""
+        if subject in (self.dead_letter_subject, self.max_deliveries_subject):
+            return (
+                self.dead_letter_stream
+                if subject == self.dead_letter_subject
+                else self.advisories_stream
+            )
+        for pattern, stream in (
+            (self.commands_subjects, self.commands_stream),
+            (self.events_subjects, self.events_stream),
+            (self.changes_subjects, self.changes_stream),
+        ):
+            if subject.startswith(pattern.removesuffix(">")):
+                return stream
+        return None
+
     @property
     def all_streams(self) -> tuple[str, ...]:
         return (

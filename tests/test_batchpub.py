@@ -4,6 +4,7 @@ fall-backs that keep per-message answers, and group commit of concurrent publish
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
+from proto.names import Names
 from zapbus import bus
 from zapbus.batchpub import BatchItem, BatchPublisher, GroupCommit, Result
 from zapbus.config import Settings
@@ -171,14 +173,16 @@ async def test_migrate_allows_atomic_publishes_where_the_server_has_them(
 
 async def test_group_commit_batches_each_stream_apart(atomic_bus: Bus, namespace: str) -> None:
     """An atomic batch holds one stream's messages: the worker publishes events, commands and
-    dead letters through one GroupCommit, which splits each round by stream."""
+    dead letters through one GroupCommit, whose publisher splits each round by stream."""
     other = f"{namespace}_OTHER".upper()
     await atomic_bus.js.add_stream(
         js_api.StreamConfig(name=other, subjects=[f"{namespace}.other"], allow_atomic=True)
     )
     try:
-        publisher = CountingPublisher(atomic_bus.js)
-        group = GroupCommit(publisher, stream_of=lambda subject: subject.rsplit(".", 1)[1])
+        publisher = CountingPublisher(
+            atomic_bus.js, stream_of=lambda subject: subject.rsplit(".", 1)[1]
+        )
+        group = GroupCommit(publisher)
         subjects = [atomic_bus.subject, f"{namespace}.other"] * 20
         acks = await asyncio.gather(
             *(
@@ -190,3 +194,45 @@ async def test_group_commit_batches_each_stream_apart(atomic_bus: Bus, namespace
         assert publisher.one_by_one == 0 and publisher.atomic_batches == 2
     finally:
         await atomic_bus.js.delete_stream(other)
+
+
+async def test_a_list_of_two_streams_goes_out_as_one_atomic_batch_per_stream(
+    atomic_bus: Bus, namespace: str
+) -> None:
+    """The outbox relay's pass holds commands and changes (a create queues both). Sent as one
+    atomic batch, the server refuses it as incomplete (the other stream's messages are a gap
+    in it) and every message then costs a store of its own; split by stream, each stream's
+    messages are one batch, in their order."""
+    other = f"{namespace}_OTHER".upper()
+    await atomic_bus.js.add_stream(
+        js_api.StreamConfig(name=other, subjects=[f"{namespace}.other"], allow_atomic=True)
+    )
+    names = {atomic_bus.subject: atomic_bus.stream, f"{namespace}.other": other}
+    try:
+        publisher = CountingPublisher(atomic_bus.js, stream_of=names.get)
+        msgs = [
+            BatchItem(subject, f"{subject}:{i}".encode(), {"Nats-Msg-Id": f"x{i}"})
+            for i, subject in enumerate([atomic_bus.subject, f"{namespace}.other"] * 150)
+        ]
+        results = await publisher.publish(msgs)
+        assert [r.stream for r in results if isinstance(r, js_api.PubAck)] == [
+            atomic_bus.stream,
+            other,
+        ] * 150, results[:3]
+        assert (publisher.atomic_batches, publisher.one_by_one) == (2, 0)
+        stored = [m.data for m in await atomic_bus.stored()]
+        assert stored == [f"{atomic_bus.subject}:{i}".encode() for i in range(0, 300, 2)]
+    finally:
+        await atomic_bus.js.delete_stream(other)
+
+
+def test_every_zapbus_subject_names_its_stream() -> None:
+    names = Names(namespace="zb", event_partitions=4)
+    conn = uuid.uuid4()
+    assert names.stream_of(names.command_subject("create")) == names.commands_stream
+    assert names.stream_of(names.event_subject("qr", conn)) == names.events_stream
+    assert names.stream_of(names.change_subject(conn)) == names.changes_stream
+    assert names.stream_of(names.dead_letter_subject) == names.dead_letter_stream
+    assert names.stream_of(names.max_deliveries_subject) == names.advisories_stream
+    assert names.stream_of("zb.somewhere.else") is None
+    assert names.stream_of("zbx.cmd.session.create") is None  # another namespace

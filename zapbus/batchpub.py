@@ -19,9 +19,12 @@ together, each message then getting its own answer:
 - a commit that timed out: the batch may be stored, so it is re-sent one by one only when
   every message has a ``Nats-Msg-Id`` (the duplicates are then dropped); else it failed.
 
+A list that mixes streams is split by stream (``stream_of``): the server takes an atomic batch
+for one stream only and refuses a mixed one as incomplete.
+
 ``GroupCommit`` collects the publishes of concurrent callers (webhook requests) into such
-batches: one batch in flight at a time, the next one gathering whatever arrived meanwhile, so
-batches grow with the load and a lone request goes out at once.
+batches: a few batches in flight at a time, the next one gathering whatever arrived meanwhile,
+so batches grow with the load and a lone request goes out at once.
 """
 
 from __future__ import annotations
@@ -80,17 +83,50 @@ class BatchPublisher:
     """Publishes lists of messages bound for one stream (see the module's docstring)."""
 
     def __init__(
-        self, js: JetStreamContext, atomic: bool | None = None, timeout: float = 3.0
+        self,
+        js: JetStreamContext,
+        atomic: bool | None = None,
+        timeout: float = 3.0,
+        stream_of: Callable[[str], str | None] | None = None,
     ) -> None:
         """``atomic`` None: tried where the server has atomic batches (2.12+); a stream that
-        does not allow them turns them off at the first refusal."""
+        does not allow them turns them off at the first refusal. ``stream_of``: a subject's
+        stream (``Names.stream_of``), for callers whose lists mix streams (the outbox relay
+        sends commands and changes, the worker events, commands and dead letters): an atomic
+        batch holds one stream's messages, the server refuses a mixed one as incomplete (its
+        messages for the other stream are a gap). None: every list is for one stream."""
         self.js = js
         self.nc: NATS = js._nc
         self.atomic = supports_atomic(js) if atomic is None else atomic
         self.timeout = timeout
+        self.stream_of = stream_of
 
     async def publish(self, msgs: Sequence[BatchItem]) -> list[Result]:
-        """One result per message, in order: its PubAck, or the exception it failed with."""
+        """One result per message, in order: its PubAck, or the exception it failed with.
+        Each stream's messages keep their order and go out as batches of their own, the
+        streams side by side."""
+        streams: dict[str, list[int]] = {}
+        if self.stream_of is not None:
+            for i, msg in enumerate(msgs):
+                streams.setdefault(self.stream_of(msg.subject) or msg.subject, []).append(i)
+        if len(streams) <= 1:
+            return await self._one_stream(msgs)
+        results: list[Result] = [nats.errors.Error("not published")] * len(msgs)
+        answers = await asyncio.gather(
+            *(self._guarded([msgs[i] for i in where]) for where in streams.values())
+        )
+        for where, answer in zip(streams.values(), answers, strict=True):
+            for i, result in zip(where, answer, strict=True):
+                results[i] = result
+        return results
+
+    async def _guarded(self, msgs: Sequence[BatchItem]) -> list[Result]:
+        try:
+            return await self._one_stream(msgs)
+        except Exception as exc:  # one stream's failure leaves the others' answers
+            return [exc] * len(msgs)
+
+    async def _one_stream(self, msgs: Sequence[BatchItem]) -> list[Result]:
         results: list[Result] = []
         for start in range(0, len(msgs), MAX_ATOMIC):
             chunk = msgs[start : start + MAX_ATOMIC]
@@ -159,12 +195,9 @@ class GroupCommit:
         publisher: BatchPublisher,
         max_batch: int = MAX_ATOMIC,
         max_in_flight: int = 4,
-        stream_of: Callable[[str], str] | None = None,
     ) -> None:
-        """``stream_of``: a subject's stream, when the callers publish to several (an atomic
-        batch holds one stream's messages); None: one stream."""
+        """Callers publishing to several streams need a ``publisher`` with ``stream_of``."""
         self.publisher = publisher
-        self.stream_of = stream_of
         self.max_batch = max_batch
         self.max_in_flight = max_in_flight
         self._queue: list[tuple[BatchItem, asyncio.Future[js_api.PubAck]]] = []
@@ -218,22 +251,6 @@ class GroupCommit:
                 future.set_result(result)
 
     async def _publish(self, msgs: list[BatchItem]) -> list[Result]:
-        """One result per message: each stream's messages as a batch of their own."""
-        if self.stream_of is None:
-            return await self._guarded(msgs)
-        streams: dict[str, list[int]] = {}
-        for i, msg in enumerate(msgs):
-            streams.setdefault(self.stream_of(msg.subject), []).append(i)
-        results: list[Result] = [nats.errors.Error("not published")] * len(msgs)
-        answers = await asyncio.gather(
-            *(self._guarded([msgs[i] for i in where]) for where in streams.values())
-        )
-        for where, answer in zip(streams.values(), answers, strict=True):
-            for i, result in zip(where, answer, strict=True):
-                results[i] = result
-        return results
-
-    async def _guarded(self, msgs: list[BatchItem]) -> list[Result]:
         try:
             return await self.publisher.publish(msgs)
         except Exception as exc:

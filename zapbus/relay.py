@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto import headers
+from proto.names import Names
 from zapbus.batchpub import BatchItem, BatchPublisher
 from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.logs import fields
@@ -69,12 +70,16 @@ class OutboxRelay(Stoppable):
         pool: asyncpg.Pool,
         js: JetStreamContext,
         metrics: OutboxMetrics,
+        names: Names,
         poll_seconds: float = 1.0,
     ) -> None:
         super().__init__()
         self.pool = pool
         self.js = js
-        self.publisher = BatchPublisher(js, timeout=_PUBLISH_TIMEOUT_SECONDS)
+        # a pass holds commands and changes (a create queues both): one batch per stream
+        self.publisher = BatchPublisher(
+            js, timeout=_PUBLISH_TIMEOUT_SECONDS, stream_of=names.stream_of
+        )
         self.metrics = metrics
         self.poll_seconds = poll_seconds
         self._counted_at = 0.0

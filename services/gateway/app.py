@@ -30,6 +30,7 @@ def _build_relay(app: web.Application) -> OutboxRelay:
         app[pool_key],
         app[js_key],
         OutboxMetrics(app[registry_key]),
+        app[settings_key].names,
         poll_seconds=app[settings_key].outbox_poll_seconds,
     )
     app[relay_key] = relay

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
-from proto.names import Names
 from services.session_worker.consumer import CommandConsumer
 from services.session_worker.drift import ReconcilePolicy
 from services.session_worker.fence import Fence
@@ -82,19 +81,6 @@ async def servers_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[servers_key].close()
 
 
-def stream_of(names: Names) -> Callable[[str], str]:
-    """The stream of a subject the worker publishes to (events, commands, dead letters)."""
-    prefixes = [
-        (names.events_subjects.removesuffix(">"), names.events_stream),
-        (names.commands_subjects.removesuffix(">"), names.commands_stream),
-    ]
-
-    def of(subject: str) -> str:
-        return next((stream for p, stream in prefixes if subject.startswith(p)), subject)
-
-    return of
-
-
 def build_consumer(app: web.Application) -> CommandConsumer:
     settings = app[settings_key]
     metrics = app[metrics_key]
@@ -103,7 +89,7 @@ def build_consumer(app: web.Application) -> CommandConsumer:
     app[holds_key] = holds
     # group commit: the events of concurrent commands share an atomic batch (one fsync with
     # sync_interval: always, instead of one per event: ~2,000 in a 1,000-session burst)
-    group = GroupCommit(BatchPublisher(app[js_key]), stream_of=stream_of(settings.names))
+    group = GroupCommit(BatchPublisher(app[js_key], stream_of=settings.names.stream_of))
     publisher = FlowPublisher(group, settings.names)
     deps = Deps(
         db=app[pool_key],

@@ -23,6 +23,8 @@ from zapbus.consumer import DurableConsumer
 
 log = logging.getLogger("zapbus.session_worker")
 
+_FETCH_BATCH = 500
+
 
 class CommandConsumer:
     def __init__(
@@ -59,7 +61,10 @@ class CommandConsumer:
                 if free <= 0:
                     await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                     continue
-                msgs = await self.consumer.fetch(min(free, 100), self.fetch_timeout)
+                # Up to 500 at a time: in a burst each fetch and its fence query wait their
+                # turn on a loop busy with the commands already running (100 at a time took
+                # ~100-170 ms each there; the commands waited 300 ms in the stream at p50).
+                msgs = await self.consumer.fetch(min(free, _FETCH_BATCH), self.fetch_timeout)
                 await self.handler.prime(msgs)
                 for msg in msgs:
                     metrics.started.labels(command_kind(msg.subject)).inc()
