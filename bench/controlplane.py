@@ -230,11 +230,12 @@ async def _fleet(ctx: Ctx, n: int) -> dict[str, Any]:
         webhook_port = free_port()
         procs.service(base, "webhook", port=webhook_port)
         procs.service(base, "gateway")
-        procs.service(base, "projector", **every)
+        procs.service(base, "projector", port=free_port(), **every)
         procs.service(base, "notifier")
         procs.service(
             base,
             "session_worker",
+            port=free_port(),
             ZAPBUS_BAILEYS_URLS=urls,
             ZAPBUS_WEBHOOK_PUBLIC_URL=f"http://127.0.0.1:{webhook_port}",
             **every,

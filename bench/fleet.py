@@ -46,7 +46,7 @@ def _wheel() -> list[str]:
 
 async def load(conn: asyncpg.Connection, n: int, servers: list[str]) -> uuid.UUID:
     """``n`` connections of a new tenant (its id) over ``servers``; VACUUM ANALYZE."""
-    tenant = await conn.fetchval(
+    tenant: uuid.UUID = await conn.fetchval(
         "INSERT INTO tenants (id, name, api_key_hash) VALUES (gen_random_uuid(),"
         " 'fleet-' || gen_random_uuid(), sha256(gen_random_uuid()::text::bytea)) RETURNING id"
     )
