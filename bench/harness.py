@@ -42,6 +42,7 @@ SERVICE_PORTS = {
     "webhook": "ZAPBUS_WEBHOOK_PORT",
     "session_worker": "ZAPBUS_WORKER_PORT",
     "projector": "ZAPBUS_PROJECTOR_PORT",
+    "notifier": "ZAPBUS_NOTIFIER_PORT",
 }
 
 
@@ -65,6 +66,13 @@ class Scale:
     scale_s: float = 10.0  # each window of the cluster and scale-out benchmark
     inflight_publishes: int = 5000  # its publish-acks with 200 in flight
     quiet_s: float = 90.0  # how long a run may wait in all for others' load to pass
+    # the control plane at rest: fleet sizes, the CPU window, the wait before it, placements
+    # timed, runs of each sweep timed
+    controlplane_sizes: tuple[int, ...] = (1000, 10_000, 100_000)
+    controlplane_window_s: float = 60.0
+    controlplane_settle_s: float = 10.0
+    controlplane_placements: int = 100
+    controlplane_runs: int = 3
 
     @classmethod
     def quick(cls) -> Scale:
@@ -87,6 +95,11 @@ class Scale:
             scale_s=1.0,
             inflight_publishes=400,
             quiet_s=0.0,
+            controlplane_sizes=(100, 1000),
+            controlplane_window_s=1.0,
+            controlplane_settle_s=0.5,
+            controlplane_placements=5,
+            controlplane_runs=1,
         )
 
 

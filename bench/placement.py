@@ -6,8 +6,9 @@ new ones with ``placement.place`` (the worker's call: an advisory lock, the load
 server, the choice, the inserts), sequentially and from concurrent tasks, and prints the
 latency of one placement (p50, p99) and placements per second. Placements are serialized by
 their lock, so the concurrent figure is the ceiling of the whole deployment, not of one
-worker. ``--no-refresh`` leaves out the pool manager's count (refreshed every second as in
-production): each placement then counts every live connection itself.
+worker. ``--no-refresh`` leaves out the pool manager's fold of the counts' changes (every
+second in production, ``zapbus/counts.py``): each placement then adds up every change made
+since the run began.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from datetime import UTC, datetime
 import asyncpg
 
 from proto.commands import CreateSession
-from services.session_worker import placement
-from services.session_worker.placement import REFRESH_COUNTS, Placed, PlacementPolicy, place
+from services.session_worker.placement import Placed, PlacementPolicy, place
 from zapbus import db
+from zapbus.counts import FOLD
 from zapbus.servers import ServerSpec
 
 
@@ -59,11 +60,9 @@ async def load(pool: asyncpg.Pool, live: int, servers: list[str], new: int) -> l
 
 
 async def refresh(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
-    """What the pool manager does every tick: count the placements under the lock."""
+    """What the pool manager does every tick: fold the counts' changes."""
     while not stop.is_set():
-        async with pool.acquire() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", placement.LOCK_ID)
-            await conn.execute(REFRESH_COUNTS)
+        await pool.execute(FOLD)
         try:
             await asyncio.wait_for(stop.wait(), 1.0)
         except TimeoutError:
@@ -121,7 +120,7 @@ async def run(
         refresher = asyncio.create_task(refresh(pool, stop)) if counted else None
         print(
             f"{live:,} live connections on {servers} servers; {placements} placements a run;"
-            f" {'with' if counted else 'without'} the pool manager's count"
+            f" {'with' if counted else 'without'} the pool manager's fold of the counts"
         )
         print("concurrency  p50 ms  p99 ms  placements/s")
         for n, concurrency in enumerate(runs):

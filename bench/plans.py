@@ -195,17 +195,19 @@ class _Rollback(Exception):
         self.plan = plan
 
 
+async def explain(conn: asyncpg.Connection, name: str, sql: str, args: list[Any]) -> Plan:
+    """``EXPLAIN ANALYZE`` of one statement, in a transaction rolled back (it may write)."""
+    try:
+        async with conn.transaction():
+            raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
+            doc = json.loads(raw)[0]
+            raise _Rollback(Plan(name, _nodes(doc["Plan"]), doc["Execution Time"]))
+    except _Rollback as done:
+        return done.plan
+
+
 async def explain_all(conn: asyncpg.Connection, s: Sample) -> list[Plan]:
-    plans = []
-    for name, (sql, args) in queries(s).items():
-        try:
-            async with conn.transaction():  # EXPLAIN ANALYZE runs the DELETE: roll it back
-                raw = await conn.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {sql}", *args)
-                doc = json.loads(raw)[0]
-                raise _Rollback(Plan(name, _nodes(doc["Plan"]), doc["Execution Time"]))
-        except _Rollback as done:
-            plans.append(done.plan)
-    return plans
+    return [await explain(conn, name, sql, args) for name, (sql, args) in queries(s).items()]
 
 
 async def with_schema(dsn: str, history: int, report: Callable[[str], None]) -> list[Plan]:

@@ -12,19 +12,8 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
 
-from zapbus.connection import states
-
 _NAME = re.compile(r"^[A-Za-z0-9\[][A-Za-z0-9._:\[\]-]{0,62}$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
-
-# zapbus's live placements per server (placement, the pool manager, ``zapbus server list``):
-# as the partial index connections_placed (a literal list, which the planner matches to the
-# index's predicate), so the count reads only that index
-PLACED_COUNTS = (
-    "SELECT server, count(*) AS n FROM connections"
-    f" WHERE server IS NOT NULL AND status NOT IN {states.sql_list(states.TERMINAL)}"
-    " GROUP BY server"
-)
 
 
 @dataclass(frozen=True, kw_only=True)

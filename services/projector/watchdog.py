@@ -17,17 +17,21 @@ Deletes are re-driven the same way: every delete zapbus queued is tracked in
 ``session_deletes`` until the worker reports the session gone; one still there after
 ``deadline`` is published again (the reconciler is the backstop for the rest).
 
-It also refreshes the ``zapbus_connections`` gauge (connections by state).
+It also refreshes the ``zapbus_connections`` gauge (connections by state) from the counts the
+triggers of migration 016 keep (``zapbus/counts.py``), folding their changes in. A sweep reads
+only the watched rows, along partial indexes (``connections_live_status``,
+``connections_unlinked_reconnecting``): its cost follows the stuck, not the fleet.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto.commands import CreateSession, DeleteSession
 from proto.names import Names
@@ -36,6 +40,8 @@ from zapbus.connection import states
 from zapbus.connection.machine import Forced
 from zapbus.connection.states import Status
 from zapbus.connection.writer import record, transition
+from zapbus.counts import FOLD, STATUS_COUNTS
+from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_delete
 from zapbus.supervisor import Stoppable
@@ -44,6 +50,30 @@ log = logging.getLogger("zapbus.watchdog")
 
 _LOCK_ID = 0x7A627764  # "zbwd"
 _STUCK = sorted(states.STUCK)
+# What the watchdog watches, as literal lists the planner matches to the partial indexes
+# connections_live_status and connections_unlinked_reconnecting (a bound list cannot be);
+# ``status_changed_at < $1`` repeats what the greatest() implies, as an index condition.
+_WATCHED = (
+    f"(status IN {states.sql_list(states.STUCK)}"
+    f" OR (status IN {states.sql_list({Status.RECONNECTING})} AND qr_seq = 0))"
+)
+STUCK_ROWS = (
+    "SELECT id, tenant_id, generation, session_name, status, status_reason,"
+    " command_id, redrives, phone_number FROM connections"
+    # reconnecting before any QR: closes before the first QR, WhatsApp unreachable
+    f" WHERE {_WATCHED} AND status_changed_at < $1"
+    " AND greatest(status_changed_at, last_event_at) < $1"
+    " AND (held_until IS NULL OR held_until < now())"
+    # waiting for room on a Baileys server: queued, not stuck (the pool manager queues the
+    # create again as room frees)
+    " AND placement_wait_since IS NULL"
+    " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED"
+)
+STUCK_COUNTS = (
+    "SELECT status, count(*) AS n FROM connections"
+    f" WHERE status IN {states.sql_list(states.STUCK)} AND status_changed_at < $1"
+    " AND greatest(status_changed_at, last_event_at) < $1 GROUP BY status"
+)
 # A delete that never completes (a server that refuses it for good) stops being re-driven
 # after this many tries; it stays listed in session_deletes and counted.
 _MAX_DELETE_REDRIVES = 10
@@ -67,6 +97,12 @@ class WatchdogMetrics:
             "zapbus_connections_stuck",
             "Connections in pending/creating/awaiting_qr past the watchdog deadline.",
             ["status"],
+            registry=registry,
+        )
+        self.sweep = Histogram(
+            "zapbus_watchdog_sweep_seconds",
+            "Time of one watchdog sweep (gauges, stuck rows, unfinished deletes).",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
 
@@ -98,25 +134,15 @@ class Watchdog(Stoppable):
             await self.pause(self.interval)
 
     async def sweep(self) -> None:
+        started = time.perf_counter()
+        # the counts' changes folded in a transaction of their own, so that the sweep's
+        # transaction holds no count row
+        await self.pool.execute(FOLD)
         async with self.pool.acquire() as conn, conn.transaction():
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK_ID):
                 return  # another replica is sweeping
             await self._refresh_gauges(conn)
-            rows = await conn.fetch(
-                "SELECT id, tenant_id, generation, session_name, status, status_reason,"
-                " command_id, redrives, phone_number"
-                " FROM connections"
-                " WHERE (status = ANY($1::text[]) OR (status = $3 AND qr_seq = 0))"
-                " AND greatest(status_changed_at, last_event_at) < $2"
-                " AND (held_until IS NULL OR held_until < now())"
-                # waiting for room on a Baileys server: queued, not stuck (the pool
-                # manager queues the create again as room frees)
-                " AND placement_wait_since IS NULL"
-                " ORDER BY status_changed_at LIMIT 500 FOR UPDATE SKIP LOCKED",
-                states.values(states.STUCK),
-                datetime.now(UTC) - self.deadline,
-                Status.RECONNECTING.value,  # closes before any QR: WhatsApp unreachable
-            )
+            rows = await conn.fetch(STUCK_ROWS, datetime.now(UTC) - self.deadline)
             redriven = failed = 0
             for row in rows:
                 status = Status(row["status"])
@@ -131,6 +157,7 @@ class Watchdog(Stoppable):
         self.metrics.actions.labels("delete_redriven").inc(deletes)
         self.metrics.actions.labels("redriven").inc(redriven)
         self.metrics.actions.labels("timed_out").inc(failed)
+        self.metrics.sweep.observe(time.perf_counter() - started)
 
     async def _redrive(self, conn: asyncpg.Connection, row: asyncpg.Record) -> None:
         attempt = row["redrives"] + 1
@@ -277,22 +304,12 @@ class Watchdog(Stoppable):
         )
 
     async def _refresh_gauges(self, conn: asyncpg.Connection) -> None:
-        counts = {
-            r["status"]: r["n"]
-            for r in await conn.fetch(
-                "SELECT status, count(*) AS n FROM connections GROUP BY status"
-            )
-        }
+        counts = {r["status"]: r["n"] for r in await conn.fetch(STATUS_COUNTS)}
         for status in Status:
             self.metrics.connections.labels(status.value).set(counts.get(status.value, 0))
         stuck = {
             r["status"]: r["n"]
-            for r in await conn.fetch(
-                "SELECT status, count(*) AS n FROM connections WHERE status = ANY($1::text[])"
-                " AND greatest(status_changed_at, last_event_at) < $2 GROUP BY status",
-                states.values(states.STUCK),
-                datetime.now(UTC) - self.deadline,
-            )
+            for r in await conn.fetch(STUCK_COUNTS, datetime.now(UTC) - self.deadline)
         }
         for status in _STUCK:
             self.metrics.stuck.labels(status.value).set(stuck.get(status.value, 0))

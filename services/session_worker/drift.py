@@ -13,12 +13,17 @@ Kinds of drift, and the repair each gets (``reconciler.py`` carries them out):
 * ``state``: the server's state contradicts the row -> a status event through the projector;
 * ``unknown``: named like zapbus's sessions but no connection here -> counted, deleted only when
   configured to (another deployment may share the server).
+
+A sweep of a fleet at rest finds no drift, so it need not read every row: ``narrow`` compares
+what the server lists with the wanted sessions' names and states (which Postgres reads from one
+index) and names the few connections whose rows ``compute`` must see in full.
 """
 
 from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 
 import msgspec
@@ -97,22 +102,57 @@ class Drift(msgspec.Struct, frozen=True, kw_only=True):
     misses: dict[uuid.UUID, int]
 
 
-def _state_report(row: RowView, state: str | None) -> tuple[str, str] | None:
-    """The status event to send when the server's ``state`` contradicts the row, else None."""
+def _state_report(status: Status, state: str | None) -> tuple[str, str] | None:
+    """The status event to send when the server's ``state`` contradicts a row in ``status``,
+    else None."""
     if state is None:
         return None
     target = state_for_report(state, None, None)
-    if target is None or target == row.status:
+    if target is None or target == status:
         return None
     why = f"server reports {state!r}"
     if target == Status.CONNECTED:
         return state, why
     if target in TERMINAL:
         return state, why
-    if row.status == Status.CONNECTED:
+    if status == Status.CONNECTED:
         # Connected here, not there: the session dropped and nobody told us.
         return RECONNECTING_WORD, why
     return None  # e.g. qr_ready here, "connecting" there: the same phase in other words
+
+
+def _id_hex(name: str) -> str:
+    """The connection id (hex) a zapbus session name carries (a slice: no parsing)."""
+    return name[3:35]
+
+
+def narrow(
+    wanted: Mapping[str, Status], observed: Observed, missed: Iterable[uuid.UUID] = ()
+) -> tuple[set[uuid.UUID], Observed]:
+    """The connections a sweep must read in full, and what the server holds of them.
+
+    ``wanted``: session name -> row state of every wanted session placed on the server (or,
+    in a pool of one, not placed); ``missed``: rows whose session an earlier sweep missed.
+    Anything ``compute`` could report is about one of the connections returned: a listed name
+    not wanted there (orphan, unknown, superseded, placed elsewhere), a wanted one the server
+    reports in a contradicting state, a wanted one missing, and the missed ones (their count
+    goes back to 0). ``observed`` is cut down to the sessions of those connections, so that
+    ``compute`` on their rows finds what it would find on every row."""
+    ids = set(missed)
+    for name, state in observed.sessions.items():
+        status = wanted.get(name)
+        if status is None or _state_report(status, state) is not None:
+            parsed = parse_session_name(name)
+            if parsed is not None:
+                ids.add(parsed[0])
+    for name in wanted:
+        if name not in observed.sessions and observed.knows(name):
+            parsed = parse_session_name(name)
+            if parsed is not None:
+                ids.add(parsed[0])
+    hexes = {i.hex for i in ids}
+    kept = {n: s for n, s in observed.sessions.items() if _id_hex(n) in hexes}
+    return ids, msgspec.structs.replace(observed, sessions=kept)
 
 
 def compute(
@@ -183,7 +223,7 @@ def compute(
             )
             continue
         if row.status in WANTED_LIVE and row.status_changed_at < observed.at:
-            report = _state_report(row, state)
+            report = _state_report(row.status, state)
             if report is not None:
                 items.append(
                     DriftItem(

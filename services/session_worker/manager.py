@@ -14,7 +14,11 @@ connection, so a replica that wakes up after losing it writes nothing) also
   moved to the others (``moves.py``), at most ``baileys_failover_per_second``;
 * drains with ``--move``: one connection at a time, the next only once the previous one is
   live again elsewhere (``qr_ready``, ``code_ready``, ``pairing``, ``connected``, or ended);
-* queues again, oldest first, the creates waiting for room, as many as there is room for.
+* queues again, oldest first, the creates waiting for room, as many as there is room for;
+* folds the changes of the connection counts (``zapbus/counts.py``) into the counts.
+
+Nothing in a tick counts every connection: each server's placements come from the counts,
+the creates not placed yet and the waiting ones from partial indexes.
 """
 
 from __future__ import annotations
@@ -22,26 +26,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import asyncpg
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto.commands import CreateSession
 from proto.names import Names
-from services.session_worker import placement
 from services.session_worker.moves import move_connection
-from services.session_worker.placement import REFRESH_COUNTS, PlacementPolicy, pool_views
+from services.session_worker.placement import PlacementPolicy, pool_views
 from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db
 from zapbus.connection import states
 from zapbus.connection.states import TERMINAL, Status
+from zapbus.counts import COUNTS, FOLD, PLACED_COUNTS
+from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox
-from zapbus.servers import PLACED_COUNTS
 from zapbus.supervisor import Stoppable
 
 log = logging.getLogger("zapbus.pool")
@@ -51,6 +56,16 @@ _REQUEUE_AFTER_SECONDS = 15.0
 # placed and not ended, as the partial index connections_placed (a literal list: the planner
 # matches it to the index's predicate)
 _PLACED = f"status NOT IN {states.sql_list(TERMINAL)}"
+# creates waiting for room, along the partial index connections_waiting
+WAITING = (
+    "SELECT count(*) FROM connections WHERE placement_wait_since IS NOT NULL"
+    " AND status = ANY($1::text[])"
+)
+# creates not placed yet, read along the partial index connections_live_status
+UNPLACED = (
+    "SELECT count(*) FROM connections WHERE server IS NULL"
+    f" AND status IN {states.sql_list(states.AWAITING_CREATE)}"
+)
 
 
 class ServerPoolMetrics:
@@ -93,6 +108,12 @@ class ServerPoolMetrics:
         self.requeued = Counter(
             "zapbus_pool_requeued_creates_total",
             "Waiting creates queued again as room freed.",
+            registry=registry,
+        )
+        self.tick = Histogram(
+            "zapbus_pool_tick_seconds",
+            "Time of one pool manager tick (leading or not; probes included when due).",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         for name in names:
@@ -148,10 +169,12 @@ class ServerPoolManager(Stoppable):
     async def run(self) -> None:
         try:
             while not self.stopping:
+                started = time.perf_counter()
                 try:
                     await self.step()
                 except (*db.UNAVAILABLE, LeaseLost) as exc:
                     log.warning("pool manager step failed: %s", exc)
+                self.metrics.tick.observe(time.perf_counter() - started)
                 await self.pause(self.tick)
         finally:
             await self._step_down()
@@ -201,9 +224,7 @@ class ServerPoolManager(Stoppable):
         if loop.time() - self._last_probe >= self.health_interval:
             self._last_probe = loop.time()
             await self._probe_all(conn)
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", placement.LOCK_ID)
-            await conn.execute(REFRESH_COUNTS)
+        await conn.execute(FOLD)  # the counts' changes since the last tick
         now: datetime = await conn.fetchval("SELECT now()")
         self._room = await self._room_elsewhere(conn, now)
         await self._fail_over(conn, now)
@@ -239,8 +260,8 @@ class ServerPoolManager(Stoppable):
                 await conn.execute(
                     "UPDATE baileys_servers SET up_since = CASE WHEN up IS false"
                     " THEN now() ELSE up_since END, up = true, sessions = $2,"
-                    " sessions_ours = (SELECT count(*) FROM connections WHERE server = $1"
-                    " AND status = ANY($3::text[])),"
+                    f" sessions_ours = (SELECT coalesce(sum(n), 0) FROM {COUNTS} c"
+                    " WHERE server = $1 AND status = ANY($3::text[])),"
                     " checked_at = now(), down_since = NULL, updated_at = now()"
                     " WHERE name = $1",
                     server.name,
@@ -286,10 +307,7 @@ class ServerPoolManager(Stoppable):
             for v in views
             if not v.drained and v.up is not False and not v.refusing
         )
-        unplaced = await conn.fetchval(
-            "SELECT count(*) FROM connections WHERE server IS NULL AND status = ANY($1::text[])",
-            states.values(states.AWAITING_CREATE),
-        )
+        unplaced = await conn.fetchval(UNPLACED)
         return float(room - unplaced)
 
     def _take_room(self, server: str, why: str) -> bool:
@@ -467,9 +485,5 @@ class ServerPoolManager(Stoppable):
             self.metrics.placements.labels(name).set(placed.get(name, 0))
             self.metrics.drained.labels(name).set(1 if row is not None and row["drained"] else 0)
         self.metrics.waiting.set(
-            await self.pool.fetchval(
-                "SELECT count(*) FROM connections WHERE placement_wait_since IS NOT NULL"
-                " AND status = ANY($1::text[])",
-                states.values(states.AWAITING_CREATE),
-            )
+            await self.pool.fetchval(WAITING, states.values(states.AWAITING_CREATE))
         )

@@ -26,22 +26,16 @@ from proto.names import Names
 from zapbus.connection import states
 from zapbus.connection.machine import Forced
 from zapbus.connection.writer import KEEP_REASON, record, transition
+from zapbus.counts import PLACED_COUNTS
 from zapbus.outbox import insert_outbox, queue_delete
-from zapbus.servers import PLACED_COUNTS, ServerSpec
+from zapbus.servers import ServerSpec
 
-LOCK_ID = 0x7A62706C  # "zbpl": every placement, and the pool manager's count
+LOCK_ID = 0x7A62706C  # "zbpl": every placement among several servers (or under a cap)
 WAITING_PREFIX = "waiting for a Baileys server: "
 _SERVERS = (
-    "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since, placed,"
-    " placed_counted_at, create_failed_at FROM baileys_servers"
+    "SELECT name, drained, up, sessions, sessions_ours, checked_at, up_since,"
+    " create_failed_at FROM baileys_servers"
 )
-_SINCE = "SELECT server, count(*) AS n FROM placements WHERE placed_at > $1 GROUP BY server"
-# the pool manager's count, taken under the placement lock (so no placement is in flight)
-REFRESH_COUNTS = f"""
-UPDATE baileys_servers b SET placed = coalesce(c.n, 0), placed_counted_at = clock_timestamp()
-FROM baileys_servers s LEFT JOIN ({PLACED_COUNTS}) c ON c.server = s.name
-WHERE b.name = s.name
-"""
 
 
 @dataclass(frozen=True)
@@ -126,24 +120,13 @@ async def pool_views(
 ) -> list[ServerView]:
     """The configured servers as placement sees them now.
 
-    zapbus's placements per server: the pool manager's recent count plus the placements made
-    since (ends since then are not subtracted: the load is over-counted for a moment, never
-    under); counted in full when there is no recent count. ``count`` False: left at 0 (one
-    server with no cap: nothing to compare, so placement skips the count)."""
+    zapbus's placements per server: the counts the triggers of migration 016 keep
+    (``zapbus/counts.py``), exact as of this transaction's statement, whatever the number of
+    connections; under the placement lock every placement made before is counted. ``count``
+    False: left at 0 (one server with no cap: nothing to compare, so placement skips it)."""
     seen = {r["name"]: r for r in await conn.fetch(_SERVERS)}
-    counted: list[datetime] = [
-        seen[s.name]["placed_counted_at"]
-        for s in specs
-        if s.name in seen and seen[s.name]["placed_counted_at"] is not None
-    ]
-    recent = now - timedelta(seconds=policy.stale_after_seconds)
-    placed: dict[str, int]
-    if not count:
-        placed = {}
-    elif len(counted) == len(specs) and all(at > recent for at in counted):
-        since = {r["server"]: r["n"] for r in await conn.fetch(_SINCE, min(counted))}
-        placed = {s.name: (seen[s.name]["placed"] or 0) + since.get(s.name, 0) for s in specs}
-    else:
+    placed: dict[str, int] = {}
+    if count:
         placed = {r["server"]: r["n"] for r in await conn.fetch(PLACED_COUNTS)}
     stale = now - timedelta(seconds=policy.stale_after_seconds)
     rejoin = now - timedelta(seconds=policy.rejoin_after_seconds)

@@ -18,18 +18,24 @@ clients, their breakers: a server whose breaker is open or whose health probes f
 swept, since a server that does not answer would look empty), and it needs no state of its own
 beyond two columns on the row. With a pool of servers each is compared with the rows placed on
 it: a session on one server of a generation placed on another is an orphan there too.
+
+A sweep reads what it compares from indexes, not every row: the wanted sessions placed on the
+server (name and state) from the partial index ``connections_wanted`` (an index-only scan on
+a vacuumed table), the rows an earlier sweep missed from ``connections_missed``, and in full
+only the rows ``drift.narrow`` names (none at rest).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 
 import asyncpg
 from nats.js import JetStreamContext
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from proto import headers
 from proto.commands import CreateSession
@@ -44,7 +50,7 @@ from services.session_worker.drift import (
     ReconcilePolicy,
     RowView,
     compute,
-    parse_session_name,
+    narrow,
 )
 from services.session_worker.server_pool import Server, ServerPool
 from zapbus import db, jsretry
@@ -54,6 +60,7 @@ from zapbus.connection.states import Status
 from zapbus.connection.writer import Raw, record, transition
 from zapbus.dialects.base import SessionList
 from zapbus.dialects.errors import BaileysError
+from zapbus.httpkit import LATENCY_BUCKETS
 from zapbus.leases import DEFAULT_TIMEOUT_SECONDS, Lease, LeaseLost
 from zapbus.logs import fields
 from zapbus.outbox import insert_outbox, queue_delete
@@ -64,11 +71,19 @@ log = logging.getLogger("zapbus.reconciler")
 _LEASE = "zapbus.reconciler"
 _PROBE_CONCURRENCY = 10
 
-_ROWS = """
+ROWS = """
 SELECT id, tenant_id, generation, session_name, status, updated_at, status_changed_at,
        reconcile_misses, reconcile_recreates, held_until, server
-FROM connections WHERE status = ANY($1::text[]) OR id = ANY($2::uuid[])
+FROM connections WHERE id = ANY($1::uuid[])
 """
+# the wanted sessions, as the partial index connections_wanted (a literal list: the planner
+# matches it to the index's predicate); in a pool, those placed on server $1
+WANTED = (
+    "SELECT server, session_name, status FROM connections"
+    f" WHERE status IN {states.sql_list(states.WANTED_LIVE)}"
+)
+WANTED_ON = WANTED + " AND server = $1"
+MISSED = "SELECT id FROM connections WHERE reconcile_misses > 0"
 
 
 class ReconcileMetrics:
@@ -105,6 +120,12 @@ class ReconcileMetrics:
         self.last_sweep = Gauge(
             "zapbus_reconcile_last_sweep_timestamp_seconds",
             "When the last complete sweep ended (Unix time).",
+            registry=registry,
+        )
+        self.sweep_seconds = Histogram(
+            "zapbus_reconcile_sweep_seconds",
+            "Time of one complete sweep of every server (lists, comparison, repairs).",
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         for kind in KINDS:
@@ -172,6 +193,7 @@ class Reconciler(Stoppable):
                 await lease.release()
 
     async def _sweep_locked(self, dry_run: bool, lease: Lease) -> Drift | None:
+        started = time.perf_counter()
         items: list[DriftItem] = []
         misses: dict[uuid.UUID, int] = {}
         swept = 0
@@ -192,6 +214,7 @@ class Reconciler(Stoppable):
         if not dry_run:
             self.metrics.sweeps.labels("done").inc()
             self.metrics.last_sweep.set_to_current_time()
+            self.metrics.sweep_seconds.observe(time.perf_counter() - started)
         return merged
 
     async def _sweep_server(self, server: Server, dry_run: bool, lease: Lease) -> Drift | None:
@@ -205,22 +228,29 @@ class Reconciler(Stoppable):
                 exc.reason,
             )
             return None
-        referenced = [p[0] for n in observed.sessions if (p := parse_session_name(n))]
-        rows = {
-            r["id"]: _row_view(r)
-            for r in await self.pool.fetch(_ROWS, states.values(states.WANTED_LIVE), referenced)
-        }
-        deleting = {
-            r["session_name"]: r["last_driven_at"]
-            for r in await self.pool.fetch(
-                "SELECT session_name, last_driven_at FROM session_deletes"
-                " WHERE server IS NULL OR server = $1",
-                server.name,
-            )
-        }
+        if only is not None:  # a pool of one: rows not placed are on it too
+            wanted = {
+                r["session_name"]: Status(r["status"])
+                for r in await self.pool.fetch(WANTED)
+                if (r["server"] or only.name) == server.name
+            }
+        else:
+            wanted = {
+                r["session_name"]: Status(r["status"])
+                for r in await self.pool.fetch(WANTED_ON, server.name)
+            }
+        missed = [r["id"] for r in await self.pool.fetch(MISSED)]
+        ids, seen = narrow(wanted, observed, missed)
+        rows = {r["id"]: _row_view(r) for r in await self.pool.fetch(ROWS, list(ids))}
+        tracked = await self.pool.fetch(
+            "SELECT session_name, last_driven_at, server FROM session_deletes"
+            " WHERE server IS NULL OR server = $1",
+            server.name,
+        )
+        deleting = {r["session_name"]: r["last_driven_at"] for r in tracked}
         drift = compute(
             rows,
-            observed,
+            seen,
             deleting,
             datetime.now(UTC),
             self.policy,
@@ -231,7 +261,9 @@ class Reconciler(Stoppable):
             await lease.confirm()  # frozen since the lease was taken: another replica leads
             await self._repair(drift, rows)
             if observed.complete:
-                await self._forget_finished_deletes(observed, server)
+                # of unknown server (the generation's placement) only in a pool of one
+                ours = [r["session_name"] for r in tracked if r["server"] or only is not None]
+                await self._forget_finished_deletes(observed, ours)
         return drift
 
     async def _observe(self, server: Server) -> Observed:
@@ -416,18 +448,17 @@ class Reconciler(Stoppable):
         )
         return True
 
-    async def _forget_finished_deletes(self, observed: Observed, server: Server) -> None:
-        """A tracked delete whose session the server's complete list no longer shows is done
-        (one of unknown server only in a pool of one)."""
-        await self.pool.execute(
-            "DELETE FROM session_deletes WHERE requested_at < $1"
-            " AND NOT (session_name = ANY($2::text[]))"
-            " AND (server = $3 OR (server IS NULL AND $4))",
-            observed.at,
-            list(observed.sessions),
-            server.name,
-            self.servers.only is not None,
-        )
+    async def _forget_finished_deletes(self, observed: Observed, tracked: list[str]) -> None:
+        """A tracked delete (of ``tracked``, the server's) whose session the server's complete
+        list no longer shows is done."""
+        gone = [name for name in tracked if name not in observed.sessions]
+        if gone:
+            await self.pool.execute(
+                "DELETE FROM session_deletes WHERE requested_at < $1"
+                " AND session_name = ANY($2::text[])",
+                observed.at,
+                gone,
+            )
 
 
 def _row_view(r: asyncpg.Record) -> RowView:

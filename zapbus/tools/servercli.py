@@ -16,7 +16,8 @@ import asyncpg
 
 from zapbus import db
 from zapbus.config import Settings
-from zapbus.servers import PLACED_COUNTS, public_url
+from zapbus.counts import PLACED_COUNTS
+from zapbus.servers import public_url
 
 
 def _health(row: asyncpg.Record | None, now: datetime, rejoin: float, stale: float) -> str:
