@@ -4,12 +4,10 @@ answers 200, nothing else. ``python -m bench.bare`` with ``BENCH_PORT``.
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 from aiohttp import web
 
-from zapbus.httpkit import bare_healthz
+from zapbus.httpkit import bare_healthz, serve_bare
 
 
 async def receive(request: web.Request) -> web.Response:
@@ -25,10 +23,4 @@ def create_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(
-        create_app(),
-        host="127.0.0.1",
-        port=int(os.environ["BENCH_PORT"]),
-        print=None,
-        access_log=None,
-    )
+    serve_bare(create_app())

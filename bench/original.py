@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from zapbus.httpkit import bare_healthz
+from zapbus.httpkit import bare_healthz, serve_bare
 
 TIMEOUT = aiohttp.ClientTimeout(total=float(os.environ.get("BENCH_TIMEOUT", "8")))
 http_key = web.AppKey("http", aiohttp.ClientSession)
@@ -53,10 +53,4 @@ def create_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(
-        create_app(),
-        host="127.0.0.1",
-        port=int(os.environ["BENCH_PORT"]),
-        print=None,
-        access_log=None,
-    )
+    serve_bare(create_app())

@@ -10,12 +10,10 @@ stand-in. ``POST /_load`` ``{server: [[name, state], ...]}`` replaces what the s
 
 from __future__ import annotations
 
-import os
-
 import msgspec
 from aiohttp import web
 
-from zapbus.httpkit import bare_healthz
+from zapbus.httpkit import bare_healthz, serve_bare
 
 _encode = msgspec.json.encode
 
@@ -110,10 +108,4 @@ def create_app() -> web.Application:
 
 
 if __name__ == "__main__":
-    web.run_app(
-        create_app(),
-        host="127.0.0.1",
-        port=int(os.environ["BENCH_PORT"]),
-        print=None,
-        access_log=None,
-    )
+    serve_bare(create_app())

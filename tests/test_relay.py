@@ -4,29 +4,15 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
 
 import asyncpg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.test_batchpub import CountingPublisher
 from zapbus import bus
-from zapbus.batchpub import BatchItem, BatchPublisher, Result
 from zapbus.config import Settings
 from zapbus.relay import OutboxMetrics, OutboxRelay
-
-
-class CountingPublisher(BatchPublisher):
-    atomic_batches = 0
-    one_by_one = 0
-
-    async def _atomic(self, chunk: Sequence[BatchItem]) -> list[Result]:
-        self.atomic_batches += 1
-        return await super()._atomic(chunk)
-
-    async def _each(self, chunk: Sequence[BatchItem]) -> list[Result]:
-        self.one_by_one += 1
-        return await super()._each(chunk)
 
 
 async def test_a_pass_of_commands_and_changes_is_one_atomic_batch_per_stream(

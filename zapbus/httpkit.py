@@ -276,6 +276,12 @@ async def bare_healthz(_: web.Request) -> web.Response:
     return web.json_response(health_answer())
 
 
+def serve_bare(app: web.Application) -> None:
+    """Run one of the benchmark's stand-ins on loopback at ``$BENCH_PORT``, no access log."""
+    port = int(os.environ["BENCH_PORT"])
+    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+
+
 async def healthz(request: web.Request) -> web.Response:
     service = request.app[service_name_key]
     if problems := request.app[unhealthy_key]:
