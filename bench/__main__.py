@@ -1,5 +1,5 @@
-"""``python -m bench [--quick] [--out PATH] [create] [burst] [webhook] [projector] [sync] [scale]
-[controlplane]``.
+"""``python -m bench [--quick] [--out PATH] [create] [burst] [webhook] [projector] [sync]
+[placement] [scale] [controlplane]``.
 
 Runs the chosen benchmarks (all by default) one after the other, prints each table as it is
 done, and writes every table to ``docs/benchmarks.md`` (a full run of all four) or to ``--out``.
@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench import burst, controlplane, create, projector, scale, sync, webhook
+from bench import burst, controlplane, create, placement, projector, scale, sync, webhook
 from bench.cpu import child_pids, find_infra_pids
 from bench.harness import Ctx, Scale
 from bench.report import document, environment
@@ -36,6 +36,7 @@ BENCHMARKS: dict[str, Callable[[Ctx], Awaitable[Section]]] = {
     "webhook": webhook.run,
     "projector": projector.run,
     "sync": sync.run,
+    "placement": placement.run,
     "scale": scale.run,
     "controlplane": controlplane.run,
 }

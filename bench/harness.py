@@ -73,6 +73,8 @@ class Scale:
     controlplane_settle_s: float = 10.0
     controlplane_placements: int = 100
     controlplane_runs: int = 3
+    placement_live: tuple[int, ...] = (5000, 50_000)  # live connections of each run
+    placement_n: int = 1000  # placements timed, one at a time and from 50 tasks
 
     @classmethod
     def quick(cls) -> Scale:
@@ -100,6 +102,8 @@ class Scale:
             controlplane_settle_s=0.5,
             controlplane_placements=5,
             controlplane_runs=1,
+            placement_live=(100, 1000),
+            placement_n=20,
         )
 
 

@@ -19,9 +19,12 @@ import os
 import time
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
+from bench.harness import Ctx
+from bench.stats import Section
 from proto.commands import CreateSession
 from services.session_worker.placement import Placed, PlacementPolicy, place
 from zapbus import db
@@ -102,14 +105,18 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def run(
+async def placements(
     dsn: str, live: int, servers: int, placements: int, runs: list[int], counted: bool
-) -> None:
+) -> dict[str, Any]:
+    """Load ``live`` connections into a throwaway schema, then time ``placements`` placements
+    with each concurrency of ``runs``: ``{"runs": [(concurrency, p50 ms, p99 ms, per s)],
+    "spread": {server: new placements}}``."""
     names = [f"b{n}" for n in range(1, servers + 1)]
     specs = tuple(ServerSpec(name=n, url=f"http://{n}:3000") for n in names)
     schema = f"place_{uuid.uuid4().hex[:8]}"
     await db.migrate(dsn, schema)
     pool = await db.create_pool(dsn, schema, max_size=max(runs) + 2)
+    out: dict[str, Any] = {"runs": []}
     try:
         ids = await load(pool, live, names, placements * len(runs))
         await pool.executemany(
@@ -118,17 +125,11 @@ async def run(
         )
         stop = asyncio.Event()
         refresher = asyncio.create_task(refresh(pool, stop)) if counted else None
-        print(
-            f"{live:,} live connections on {servers} servers; {placements} placements a run;"
-            f" {'with' if counted else 'without'} the pool manager's fold of the counts"
-        )
-        print("concurrency  p50 ms  p99 ms  placements/s")
         for n, concurrency in enumerate(runs):
             batch = ids[n * placements : (n + 1) * placements]
             times, wall = await measure(pool, batch, specs, concurrency)
-            print(
-                f"{concurrency:11d}  {_pct(times, 0.5):6.2f}  {_pct(times, 0.99):6.2f}"
-                f"  {len(times) / wall:12.0f}"
+            out["runs"].append(
+                (concurrency, _pct(times, 0.5), _pct(times, 0.99), len(times) / wall)
             )
         stop.set()
         if refresher is not None:
@@ -136,7 +137,7 @@ async def run(
         spread = await pool.fetch(
             "SELECT server, count(*) AS n FROM placements GROUP BY server ORDER BY server"
         )
-        print("new placements by server: " + ", ".join(f"{r['server']} {r['n']}" for r in spread))
+        out["spread"] = {r["server"]: r["n"] for r in spread}
     finally:
         await pool.close()
         conn = await asyncpg.connect(dsn)
@@ -144,6 +145,55 @@ async def run(
             await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
         finally:
             await conn.close()
+    return out
+
+
+async def run(ctx: Ctx) -> Section:
+    """``make bench``'s section 6: placements with few and with many live connections."""
+    s = ctx.scale
+    sec = Section(
+        "6. Placing a connection on a pool of Baileys servers",
+        f"`placement.place` (the session worker's call before each create: the placement "
+        f"lock, each server's load, the choice, the inserts) in a throwaway schema holding "
+        f"live connections spread over 3 servers (a quarter more ended ones, which do not "
+        f"count), with the pool manager's fold of the counts every second beside it; "
+        f"{s.placement_n} placements one at a time, then {s.placement_n} from 50 concurrent "
+        f"tasks, in this process (no services). Placements are serialized by their lock, so "
+        f"the concurrent figure is the ceiling of a whole deployment. `python -m "
+        f"bench.placement` runs it alone with other sizes.",
+        [
+            "live connections",
+            "p50 (ms), 1 task",
+            "p99 (ms), 1 task",
+            "placements/s, 1 task",
+            "p50 (ms), 50 tasks",
+            "placements/s, 50 tasks",
+            "new placements by server",
+        ],
+    )
+    p50s: list[float] = []
+    for live in s.placement_live:
+        ctx.say(f"placement: {live:,} live connections, {s.placement_n} placements a run")
+        await ctx.quiet()
+        r = await placements(ctx.database_url, live, 3, s.placement_n, [1, 50], True)
+        (_, p50, p99, rate), (_, p50_many, _, rate_many) = r["runs"]
+        p50s.append(p50)
+        sec.row(
+            f"{live:,}",
+            f"{p50:.2f}",
+            f"{p99:.2f}",
+            f"{rate:.0f}",
+            f"{p50_many:.1f}",
+            f"{rate_many:.0f}",
+            " / ".join(str(n) for n in r["spread"].values()),
+        )
+    growth = p50s[-1] / p50s[0]
+    sec.notes.append(
+        f"p50 of one placement with {s.placement_live[-1]:,} live connections is "
+        f"{growth:.2f}x that with {s.placement_live[0]:,}: the load of each server is read "
+        f"from the counts (migration 016), not counted over its connections."
+    )
+    return sec
 
 
 def main() -> None:
@@ -160,16 +210,25 @@ def main() -> None:
         ),
     )
     args = parser.parse_args()
-    asyncio.run(
-        run(
+    counted = not args.no_refresh
+    print(
+        f"{args.live:,} live connections on {args.servers} servers; {args.placements} placements"
+        f" a run; {'with' if counted else 'without'} the pool manager's fold of the counts"
+    )
+    out = asyncio.run(
+        placements(
             args.database_url,
             args.live,
             args.servers,
             args.placements,
             args.concurrency,
-            not args.no_refresh,
+            counted,
         )
     )
+    print("concurrency  p50 ms  p99 ms  placements/s")
+    for concurrency, p50, p99, rate in out["runs"]:
+        print(f"{concurrency:11d}  {p50:6.2f}  {p99:6.2f}  {rate:12.0f}")
+    print("new placements by server: " + ", ".join(f"{k} {n}" for k, n in out["spread"].items()))
 
 
 if __name__ == "__main__":

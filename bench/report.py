@@ -94,8 +94,8 @@ def document(
         "Run `make bench` (all of them, ~10 min, rewrites this file), `python -m bench --quick` "
         "(~1 min smoke run of every step, prints only; `make test` runs it in "
         "`tests/test_bench.py`, so a benchmark that crashes fails the tests), `python -m bench "
-        "create sync` (a subset of create, burst, webhook, projector, sync, scale, "
-        "controlplane: prints only; `--out FILE` writes), `--profile` (py-spy each service "
+        "create sync` (a subset of create, burst, webhook, projector, sync, placement, "
+        "scale, controlplane: prints only; `--out FILE` writes), `--profile` (py-spy each service "
         "under load; summaries in the log directory printed at the start). Ctrl-C stops every "
         "process the run started.",
         "",

@@ -5,6 +5,8 @@ request does not pay a database round trip for it; a rotated or revoked key ther
 working within that time on every replica. An unknown key is remembered as unknown for
 ``ZAPBUS_UNKNOWN_API_KEY_CACHE_SECONDS`` (2 s), so a flood of bad keys costs one query per key
 and period, not one per request; a key created meanwhile works once that time has passed.
+Requests with the same key that miss the cache together (a burst on a cold or just expired
+cache) share one lookup (``SingleFlight``).
 
 A client token (``services/gateway/client_tokens.py``) stands for its tenant on the three
 read-only routes of its one connection: as ``Authorization: Bearer`` or, for ``<img src>`` and
@@ -19,10 +21,12 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 from aiohttp import web
 
 from services.gateway import client_tokens
 from services.gateway.client_tokens import ClientToken
+from zapbus.coalesce import SingleFlight
 from zapbus.httpkit import problem
 from zapbus.runtime import pool_key
 from zapbus.tenants import Tenant, tenant_for_key
@@ -55,6 +59,7 @@ class KeyCache:
         self.unknown_ttl = unknown_ttl_seconds
         self._known: dict[bytes, tuple[Tenant, float]] = {}
         self._unknown: dict[bytes, float] = {}
+        self.lookups: SingleFlight[bytes, Tenant | None] = SingleFlight()
 
     def get(self, digest: bytes) -> Tenant | None:
         hit = self._known.get(digest)
@@ -98,8 +103,12 @@ async def _tenant(request: web.Request, key: str) -> Tenant | None:
     tenant = cache.get(digest)
     if tenant is not None or cache.is_unknown(digest):
         return tenant
-    tenant = await tenant_for_key(request.app[pool_key], key)
-    cache.put(digest, tenant)
+    return await cache.lookups.do(digest, lambda: _look_up(request.app[pool_key], cache, key))
+
+
+async def _look_up(pool: asyncpg.Pool, cache: KeyCache, key: str) -> Tenant | None:
+    tenant = await tenant_for_key(pool, key)
+    cache.put(hash_api_key(key), tenant)
     return tenant
 
 

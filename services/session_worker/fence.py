@@ -12,6 +12,10 @@ current one and the row still waits for that session (``pending``, ``creating``,
 A delete is carried out unless the row's current generation is that session's and is not
 terminal: a DLQ replay or the reconciler made the session wanted again (``Verdict.DONE``).
 
+Checks made together (a burst's creates, each reading its row again after its call) are read
+together: one query for the ids asked for in one turn of the event loop (``BatchLoader``), and
+one per fetched batch of commands before they start (``prime``).
+
 If Postgres cannot be asked, the verdict is ``Verdict.UNKNOWN`` and the worker goes ahead: the
 check after the call, the watchdog and the reconciler are the nets for that rare case.
 """
@@ -27,6 +31,7 @@ import asyncpg
 
 from proto.commands import CreateSession, DeleteSession, RequestPairingCode
 from zapbus import db
+from zapbus.coalesce import BatchLoader
 from zapbus.connection import states
 from zapbus.connection.states import CREATE_RUNS, TERMINAL, Status
 
@@ -79,22 +84,28 @@ class Fence:
         # connection id -> (generation, status, when read): one query per fetched batch
         # instead of one per command (each entry answers one check, within a second).
         self._primed: dict[uuid.UUID, tuple[int, str, float]] = {}
+        self._rows: BatchLoader[uuid.UUID, tuple[int, str]] = BatchLoader(self._load)
 
     async def prime(self, connection_ids: list[uuid.UUID]) -> None:
         """Read the rows of a fetched batch of commands in one query."""
         if self.pool is None or not connection_ids:
             return
         try:
-            rows = await self.pool.fetch(
-                "SELECT id, generation, status FROM connections WHERE id = ANY($1::uuid[])",
-                connection_ids,
-            )
+            rows = await self._load(connection_ids)
         except db.UNAVAILABLE as exc:
             log.warning("fence prefetch skipped, database unavailable: %s", exc)
             return
         now = time.monotonic()
-        for row in rows:
-            self._primed[row["id"]] = (row["generation"], row["status"], now)
+        for cid, (generation, status) in rows.items():
+            self._primed[cid] = (generation, status, now)
+
+    async def _load(self, connection_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, str]]:
+        assert self.pool is not None
+        rows = await self.pool.fetch(
+            "SELECT id, generation, status FROM connections WHERE id = ANY($1::uuid[])",
+            connection_ids,
+        )
+        return {r["id"]: (r["generation"], r["status"]) for r in rows}
 
     async def check_create(self, cmd: CreateSession, fresh: bool = False) -> Verdict:
         """``fresh`` skips the primed batch read (after the Baileys call, which may have
@@ -157,10 +168,7 @@ class Fence:
         if self.pool is None:
             return False, None
         try:
-            row = await self.pool.fetchrow(
-                "SELECT generation, status FROM connections WHERE id = $1", connection_id
-            )
+            return True, await self._rows.get(connection_id)
         except db.UNAVAILABLE as exc:
             log.warning("fence check skipped, database unavailable: %s", exc)
             return False, None
-        return True, (None if row is None else (row["generation"], row["status"]))
