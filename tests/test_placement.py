@@ -1,14 +1,24 @@
-"""Placement on a pool of one server with no cap: one statement, deciding as ``choose`` does."""
+"""Placement on a pool of one server with no cap: one statement, deciding as ``choose`` does,
+and one statement for the placements asked for together (the worker's burst)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import asyncpg
 
 from proto.commands import CreateSession
-from services.session_worker.placement import Gone, Placed, PlacementPolicy, Waiting, place
+from services.session_worker.placement import (
+    Gone,
+    OnlyServerPlacements,
+    Placed,
+    PlacementPolicy,
+    Waiting,
+    place,
+)
 from zapbus.servers import ServerSpec
 from zapbus.tenants import create_tenant
 
@@ -83,3 +93,56 @@ async def test_a_drained_or_down_only_server_leaves_the_create_waiting(pool: asy
 
 def _fields(cmd: CreateSession) -> dict[str, object]:
     return {f: getattr(cmd, f) for f in cmd.__struct_fields__}
+
+
+class CountingPool:
+    """The real pool, counting the statements made through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.statements = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.pool, name)
+        if name in ("fetch", "fetchrow", "fetchval", "execute", "acquire"):
+            self.statements += 1
+        return attr
+
+
+async def test_the_placements_of_a_burst_are_one_statement(pool: asyncpg.Pool) -> None:
+    cmds = [await _create(pool) for _ in range(60)]
+    again = CreateSession(**{**_fields(cmds[0]), "command_id": uuid.uuid4()})  # a copy
+    newer = CreateSession(**{**_fields(cmds[1]), "generation": 2})  # not the row's
+    excluded = cmds[2]
+    await pool.execute(
+        "UPDATE connections SET placement_excluded = '{only}' WHERE id = $1",
+        excluded.connection_id,
+    )
+    counting = CountingPool(pool)
+    batch = OnlyServerPlacements(counting)  # type: ignore[arg-type]
+    asked = [*cmds, again, newer]
+    got = await asyncio.gather(
+        *(place(counting, c, ONLY, PlacementPolicy(), batch=batch) for c in asked)  # type: ignore[arg-type]
+    )
+    placed = [c for c in cmds if c is not excluded]
+    assert got[3:60] == [Placed("only", new=True)] * 57
+    assert got[0] == got[1] == got[60] == Placed("only", new=True)  # the copy shares its answer
+    assert isinstance(got[61], Gone)
+    assert isinstance(got[2], Waiting), got[2]
+    assert got[2].reason.endswith("only failed this create"), got[2].reason
+    # one statement for the 62 asks; then the excluded one is told why it waits, on its own
+    # (its placement read back, then the slow way: one connection)
+    assert counting.statements == 3
+    rows = await pool.fetch(
+        "SELECT id, server, version FROM connections WHERE id = ANY($1::uuid[])",
+        [c.connection_id for c in cmds],
+    )
+    by_id = {r["id"]: r for r in rows}
+    for c in placed:
+        assert (by_id[c.connection_id]["server"], by_id[c.connection_id]["version"]) == ("only", 2)
+        assert await _history(pool, c) == ["placement.assigned"]
+    assert by_id[excluded.connection_id]["server"] is None
+    # asked again later: read back, not placed twice
+    assert await place(pool, cmds[5], ONLY, PlacementPolicy(), batch=batch) == Placed(
+        "only", new=False
+    )

@@ -157,7 +157,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
-    async with aiohttp.ClientSession() as http:
+    # no cap on connections, as Node's HTTP agent (Baileys servers' axios/fetch) has none:
+    # aiohttp's default of 100 made 1,000 sessions' first QR webhooks queue behind each other
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         app[HTTP_KEY] = http
         yield
 

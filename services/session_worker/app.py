@@ -17,7 +17,7 @@ from services.session_worker.holds import Holds
 from services.session_worker.manager import ServerPoolManager, ServerPoolMetrics
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import Settler
-from services.session_worker.placement import PlacementPolicy
+from services.session_worker.placement import OnlyServerPlacements, PlacementPolicy
 from services.session_worker.publish import FlowPublisher
 from services.session_worker.reconciler import ReconcileMetrics, Reconciler
 from services.session_worker.retry import RetryPolicy
@@ -107,6 +107,7 @@ def build_consumer(app: web.Application) -> CommandConsumer:
         webhook_base_url=settings.webhook_public_url,
         webhook_secret=settings.webhook_secret,
         wait_slice=min(5.0, heartbeat),
+        placements=OnlyServerPlacements(app[pool_key]),
     )
     handler = CommandHandler(deps, Settler(publisher, metrics, heartbeat), holds)
     consumer = DurableConsumer(app[js_key], settings.names.commands_stream, worker_config(settings))

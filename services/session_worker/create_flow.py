@@ -119,7 +119,9 @@ async def _placed(deps: Deps, cmd: CreateSession) -> Server | str:
         assert only is not None, "a pool of several servers needs the database"
         return only
     try:
-        placed = await place(deps.db, cmd, deps.servers.specs, deps.placement)
+        placed = await place(
+            deps.db, cmd, deps.servers.specs, deps.placement, batch=deps.placements
+        )
     except db.UNAVAILABLE as exc:
         if deps.servers.only is not None:
             # One server: nothing to choose; go ahead as the fence does (later calls look

@@ -23,7 +23,7 @@ from services.session_worker.actions import Fail, Retry, action_for
 from services.session_worker.fence import Fence
 from services.session_worker.metrics import WorkerMetrics
 from services.session_worker.outcome import GiveUp, Nak
-from services.session_worker.placement import PlacementPolicy, server_of
+from services.session_worker.placement import OnlyServerPlacements, PlacementPolicy, server_of
 from services.session_worker.publish import FlowPublisher
 from services.session_worker.retry import RetryPolicy
 from services.session_worker.server_pool import Server, ServerPool
@@ -48,6 +48,8 @@ class Deps:
     # how long a command waits for its (unreachable) server before it looks again whether it
     # is still wanted (a failover may have moved its connection)
     wait_slice: float = 5.0
+    # the placements asked for together on the only server share a statement (app.py's)
+    placements: OnlyServerPlacements | None = None
 
 
 class _Common(TypedDict):

@@ -23,6 +23,7 @@ import msgspec
 
 from proto.commands import CreateSession
 from proto.names import Names
+from zapbus.coalesce import BatchLoader
 from zapbus.connection import states
 from zapbus.connection.machine import Forced
 from zapbus.connection.writer import KEEP_REASON, record, transition
@@ -211,46 +212,109 @@ SELECT EXISTS (SELECT FROM placed)
 """
 
 
-# One server with no cap: nothing to choose between, so the whole placement is one statement
-# (no transaction of several round trips): the row locked, placed on the server unless it is
-# drained or (freshly probed) down or excluded for this generation, as ``choose`` would
-# decide. NULL ``placed`` otherwise: ``place`` then tells why the slow way.
+# One server with no cap: nothing to choose between, so the placements asked for together (a
+# burst's creates, one turn of the worker's event loop) are one statement (no transaction of
+# several round trips, no round trip each): the rows locked in id order (as every batch of
+# this project locks them, so no two batches deadlock), each placed on the server unless it is
+# drained or (freshly probed) down or excluded for that generation, as ``choose`` would decide.
+# Per asked (id, generation): the row's generation (NULL: no row) and whether it was placed now
+# (false: placed before by a copy, or not placeable now, which ``place`` then tells the slow
+# way).
 _PLACE_ON_THE_ONLY_SERVER = """
-WITH c AS (
-    SELECT generation, status, placement_excluded FROM connections WHERE id = $1 FOR UPDATE
+WITH asked AS (
+    SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[])
+        AS a(id, generation, command_id, event_id)
+), c AS (
+    SELECT id, generation, status, placement_excluded FROM connections
+    WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
 ), usable AS (
-    SELECT c.status FROM c
-    WHERE c.generation = $2 AND NOT ($3 = ANY(coalesce(c.placement_excluded, '{}')))
+    SELECT a.id, a.generation, a.command_id, a.event_id, c.status FROM asked a JOIN c USING (id)
+    WHERE c.generation = a.generation AND NOT ($5 = ANY(coalesce(c.placement_excluded, '{}')))
     AND NOT EXISTS (
-        SELECT FROM baileys_servers b WHERE b.name = $3
-        AND (b.drained OR (b.up IS FALSE AND b.checked_at > now() - make_interval(secs => $4)))
+        SELECT FROM baileys_servers b WHERE b.name = $5
+        AND (b.drained OR (b.up IS FALSE AND b.checked_at > now() - make_interval(secs => $6)))
     )
 ), placed AS (
-    INSERT INTO placements (connection_id, generation, server) SELECT $1, $2, $3 FROM usable
-    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING server
+    INSERT INTO placements (connection_id, generation, server)
+    SELECT id, generation, $5 FROM usable
+    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING connection_id
 ), moved AS (
-    UPDATE connections SET server = $3, placement_wait_since = NULL,
+    UPDATE connections SET server = $5, placement_wait_since = NULL,
         placement_requeued_at = NULL,
-        status_reason = CASE WHEN status_reason LIKE $5 THEN NULL ELSE status_reason END,
+        status_reason = CASE WHEN status_reason LIKE $7 THEN NULL ELSE status_reason END,
         version = version + 1
-    WHERE id = $1 AND EXISTS (SELECT FROM placed)
+    WHERE id IN (SELECT connection_id FROM placed)
 ), told AS (
     INSERT INTO connection_events (event_id, connection_id, generation, event_type,
         from_status, to_status, applied, reason, command_id, occurred_at, server)
-    SELECT $6, $1, $2, 'placement.assigned', usable.status, usable.status, false, $7, $8,
-        now(), $3
-    FROM usable WHERE EXISTS (SELECT FROM placed)
+    SELECT u.event_id, u.id, u.generation, 'placement.assigned', u.status, u.status, false,
+        $8, u.command_id, now(), $5
+    FROM usable u WHERE u.id IN (SELECT connection_id FROM placed)
 )
-SELECT (SELECT server FROM placed) AS placed, (SELECT generation FROM c) AS generation
+SELECT a.id, a.generation AS asked, c.generation,
+    a.id IN (SELECT connection_id FROM placed) AS placed
+FROM asked a LEFT JOIN c USING (id)
 """
+
+_Ask = tuple[uuid.UUID, int, uuid.UUID]  # (connection id, generation, command id)
+_Answer = tuple[int | None, bool]  # (the row's generation or None, placed now)
+
+
+class OnlyServerPlacements:
+    """Placements on a pool's only server (no cap), batched: the asks of one turn of the
+    event loop are one statement (``_PLACE_ON_THE_ONLY_SERVER``). ``place`` takes one; without
+    it each placement is a statement of its own (the same statement, for one)."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self._loaders: dict[tuple[str, float], BatchLoader[_Ask, _Answer]] = {}
+
+    async def place(self, ask: _Ask, server: str, stale_after_seconds: float) -> _Answer:
+        key = (server, stale_after_seconds)
+        loader = self._loaders.get(key)
+        if loader is None:
+            loader = self._loaders[key] = BatchLoader(
+                lambda asks: _place_on_only_server(self.pool, asks, server, stale_after_seconds)
+            )
+        answer = await loader.get(ask)
+        assert answer is not None  # every ask is answered
+        return answer
+
+
+async def _place_on_only_server(
+    pool: asyncpg.Pool, asks: list[_Ask], server: str, stale_after_seconds: float
+) -> dict[_Ask, _Answer]:
+    # one per (connection, generation): copies of one command asking together share its answer
+    first: dict[tuple[uuid.UUID, int], _Ask] = {}
+    for ask in asks:
+        first.setdefault((ask[0], ask[1]), ask)
+    unique = list(first.values())
+    rows = await pool.fetch(
+        _PLACE_ON_THE_ONLY_SERVER,
+        [a[0] for a in unique],
+        [a[1] for a in unique],
+        [a[2] for a in unique],
+        [uuid.uuid4() for _ in unique],
+        server,
+        stale_after_seconds,
+        WAITING_PREFIX + "%",
+        f"placed on {server}",
+    )
+    answers = {(r["id"], r["asked"]): (r["generation"], r["placed"]) for r in rows}
+    return {ask: answers[ask[0], ask[1]] for ask in asks}
 
 
 async def place(
-    pool: asyncpg.Pool, cmd: CreateSession, specs: tuple[ServerSpec, ...], policy: PlacementPolicy
+    pool: asyncpg.Pool,
+    cmd: CreateSession,
+    specs: tuple[ServerSpec, ...],
+    policy: PlacementPolicy,
+    batch: OnlyServerPlacements | None = None,
 ) -> Placed | Waiting | Gone:
     """The generation's server: read back if placed, else chosen and recorded now.
 
-    A new placement on the only server (no cap) is one statement; among several servers, or
+    A new placement on the only server (no cap) is one statement, shared by the placements
+    asked for together through ``batch`` (the worker's); among several servers, or
     with a cap, five round trips (BEGIN, the row locked with its placement, the servers'
     view, one statement recording it, COMMIT). It cost eleven, which the 1,000-session burst
     paid a thousand times over in the worker and in Postgres."""
@@ -259,21 +323,17 @@ async def place(
     compare = len(specs) > 1 or policy.max_sessions > 0
     if not compare and specs:
         (only,) = specs
-        row = await pool.fetchrow(
-            _PLACE_ON_THE_ONLY_SERVER,
-            cmd.connection_id,
-            cmd.generation,
-            only.name,
-            policy.stale_after_seconds,
-            WAITING_PREFIX + "%",
-            uuid.uuid4(),
-            f"placed on {only.name}",
-            cmd.command_id,
-        )
-        if row is None or row["generation"] != cmd.generation:
+        stale = policy.stale_after_seconds
+        ask = (cmd.connection_id, cmd.generation, cmd.command_id)
+        if batch is None:
+            (answer,) = (await _place_on_only_server(pool, [ask], only.name, stale)).values()
+        else:
+            answer = await batch.place(ask, only.name, stale)
+        generation, placed_now = answer
+        if generation != cmd.generation:
             return Gone()
-        if row["placed"] is not None:
-            return Placed(str(row["placed"]), new=True)
+        if placed_now:
+            return Placed(only.name, new=True)
         found = await server_of(pool, cmd.connection_id, cmd.generation)
         if found is not None:
             return Placed(found, new=False)
