@@ -420,9 +420,12 @@ class ServerPoolManager(Stoppable):
                 )
 
     async def _requeue_waiting(self, conn: asyncpg.Connection, now: datetime) -> None:
+        # rows locked in id order, as every statement that locks several does (the worker's
+        # batched placements too), so no two of them deadlock
         await conn.execute(
-            "UPDATE connections SET placement_wait_since = NULL, placement_requeued_at = NULL"
-            " WHERE placement_wait_since IS NOT NULL AND NOT (status = ANY($1::text[]))",
+            "UPDATE connections c SET placement_wait_since = NULL, placement_requeued_at = NULL"
+            " FROM (SELECT id FROM connections WHERE placement_wait_since IS NOT NULL"
+            " AND NOT (status = ANY($1::text[])) ORDER BY id FOR UPDATE) l WHERE c.id = l.id",
             states.values(states.AWAITING_CREATE),
         )
         views = await pool_views(conn, self.servers.specs, self.policy, now)

@@ -329,8 +329,11 @@ class Reconciler(Stoppable):
         if drift.misses:
             ids, counts = zip(*drift.misses.items(), strict=True)
             await self.pool.execute(
+                # rows locked in id order, as every statement locking several does
                 "UPDATE connections c SET reconcile_misses = u.n"
-                " FROM unnest($1::uuid[], $2::int[]) AS u(id, n) WHERE c.id = u.id",
+                " FROM unnest($1::uuid[], $2::int[]) AS u(id, n),"
+                " (SELECT id FROM connections WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE) l"
+                " WHERE c.id = u.id AND l.id = u.id",
                 list(ids),
                 list(counts),
             )
