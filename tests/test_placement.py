@@ -17,6 +17,7 @@ from services.session_worker.placement import (
     Placed,
     PlacementPolicy,
     Waiting,
+    _place_on_only_server,
     place,
 )
 from zapbus.servers import ServerSpec
@@ -126,13 +127,14 @@ async def test_the_placements_of_a_burst_are_one_statement(pool: asyncpg.Pool) -
     )
     placed = [c for c in cmds if c is not excluded]
     assert got[3:60] == [Placed("only", new=True)] * 57
-    assert got[0] == got[1] == got[60] == Placed("only", new=True)  # the copy shares its answer
+    assert got[0] == got[1] == Placed("only", new=True)
+    assert got[60] == Placed("only", new=False)  # the copy finds it placed, as one by one
     assert isinstance(got[61], Gone)
     assert isinstance(got[2], Waiting), got[2]
     assert got[2].reason.endswith("only failed this create"), got[2].reason
-    # one statement for the 62 asks; then the excluded one is told why it waits, on its own
-    # (its placement read back, then the slow way: one connection)
-    assert counting.statements == 3
+    # one statement for the 62 asks; then the copy reads its placement back, and the excluded
+    # one is told why it waits on its own (its placement read back, then the slow way)
+    assert counting.statements == 4
     rows = await pool.fetch(
         "SELECT id, server, version FROM connections WHERE id = ANY($1::uuid[])",
         [c.connection_id for c in cmds],
@@ -145,4 +147,75 @@ async def test_the_placements_of_a_burst_are_one_statement(pool: asyncpg.Pool) -
     # asked again later: read back, not placed twice
     assert await place(pool, cmds[5], ONLY, PlacementPolicy(), batch=batch) == Placed(
         "only", new=False
+    )
+
+
+async def test_a_row_another_transaction_holds_does_not_hold_up_the_batch(
+    pool: asyncpg.Pool,
+) -> None:
+    """The batch skips a locked row (a slow statement elsewhere must not stall, or time out,
+    a burst's placements); that one is placed on its own once its lock is free."""
+    cmds = [await _create(pool) for _ in range(10)]
+    held = cmds[4]
+    batch = OnlyServerPlacements(pool)
+    async with pool.acquire() as other, other.transaction():
+        await other.execute(
+            "SELECT 1 FROM connections WHERE id = $1 FOR UPDATE", held.connection_id
+        )
+        tasks = {
+            c.connection_id: asyncio.ensure_future(
+                place(pool, c, ONLY, PlacementPolicy(), batch=batch)
+            )
+            for c in cmds
+        }
+        others = [t for cid, t in tasks.items() if cid != held.connection_id]
+        async with asyncio.timeout(5):
+            assert await asyncio.gather(*others) == [Placed("only", new=True)] * 9
+        assert not tasks[held.connection_id].done()  # waits for its lock, alone
+    async with asyncio.timeout(5):
+        assert await tasks[held.connection_id] == Placed("only", new=True)
+    assert await _history(pool, held) == ["placement.assigned"]
+
+
+async def test_a_batch_answers_each_generation_and_each_refusal(pool: asyncpg.Pool) -> None:
+    """Two generations of one connection in one batch (only the row's is placed), and a
+    drained server refusing a whole batch (each create waits, saying why)."""
+    current, other = await _create(pool), await _create(pool)
+    await pool.execute("UPDATE connections SET generation = 2 WHERE id = $1", current.connection_id)
+    old = current
+    new = CreateSession(**{**_fields(current), "generation": 2, "command_id": uuid.uuid4()})
+    batch = OnlyServerPlacements(pool)
+    got = await asyncio.gather(
+        *(place(pool, c, ONLY, PlacementPolicy(), batch=batch) for c in (old, new, other))
+    )
+    assert isinstance(got[0], Gone)
+    assert got[1:] == [Placed("only", new=True)] * 2
+    # what the statement answers each: the old generation is not "placed now"
+    again = await _create(pool)
+    await pool.execute("UPDATE connections SET generation = 2 WHERE id = $1", again.connection_id)
+    asks = [(again.connection_id, g, uuid.uuid4()) for g in (1, 2)]
+    assert await _place_on_only_server(pool, asks, "only", 30.0) == {
+        asks[0]: (2, False),
+        asks[1]: (2, True),
+    }
+    assert (
+        await pool.fetchval(
+            "SELECT generation FROM placements WHERE connection_id = $1", current.connection_id
+        )
+        == 2
+    )
+    await pool.execute(
+        "INSERT INTO baileys_servers (name, url, drained) VALUES ('only', 'http://x', true)"
+    )
+    waiting = [await _create(pool) for _ in range(5)]
+    got = await asyncio.gather(
+        *(place(pool, c, ONLY, PlacementPolicy(), batch=batch) for c in waiting)
+    )
+    assert all(isinstance(w, Waiting) and "drained" in w.reason for w in got), got
+    assert (
+        await pool.fetchval(
+            "SELECT count(*) FROM placements WHERE connection_id = ANY($1::uuid[])",
+            [c.connection_id for c in waiting],
+        )
+        == 0
     )

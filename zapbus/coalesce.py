@@ -13,16 +13,21 @@ to Postgres).
 - ``BatchLoader``: the keys asked for in one turn of the event loop are read together, with
   one call of ``load(keys)``; each caller gets its key's value (None when absent).
 
-Both start the read after the callers asked (never reuse an answer from before), so a caller
-that needs a fresh read gets one. A failed read fails every caller waiting on it; a caller that
-is cancelled leaves the others waiting.
+A ``BatchLoader`` read starts after every caller of its batch asked, so a caller that needs a
+fresh read (the fence, after a create's call) gets one. ``SingleFlight`` gives a caller that
+joins a lookup already running that lookup's answer, which may have been read just before it
+asked: use it where a slightly older answer is fine (the API-key cache, whose answers live for
+seconds anyway). A failed read fails every caller waiting on it; a caller that is cancelled
+leaves the others waiting, and does not stop the read. Reads run in a context of their own,
+not in the first caller's (its log fields, say).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable, Mapping
-from typing import Generic, TypeVar
+import contextvars
+from collections.abc import Callable, Coroutine, Hashable, Mapping
+from typing import Any, Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -34,10 +39,10 @@ class SingleFlight(Generic[K, V]):
     def __init__(self) -> None:
         self._flights: dict[K, asyncio.Future[V]] = {}
 
-    async def do(self, key: K, fetch: Callable[[], Awaitable[V]]) -> V:
+    async def do(self, key: K, fetch: Callable[[], Coroutine[Any, Any, V]]) -> V:
         flight = self._flights.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(fetch())
+            flight = asyncio.get_running_loop().create_task(fetch(), context=contextvars.Context())
             self._flights[key] = flight
             flight.add_done_callback(lambda _: self._flights.pop(key, None))
         # shielded: a caller that gives up does not cancel the lookup the others wait for
@@ -51,7 +56,7 @@ class BatchLoader(Generic[K, V]):
     """``get(key)`` calls made in one turn of the event loop are answered by one ``load``."""
 
     def __init__(
-        self, load: Callable[[list[K]], Awaitable[Mapping[K, V]]], max_batch: int = 1000
+        self, load: Callable[[list[K]], Coroutine[Any, Any, Mapping[K, V]]], max_batch: int = 1000
     ) -> None:
         self._load = load
         self.max_batch = max_batch
@@ -78,7 +83,9 @@ class BatchLoader(Generic[K, V]):
         keys = list(by_key)
         for i in range(0, len(keys), self.max_batch):
             batch = {key: by_key[key] for key in keys[i : i + self.max_batch]}
-            task = asyncio.ensure_future(self._answer(batch))
+            task = asyncio.get_running_loop().create_task(
+                self._answer(batch), context=contextvars.Context()
+            )
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 

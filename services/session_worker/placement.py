@@ -214,22 +214,27 @@ SELECT EXISTS (SELECT FROM placed)
 
 # One server with no cap: nothing to choose between, so the placements asked for together (a
 # burst's creates, one turn of the worker's event loop) are one statement (no transaction of
-# several round trips, no round trip each): the rows locked in id order (as every batch of
-# this project locks them, so no two batches deadlock), each placed on the server unless it is
-# drained or (freshly probed) down or excluded for that generation, as ``choose`` would decide.
-# Per asked (id, generation): the row's generation (NULL: no row) and whether it was placed now
-# (false: placed before by a copy, or not placeable now, which ``place`` then tells the slow
-# way).
+# several round trips, no round trip each): the rows locked in id order (as every statement
+# here that locks several rows locks them, so no two deadlock), each placed on the server unless
+# it is drained or (freshly probed) down or excluded for that generation, as ``choose`` would
+# decide. A row another transaction holds is skipped, not waited for (``{lock}`` is SKIP LOCKED
+# for a batch): one slow row must not hold up, or time out, the placements of the whole burst;
+# it is placed on its own afterwards, waiting for its lock like the one-row statement did. The
+# lock is NO KEY UPDATE, what the UPDATE takes anyway: it does not conflict with the key-share
+# locks that inserting a row's history takes (nor skip those rows).
+# Per asked (id, generation): the row's generation (NULL: no row, or skipped), whether it was
+# skipped, and whether it was placed now (false: placed before by a copy, or not placeable now,
+# which ``place`` then tells the slow way).
 _PLACE_ON_THE_ONLY_SERVER = """
 WITH asked AS (
     SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::uuid[])
         AS a(id, generation, command_id, event_id)
 ), c AS (
     SELECT id, generation, status, placement_excluded FROM connections
-    WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE
+    WHERE id = ANY($1::uuid[]) ORDER BY id FOR NO KEY UPDATE {lock}
 ), usable AS (
     SELECT a.id, a.generation, a.command_id, a.event_id, c.status FROM asked a JOIN c USING (id)
-    WHERE c.generation = a.generation AND NOT ($5 = ANY(coalesce(c.placement_excluded, '{}')))
+    WHERE c.generation = a.generation AND NOT ($5 = ANY(coalesce(c.placement_excluded, '{{}}')))
     AND NOT EXISTS (
         SELECT FROM baileys_servers b WHERE b.name = $5
         AND (b.drained OR (b.up IS FALSE AND b.checked_at > now() - make_interval(secs => $6)))
@@ -237,7 +242,7 @@ WITH asked AS (
 ), placed AS (
     INSERT INTO placements (connection_id, generation, server)
     SELECT id, generation, $5 FROM usable
-    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING connection_id
+    ON CONFLICT (connection_id, generation) DO NOTHING RETURNING connection_id, generation
 ), moved AS (
     UPDATE connections SET server = $5, placement_wait_since = NULL,
         placement_requeued_at = NULL,
@@ -249,15 +254,18 @@ WITH asked AS (
         from_status, to_status, applied, reason, command_id, occurred_at, server)
     SELECT u.event_id, u.id, u.generation, 'placement.assigned', u.status, u.status, false,
         $8, u.command_id, now(), $5
-    FROM usable u WHERE u.id IN (SELECT connection_id FROM placed)
+    FROM usable u WHERE (u.id, u.generation) IN (SELECT connection_id, generation FROM placed)
 )
 SELECT a.id, a.generation AS asked, c.generation,
-    a.id IN (SELECT connection_id FROM placed) AS placed
+    c.id IS NULL AND EXISTS (SELECT FROM connections x WHERE x.id = a.id) AS skipped,
+    (a.id, a.generation) IN (SELECT connection_id, generation FROM placed) AS placed
 FROM asked a LEFT JOIN c USING (id)
 """
+_PLACE_SKIPPING_LOCKED = _PLACE_ON_THE_ONLY_SERVER.format(lock="SKIP LOCKED")
+_PLACE_WAITING_FOR_LOCKS = _PLACE_ON_THE_ONLY_SERVER.format(lock="")
 
 _Ask = tuple[uuid.UUID, int, uuid.UUID]  # (connection id, generation, command id)
-_Answer = tuple[int | None, bool]  # (the row's generation or None, placed now)
+_Answer = tuple[int | None, bool]  # (the row's generation or None, placed now by this ask)
 
 
 class OnlyServerPlacements:
@@ -265,43 +273,64 @@ class OnlyServerPlacements:
     event loop are one statement (``_PLACE_ON_THE_ONLY_SERVER``). ``place`` takes one; without
     it each placement is a statement of its own (the same statement, for one)."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, max_batch: int = 1000) -> None:
         self.pool = pool
-        self._loaders: dict[tuple[str, float], BatchLoader[_Ask, _Answer]] = {}
+        self.max_batch = max_batch
+        self._loaders: dict[tuple[str, float], BatchLoader[_Ask, _Answer | None]] = {}
 
     async def place(self, ask: _Ask, server: str, stale_after_seconds: float) -> _Answer:
         key = (server, stale_after_seconds)
         loader = self._loaders.get(key)
         if loader is None:
             loader = self._loaders[key] = BatchLoader(
-                lambda asks: _place_on_only_server(self.pool, asks, server, stale_after_seconds)
+                lambda asks: _place_on_only_server(self.pool, asks, server, stale_after_seconds),
+                max_batch=self.max_batch,
             )
         answer = await loader.get(ask)
-        assert answer is not None  # every ask is answered
+        if answer is None:  # its row was held by another transaction: alone, waiting for it
+            return (await _place_on_only_server(self.pool, [ask], server, stale_after_seconds))[
+                ask
+            ] or (None, False)
         return answer
 
 
 async def _place_on_only_server(
     pool: asyncpg.Pool, asks: list[_Ask], server: str, stale_after_seconds: float
-) -> dict[_Ask, _Answer]:
-    # one per (connection, generation): copies of one command asking together share its answer
+) -> dict[_Ask, _Answer | None]:
+    """Each ask's answer; None for one whose row another transaction held (a batch skips
+    those). Of copies of one command asking together (same connection and generation) the
+    first is placed; the others find it placed, as they would one by one."""
     first: dict[tuple[uuid.UUID, int], _Ask] = {}
     for ask in asks:
         first.setdefault((ask[0], ask[1]), ask)
     unique = list(first.values())
-    rows = await pool.fetch(
-        _PLACE_ON_THE_ONLY_SERVER,
-        [a[0] for a in unique],
-        [a[1] for a in unique],
-        [a[2] for a in unique],
-        [uuid.uuid4() for _ in unique],
+    statement = _PLACE_SKIPPING_LOCKED if len(unique) > 1 else _PLACE_WAITING_FOR_LOCKS
+    answers: dict[tuple[uuid.UUID, int], _Answer | None] = {
+        (r["id"], r["asked"]): None if r["skipped"] else (r["generation"], r["placed"])
+        for r in await _run(pool, statement, unique, server, stale_after_seconds)
+    }
+    out: dict[_Ask, _Answer | None] = {}
+    for ask in asks:
+        answer = answers[ask[0], ask[1]]
+        out[ask] = answer if answer is None or first[ask[0], ask[1]] == ask else (answer[0], False)
+    return out
+
+
+async def _run(
+    pool: asyncpg.Pool, statement: str, asks: list[_Ask], server: str, stale_after_seconds: float
+) -> list[asyncpg.Record]:
+    rows: list[asyncpg.Record] = await pool.fetch(
+        statement,
+        [a[0] for a in asks],
+        [a[1] for a in asks],
+        [a[2] for a in asks],
+        [uuid.uuid4() for _ in asks],
         server,
         stale_after_seconds,
         WAITING_PREFIX + "%",
         f"placed on {server}",
     )
-    answers = {(r["id"], r["asked"]): (r["generation"], r["placed"]) for r in rows}
-    return {ask: answers[ask[0], ask[1]] for ask in asks}
+    return rows
 
 
 async def place(
@@ -326,7 +355,10 @@ async def place(
         stale = policy.stale_after_seconds
         ask = (cmd.connection_id, cmd.generation, cmd.command_id)
         if batch is None:
-            (answer,) = (await _place_on_only_server(pool, [ask], only.name, stale)).values()
+            answer = (await _place_on_only_server(pool, [ask], only.name, stale))[ask] or (
+                None,
+                False,
+            )
         else:
             answer = await batch.place(ask, only.name, stale)
         generation, placed_now = answer
