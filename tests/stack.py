@@ -54,6 +54,23 @@ async def wait_for(
 
 
 @dataclass
+class CountingPool:
+    """A real asyncpg pool that counts the statements made through it (``fetch``,
+    ``fetchrow``, ``fetchval``, ``execute``, and each ``acquire``d connection as one)."""
+
+    COUNTED = frozenset({"fetch", "fetchrow", "fetchval", "execute", "acquire"})
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.statements = 0
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.pool, name)
+        if name in self.COUNTED:
+            self.statements += 1
+        return attr
+
+
 class Stack:
     settings: Settings
     gateway_url: str

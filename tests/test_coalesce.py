@@ -6,31 +6,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 import pytest
 
 from proto.commands import CreateSession
 from services.session_worker.fence import Fence, Verdict
+from tests.stack import CountingPool
 from zapbus.coalesce import BatchLoader, SingleFlight
 from zapbus.tenants import create_tenant
-
-
-class CountingPool:
-    """The real pool, counting the queries made through it."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.queries = 0
-
-    async def fetch(self, query: str, *args: Any) -> Any:
-        self.queries += 1
-        return await self.pool.fetch(query, *args)
-
-    async def fetchrow(self, query: str, *args: Any) -> Any:
-        self.queries += 1
-        return await self.pool.fetchrow(query, *args)
 
 
 async def _rows(pool: asyncpg.Pool, statuses: list[str]) -> list[uuid.UUID]:
@@ -65,11 +49,11 @@ async def test_the_fresh_checks_of_a_burst_of_creates_are_one_query(pool: asyncp
     expected = {"creating": Verdict.RUN, "awaiting_qr": Verdict.DONE, "deleted": Verdict.UNDO}
     assert verdicts[:-2] == [expected[s] for s in statuses]
     assert verdicts[-2:] == [Verdict.UNDO, Verdict.UNDO]  # no row; a newer generation asked
-    assert counting.queries == 1
+    assert counting.statements == 1
     # each check reads the row as it is when asked, not an earlier answer
     await pool.execute("UPDATE connections SET status = 'deleted' WHERE id = $1", ids[0])
     assert await fence.check_create(cmds[0], fresh=True) is Verdict.UNDO
-    assert counting.queries == 2
+    assert counting.statements == 2
 
 
 async def test_a_database_that_cannot_be_asked_is_unknown_for_every_check(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import asyncpg
 
@@ -20,6 +19,7 @@ from services.session_worker.placement import (
     _place_on_only_server,
     place,
 )
+from tests.stack import CountingPool
 from zapbus.servers import ServerSpec
 from zapbus.tenants import create_tenant
 
@@ -94,20 +94,6 @@ async def test_a_drained_or_down_only_server_leaves_the_create_waiting(pool: asy
 
 def _fields(cmd: CreateSession) -> dict[str, object]:
     return {f: getattr(cmd, f) for f in cmd.__struct_fields__}
-
-
-class CountingPool:
-    """The real pool, counting the statements made through it."""
-
-    def __init__(self, pool: asyncpg.Pool) -> None:
-        self.pool = pool
-        self.statements = 0
-
-    def __getattr__(self, name: str) -> Any:
-        attr = getattr(self.pool, name)
-        if name in ("fetch", "fetchrow", "fetchval", "execute", "acquire"):
-            self.statements += 1
-        return attr
 
 
 async def test_the_placements_of_a_burst_are_one_statement(pool: asyncpg.Pool) -> None:
