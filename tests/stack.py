@@ -53,7 +53,6 @@ async def wait_for(
         await asyncio.sleep(every)
 
 
-@dataclass
 class CountingPool:
     """A real asyncpg pool that counts the statements made through it (``fetch``,
     ``fetchrow``, ``fetchval``, ``execute``, and each ``acquire``d connection as one)."""
@@ -71,6 +70,7 @@ class CountingPool:
         return attr
 
 
+@dataclass
 class Stack:
     settings: Settings
     gateway_url: str
