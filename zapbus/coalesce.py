@@ -45,6 +45,9 @@ class SingleFlight(Generic[K, V]):
             flight = asyncio.get_running_loop().create_task(fetch(), context=contextvars.Context())
             self._flights[key] = flight
             flight.add_done_callback(lambda _: self._flights.pop(key, None))
+            # read here, so a lookup that failed after every caller gave up is not logged as
+            # an exception nobody retrieved
+            flight.add_done_callback(lambda t: t.cancelled() or t.exception())
         # shielded: a caller that gives up does not cancel the lookup the others wait for
         return await asyncio.shield(flight)
 

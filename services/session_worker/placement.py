@@ -288,10 +288,17 @@ class OnlyServerPlacements:
             )
         answer = await loader.get(ask)
         if answer is None:  # its row was held by another transaction: alone, waiting for it
-            return (await _place_on_only_server(self.pool, [ask], server, stale_after_seconds))[
-                ask
-            ] or (None, False)
+            return await _place_one_on_only_server(self.pool, ask, server, stale_after_seconds)
         return answer
+
+
+async def _place_one_on_only_server(
+    pool: asyncpg.Pool, ask: _Ask, server: str, stale_after_seconds: float
+) -> _Answer:
+    """One ask, waiting for its row's lock (a single ask is never skipped)."""
+    answer = (await _place_on_only_server(pool, [ask], server, stale_after_seconds))[ask]
+    assert answer is not None
+    return answer
 
 
 async def _place_on_only_server(
@@ -355,10 +362,7 @@ async def place(
         stale = policy.stale_after_seconds
         ask = (cmd.connection_id, cmd.generation, cmd.command_id)
         if batch is None:
-            answer = (await _place_on_only_server(pool, [ask], only.name, stale))[ask] or (
-                None,
-                False,
-            )
+            answer = await _place_one_on_only_server(pool, ask, only.name, stale)
         else:
             answer = await batch.place(ask, only.name, stale)
         generation, placed_now = answer
