@@ -4,6 +4,7 @@ fall-backs that keep per-message answers, and group commit of concurrent publish
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -236,3 +237,35 @@ def test_every_zapbus_subject_names_its_stream() -> None:
     assert names.stream_of(names.max_deliveries_subject) == names.advisories_stream
     assert names.stream_of("zb.somewhere.else") is None
     assert names.stream_of("zbx.cmd.session.create") is None  # another namespace
+
+
+async def test_a_publish_its_caller_gave_up_on_leaves_no_unretrieved_failure() -> None:
+    """A webhook request that stopped waiting for its publish (its timeout ran out during an
+    election) must not leave the batch's later failure on a future nobody reads: asyncio logs
+    that as an error ("Future exception was never retrieved"), which the cluster test counts."""
+    release = asyncio.Event()
+
+    class Stalled(BatchPublisher):
+        def __init__(self) -> None:  # no server: the batch fails once released
+            self.stream_of = None
+
+        async def publish(self, msgs: Sequence[BatchItem]) -> list[Result]:
+            await release.wait()
+            return [TimeoutError("nats: timeout")] * len(msgs)
+
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, object]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        group = GroupCommit(Stalled())
+        with pytest.raises(TimeoutError):
+            await group.publish("s", b"x", timeout=0.05)
+        release.set()
+        async with asyncio.timeout(5):
+            await asyncio.gather(*group._flushers)
+        gc.collect()  # an unretrieved exception is reported when its future is collected
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(previous)
+    assert not reported, reported

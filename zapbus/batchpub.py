@@ -215,10 +215,11 @@ class GroupCommit:
         future: asyncio.Future[js_api.PubAck] = asyncio.get_running_loop().create_future()
         self._queue.append((BatchItem(subject, payload, headers or {}), future))
         self._start_flush()
-        if timeout is None:
-            return await future
+        # Not shielded: a caller that gives up (timeout, cancel) cancels its future, so the
+        # flush skips it rather than setting an answer nobody will read (an exception set on
+        # an abandoned future is logged by asyncio as "never retrieved").
         async with asyncio.timeout(timeout):
-            return await asyncio.shield(future)
+            return await future
 
     def _start_flush(self) -> None:
         # started as a task: the publishes of this turn of the event loop join its batch
