@@ -31,6 +31,7 @@ settings_key = web.AppKey("settings", Settings)
 nats_key = web.AppKey("nats", NATS)
 js_key = web.AppKey("js", JetStreamContext)
 pool_key = web.AppKey("pool", asyncpg.Pool)
+relay_pool_key = web.AppKey("relay_pool", asyncpg.Pool)
 
 CleanupCtx = Callable[[web.Application], AsyncIterator[None]]
 
@@ -82,6 +83,22 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await db.open_pool(settings)
     app[pool_key] = pool
     app[ready_checks_key]["postgres"] = lambda: _db_ready(pool)
+    yield
+    try:
+        await asyncio.wait_for(pool.close(), timeout=settings.shutdown_grace_seconds)
+    except TimeoutError:
+        pool.terminate()
+
+
+async def relay_pool_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The outbox relay's own connection, apart from the pool of requests and batches. Taking
+    its connection from that pool, the relay queued behind whatever held it: in a burst of
+    1,000 creates every connection served a request, so the commands sat committed in the
+    outbox until most of the burst was answered (0.4-1 s: the worker then had nothing to do,
+    then everything at once). One connection: a pass is one transaction at a time."""
+    settings = app[settings_key]
+    pool = await db.open_pool(settings, min_size=1, max_size=1)
+    app[relay_pool_key] = pool
     yield
     try:
         await asyncio.wait_for(pool.close(), timeout=settings.shutdown_grace_seconds)

@@ -19,7 +19,16 @@ from services.gateway.webhooks import add_webhook_routes
 from zapbus.config import Settings, require_client_token_secret
 from zapbus.httpkit import base_app, optional_checks_key, refuse_nul, registry_key
 from zapbus.relay import OutboxMetrics, OutboxRelay
-from zapbus.runtime import Runner, js_key, nats_ctx, pool_ctx, pool_key, runner_ctx, settings_key
+from zapbus.runtime import (
+    Runner,
+    js_key,
+    nats_ctx,
+    pool_ctx,
+    relay_pool_ctx,
+    relay_pool_key,
+    runner_ctx,
+    settings_key,
+)
 
 STATIC = Path(__file__).with_name("static")
 _runner_key = web.AppKey("outbox_runner", Runner)
@@ -27,7 +36,7 @@ _runner_key = web.AppKey("outbox_runner", Runner)
 
 def _build_relay(app: web.Application) -> OutboxRelay:
     relay = OutboxRelay(
-        app[pool_key],
+        app[relay_pool_key],
         app[js_key],
         OutboxMetrics(app[registry_key]),
         app[settings_key].names,
@@ -84,6 +93,7 @@ def create_app(settings: Settings) -> web.Application:
     app.middlewares.append(auth_middleware)
     app.middlewares.append(refuse_nul)  # NUL in path, query or body: 4xx, not a 500
     app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(relay_pool_ctx)
     app.cleanup_ctx.append(nats_ctx("gateway"))
     app.cleanup_ctx.append(qr_renderer_ctx)
     app.cleanup_ctx.append(hub_ctx)

@@ -23,6 +23,8 @@ from zapbus.runtime import (
     nats_key,
     pool_ctx,
     pool_key,
+    relay_pool_ctx,
+    relay_pool_key,
     runner_ctx,
     settings_key,
 )
@@ -84,7 +86,7 @@ def build_relay(app: web.Application) -> OutboxRelay:
     """The projector relays the change snapshots it queues itself (the gateway's relay would
     too, at its next poll): live updates stay as quick as a direct publish."""
     relay = OutboxRelay(
-        app[pool_key],
+        app[relay_pool_key],
         app[js_key],
         OutboxMetrics(app[registry_key]),
         app[settings_key].names,
@@ -135,6 +137,7 @@ def create_app(settings: Settings) -> web.Application:
     app = base_app("projector")
     app[settings_key] = settings
     app.cleanup_ctx.append(pool_ctx)
+    app.cleanup_ctx.append(relay_pool_ctx)
     app.cleanup_ctx.append(nats_ctx("projector"))
     app.cleanup_ctx.append(runner_ctx("outbox_relay", relay_runner_key, build_relay))
     app.cleanup_ctx.append(runner_ctx("projector", projector_key, build_projector))
