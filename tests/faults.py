@@ -84,6 +84,18 @@ class ProcessStack:
         return "\n".join(p.read_text(errors="replace") for p in sorted(self.logs.glob("*.log")))
 
 
+def print_log_tails(logs: Path, lines: int = 10, width: int = 400) -> None:
+    """Each service's last warnings and errors and its last lines, printed (pytest shows
+    them with the failure; the folder is removed after the test)."""
+    print(f"service logs of the failed stack ({logs}):")
+    for path in sorted(logs.glob("*.log")):
+        text = path.read_text(errors="replace").splitlines()
+        loud = [ln for ln in text if '"level":"warning"' in ln or '"level":"error"' in ln]
+        print(f"--- {path.name}: {len(text)} lines, {len(loud)} warnings/errors; the last:")
+        for ln in [*loud[-lines:], "(then the last lines)", *text[-lines // 2 :]]:
+            print(ln[:width])
+
+
 @contextlib.asynccontextmanager
 async def process_stack(
     tmp: Path,
@@ -182,7 +194,11 @@ async def process_stack(
             proc.start()
         for proc in procs.values():
             await proc.wait_healthy(timeout=60)
-        yield stack
+        try:
+            yield stack
+        except BaseException:
+            print_log_tails(logs)  # the logs go with the folder: a failure in CI shows them
+            raise
     finally:
         await http.close()
         for proc in procs.values():

@@ -101,6 +101,9 @@ async def test_two_of_every_service_share_the_work_and_keep_order(workdir: Path)
         stack.procs["projector_2"].kill()
         await cycles
 
+        done_moves = ["reconnecting", "connected"] * 2
+        unfinished: list[tuple[str, list[str]]] = []
+
         async def cycled() -> dict[uuid.UUID, list[str]] | None:
             conn = await asyncpg.connect(stack.postgres.dsn)
             try:
@@ -120,11 +123,15 @@ async def test_two_of_every_service_share_the_work_and_keep_order(workdir: Path)
                 moves.setdefault(cid, []).append(h["to_status"])
             # done: the last four applied moves are the two cycles, in order (applied out of
             # order, a connection would end reconnecting and this never holds)
-            done = [m for m in moves.values() if m[-4:] == ["reconnecting", "connected"] * 2]
+            done = [m for m in moves.values() if m[-4:] == done_moves]
+            unfinished[:] = [(str(c), m[-6:]) for c, m in moves.items() if m[-4:] != done_moves]
             return moves if len(done) == CREATES else None
 
         # the killed projector's partitions move after its lease (10 s) and ack_wait (15 s)
-        moves = await wait_for("two reconnect cycles projected everywhere", cycled, 90)
+        try:
+            moves = await wait_for("two reconnect cycles projected everywhere", cycled, 90)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; unfinished (last moves): {unfinished[:5]}") from None
         for cid, seen in moves.items():
             assert seen[-4:] == ["reconnecting", "connected"] * 2, (cid, seen)
         assert await _all(stack, "connected")
