@@ -45,14 +45,14 @@ async def test_the_fresh_checks_of_a_burst_of_creates_are_one_query(pool: asyncp
     counting = CountingPool(pool)
     fence = Fence(counting)  # type: ignore[arg-type]
     cmds = [_create(i) for i in ids] + [_create(uuid.uuid4()), _create(ids[0], generation=2)]
-    verdicts = await asyncio.gather(*(fence.check_create(c, fresh=True) for c in cmds))
+    verdicts = await asyncio.gather(*(fence.check_create(c) for c in cmds))
     expected = {"creating": Verdict.RUN, "awaiting_qr": Verdict.DONE, "deleted": Verdict.UNDO}
     assert verdicts[:-2] == [expected[s] for s in statuses]
     assert verdicts[-2:] == [Verdict.UNDO, Verdict.UNDO]  # no row; a newer generation asked
     assert counting.statements == 1
     # each check reads the row as it is when asked, not an earlier answer
     await pool.execute("UPDATE connections SET status = 'deleted' WHERE id = $1", ids[0])
-    assert await fence.check_create(cmds[0], fresh=True) is Verdict.UNDO
+    assert await fence.check_create(cmds[0]) is Verdict.UNDO
     assert counting.statements == 2
 
 
@@ -65,7 +65,7 @@ async def test_a_database_that_cannot_be_asked_is_unknown_for_every_check(
     )
     fence = Fence(broken)
     try:
-        verdicts = await asyncio.gather(*(fence.check_create(_create(i), fresh=True) for i in ids))
+        verdicts = await asyncio.gather(*(fence.check_create(_create(i)) for i in ids))
     finally:
         await broken.close()
     assert verdicts == [Verdict.UNKNOWN] * 3

@@ -65,7 +65,6 @@ class CommandConsumer:
                 # turn on a loop busy with the commands already running (100 at a time took
                 # ~100-170 ms each there; the commands waited 300 ms in the stream at p50).
                 msgs = await self.consumer.fetch(min(free, _FETCH_BATCH), self.fetch_timeout)
-                await self.handler.prime(msgs)
                 for msg in msgs:
                     metrics.started.labels(command_kind(msg.subject)).inc()
                     task = asyncio.create_task(self.handler.handle(msg))

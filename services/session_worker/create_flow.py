@@ -70,7 +70,7 @@ async def run_create(deps: Deps, cmd: CreateSession, run: Run) -> Outcome:
             return Ack(result="replaced")
         return await _failed(deps, cmd, run, exc)
     server.breaker.record(server_down=False)
-    if await deps.fence.check_create(cmd, fresh=True) is Verdict.UNDO:
+    if await deps.fence.check_create(cmd) is Verdict.UNDO:
         # Recreated, deleted or failed while we were creating: remove what we just made, so
         # no session lives behind a row that does not want it.
         return await _undo(deps, cmd, run)
@@ -178,7 +178,7 @@ async def _elsewhere(
 
 
 async def _wanted(deps: Deps, cmd: CreateSession) -> bool:
-    return await deps.fence.check_create(cmd, fresh=True) in (Verdict.RUN, Verdict.UNKNOWN)
+    return await deps.fence.check_create(cmd) in (Verdict.RUN, Verdict.UNKNOWN)
 
 
 async def _ask_for_code(deps: Deps, cmd: CreateSession) -> None:

@@ -12,9 +12,9 @@ current one and the row still waits for that session (``pending``, ``creating``,
 A delete is carried out unless the row's current generation is that session's and is not
 terminal: a DLQ replay or the reconciler made the session wanted again (``Verdict.DONE``).
 
-Checks made together (a burst's creates, each reading its row again after its call) are read
-together: one query for the ids asked for in one turn of the event loop (``BatchLoader``), and
-one per fetched batch of commands before they start (``prime``).
+Checks made together (a fetched batch's creates as they start, a burst's creates reading their
+rows again after their calls) are read together: one query for the ids asked for in one turn of
+the event loop (``BatchLoader``).
 
 If Postgres cannot be asked, the verdict is ``Verdict.UNKNOWN`` and the worker goes ahead: the
 check after the call, the watchdog and the reconciler are the nets for that rare case.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import enum
 import logging
-import time
 import uuid
 
 import asyncpg
@@ -36,9 +35,6 @@ from zapbus.connection import states
 from zapbus.connection.states import CREATE_RUNS, TERMINAL, Status
 
 log = logging.getLogger("zapbus.session_worker")
-
-
-_PRIMED_FOR_SECONDS = 1.0
 
 
 class Verdict(enum.Enum):
@@ -83,21 +79,7 @@ class Fence:
         self.pool = pool
         # connection id -> (generation, status, when read): one query per fetched batch
         # instead of one per command (each entry answers one check, within a second).
-        self._primed: dict[uuid.UUID, tuple[int, str, float]] = {}
         self._rows: BatchLoader[uuid.UUID, tuple[int, str]] = BatchLoader(self._load)
-
-    async def prime(self, connection_ids: list[uuid.UUID]) -> None:
-        """Read the rows of a fetched batch of commands in one query."""
-        if self.pool is None or not connection_ids:
-            return
-        try:
-            rows = await self._load(connection_ids)
-        except db.UNAVAILABLE as exc:
-            log.warning("fence prefetch skipped, database unavailable: %s", exc)
-            return
-        now = time.monotonic()
-        for cid, (generation, status) in rows.items():
-            self._primed[cid] = (generation, status, now)
 
     async def _load(self, connection_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, str]]:
         assert self.pool is not None
@@ -107,18 +89,16 @@ class Fence:
         )
         return {r["id"]: (r["generation"], r["status"]) for r in rows}
 
-    async def check_create(self, cmd: CreateSession, fresh: bool = False) -> Verdict:
-        """``fresh`` skips the primed batch read (after the Baileys call, which may have
-        taken seconds)."""
-        found, row = await self._read(cmd.connection_id, fresh)
+    async def check_create(self, cmd: CreateSession) -> Verdict:
+        found, row = await self._read(cmd.connection_id)
         return create_verdict(row, cmd) if found else Verdict.UNKNOWN
 
     async def check_pairing_code(self, cmd: RequestPairingCode) -> Verdict:
-        found, row = await self._read(cmd.connection_id, fresh=True)
+        found, row = await self._read(cmd.connection_id)
         return pairing_code_verdict(row, cmd) if found else Verdict.UNKNOWN
 
     async def check_delete(self, cmd: DeleteSession) -> Verdict:
-        found, row = await self._read(cmd.connection_id, fresh=True)
+        found, row = await self._read(cmd.connection_id)
         if not found:
             return Verdict.UNKNOWN
         verdict = delete_verdict(row, cmd)
@@ -158,13 +138,8 @@ class Fence:
             return False
         return other is not None
 
-    async def _read(
-        self, connection_id: uuid.UUID, fresh: bool
-    ) -> tuple[bool, tuple[int, str] | None]:
+    async def _read(self, connection_id: uuid.UUID) -> tuple[bool, tuple[int, str] | None]:
         """(asked, (generation, status) or None when there is no such row)."""
-        primed = None if fresh else self._primed.pop(connection_id, None)
-        if primed is not None and time.monotonic() - primed[2] < _PRIMED_FOR_SECONDS:
-            return True, (primed[0], primed[1])
         if self.pool is None:
             return False, None
         try:

@@ -54,18 +54,6 @@ class CommandHandler:
         self.holds = holds
         self.metrics = deps.metrics
 
-    async def prime(self, msgs: list[Msg]) -> None:
-        """Fence-check a fetched batch of creates with one query (see Fence.prime)."""
-        ids = []
-        for msg in msgs:
-            try:
-                cmd = command_decoder.decode(msg.data)
-            except msgspec.DecodeError:
-                continue  # handle() deals with it
-            if isinstance(cmd, CreateSession):
-                ids.append(cmd.connection_id)
-        await self.deps.fence.prime(ids)
-
     async def handle(self, msg: Msg) -> None:
         start = time.perf_counter()
         # The attempt is this message's delivery count plus what earlier copies spent: a
