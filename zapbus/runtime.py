@@ -74,6 +74,14 @@ async def _db_ready(pool: asyncpg.Pool) -> bool:
         return False
 
 
+async def _close_pool(pool: asyncpg.Pool, grace_seconds: float) -> None:
+    """Close gracefully within the grace period, else cut the connections."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout=grace_seconds)
+    except TimeoutError:
+        pool.terminate()
+
+
 async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     """The Postgres pool, with ZAPBUS_DB_COMMAND_TIMEOUT_SECONDS on every statement and
     ZAPBUS_DB_ACQUIRE_TIMEOUT_SECONDS on every wait for a connection (db.open_pool): with
@@ -84,10 +92,7 @@ async def pool_ctx(app: web.Application) -> AsyncIterator[None]:
     app[pool_key] = pool
     app[ready_checks_key]["postgres"] = lambda: _db_ready(pool)
     yield
-    try:
-        await asyncio.wait_for(pool.close(), timeout=settings.shutdown_grace_seconds)
-    except TimeoutError:
-        pool.terminate()
+    await _close_pool(pool, settings.shutdown_grace_seconds)
 
 
 async def relay_pool_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -100,10 +105,7 @@ async def relay_pool_ctx(app: web.Application) -> AsyncIterator[None]:
     pool = await db.open_pool(settings, min_size=1, max_size=1)
     app[relay_pool_key] = pool
     yield
-    try:
-        await asyncio.wait_for(pool.close(), timeout=settings.shutdown_grace_seconds)
-    except TimeoutError:
-        pool.terminate()
+    await _close_pool(pool, settings.shutdown_grace_seconds)
 
 
 def runner_ctx(

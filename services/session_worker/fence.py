@@ -77,8 +77,7 @@ def delete_verdict(row: tuple[int, str] | None, cmd: DeleteSession) -> Verdict:
 class Fence:
     def __init__(self, pool: asyncpg.Pool | None) -> None:
         self.pool = pool
-        # connection id -> (generation, status, when read): one query per fetched batch
-        # instead of one per command (each entry answers one check, within a second).
+        # connection id -> (generation, status): the checks of one loop turn are one query
         self._rows: BatchLoader[uuid.UUID, tuple[int, str]] = BatchLoader(self._load)
 
     async def _load(self, connection_ids: list[uuid.UUID]) -> dict[uuid.UUID, tuple[int, str]]:
